@@ -1,0 +1,5 @@
+"""Allow ``python -m syncer``."""
+
+from syncer.cli import main
+
+main()

@@ -1,0 +1,218 @@
+"""The ``syncer`` command line: thin click commands over the modules that do the work.
+
+Every failure a user can cause or meet ends as one line on stderr and a documented
+exit code (see ``syncer.errors``); a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import typing as t
+
+import click
+
+from syncer import __version__
+from syncer.config import Config, load_config, parse_duration
+from syncer.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, SyncerError
+from syncer.logs import configure as configure_logging
+from syncer.logs import redact
+
+log = logging.getLogger("syncer")
+
+
+class _Settings(t.NamedTuple):
+    config_path: str | None
+
+    def config(self, warn_client: bool = False) -> Config:
+        config = load_config(self.config_path)
+        if warn_client and config.uses_tutorial_client:
+            log.warning(
+                "using the Globus tutorial client ID; register your own native app at"
+                " https://app.globus.org/settings/developers and set client_id"
+            )
+        return config
+
+
+class SyncerGroup(click.Group):
+    """Turns SyncerError into one line and its exit code; anything else too, but as a bug."""
+
+    def invoke(self, ctx: click.Context) -> t.Any:
+        try:
+            return super().invoke(ctx)
+        except SyncerError as err:
+            click.echo(f"syncer: error: {redact(str(err))}", err=True)
+            ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            click.echo("syncer: interrupted", err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as err:  # noqa: BLE001 - last resort: one line, not a traceback
+            log.debug("unexpected error", exc_info=True)
+            click.echo(f"syncer: internal error: {type(err).__name__}: {redact(str(err))} (run with -vv for details)", err=True)
+            ctx.exit(EXIT_FAILED)
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be greater than zero")
+    return seconds
+
+
+@click.group(cls=SyncerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="FILE", help="Configuration file (TOML).")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv: also libraries).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.version_option(__version__, prog_name="syncer")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool, log_format: str) -> None:
+    """Snapshot Globus group memberships into SQLite, with full change history."""
+    configure_logging(-1 if quiet else verbose, log_format)
+    ctx.obj = _Settings(config_path)
+
+
+@cli.command()
+@click.option("--no-browser", is_flag=True, help="Print the login URL and read the code from stdin.")
+@click.option("--force", is_flag=True, help="Log in again even if tokens are stored.")
+@click.pass_obj
+def login(settings: _Settings, no_browser: bool, force: bool) -> None:
+    """Log in to Globus (once); tokens go to the token store."""
+    from syncer.auth import login as do_login
+    from syncer.token_store import TokenStore
+
+    config = settings.config(warn_client=True)
+    with TokenStore(config.token_storage) as store:
+        existing = store.groups_tokens()
+        if existing is not None and existing.refresh_token and not force:
+            click.echo(f"Already logged in (tokens in {store.path}); use --force to log in again.")
+            return
+
+        def get_code(url: str) -> str:
+            if no_browser:
+                click.echo("Authorization code: ", nl=False, err=True)
+                line = sys.stdin.readline()
+                if not line:
+                    raise SyncerError("no authorization code on stdin; nothing changed")
+                return line
+            return str(click.prompt("Authorization code", err=True))
+
+        do_login(config, store, no_browser=no_browser, get_code=get_code, say=click.echo)
+
+
+@cli.command()
+@click.pass_obj
+def logout(settings: _Settings) -> None:
+    """Revoke the stored tokens at Globus Auth and delete them."""
+    from syncer.auth import logout as do_logout
+    from syncer.token_store import TokenStore
+
+    config = settings.config()
+    with TokenStore(config.token_storage) as store:
+        do_logout(config, store, say=click.echo)
+
+
+@cli.command()
+@click.pass_context
+def sync(ctx: click.Context) -> None:
+    """Take one snapshot, then exit (for cron or a systemd timer)."""
+    from syncer.sync import run_sync
+
+    config = ctx.obj.config()
+    cancelled = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        log.info("received %s: stopping this run", signal.Signals(signum).name)
+        cancelled.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    progress = _terminal_progress() if sys.stderr.isatty() else None
+    run = run_sync(config, cancelled=cancelled, progress=progress)
+    if progress:
+        click.echo("", err=True)
+    click.echo(
+        f"run {run.run_id} {run.status}: {run.groups_synced} groups read, {run.groups_failed} failed,"
+        f" {run.memberships} memberships, {run.changes} changes"
+    )
+    ctx.exit(EXIT_PARTIAL if run.status == "partial" else EXIT_OK)
+
+
+def _terminal_progress() -> t.Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        click.echo(f"\rreading groups: {done}/{total}", nl=False, err=True)
+
+    return show
+
+
+@cli.command()
+@click.option("--interval", callback=_duration, metavar="DURATION", help="Override `interval` (e.g. 30s, 15m).")
+@click.pass_context
+def run(ctx: click.Context, interval: float | None) -> None:
+    """Run the scheduler: a snapshot now, then every interval, until SIGTERM."""
+    from syncer.scheduler import run_daemon
+
+    ctx.exit(run_daemon(ctx.obj.config(warn_client=True), interval))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Last runs, token state and database figures; the exit code is a health check."""
+    from syncer.status import render_text, report
+
+    data, health = report(ctx.obj.config())
+    click.echo(json.dumps(data, indent=2) if as_json else render_text(data))
+    ctx.exit(health.exit_code)
+
+
+@cli.command()
+@click.option("--groups", default=6, show_default=True, help="Groups in the simulated world.")
+@click.option("--members", default=8, show_default=True, help="Members per group.")
+@click.option("--dir", "folder", metavar="DIR", help="Where to put the demo's database (default: a new temporary folder).")
+@click.pass_context
+def demo(ctx: click.Context, groups: int, members: int, folder: str | None) -> None:
+    """The whole flow on this machine, offline, against the built-in simulator."""
+    from syncer.demo import run_demo
+
+    if ctx.parent and not ctx.parent.params["verbose"]:
+        logging.getLogger("syncer.sync").setLevel(logging.WARNING)  # the demo narrates runs itself
+    run_demo(groups=groups, members=members, folder=folder, say=click.echo)
+
+
+@cli.command()
+@click.option("--port", default=8765, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--groups", default=20, show_default=True)
+@click.option("--members", default=10, show_default=True)
+@click.option("--latency-ms", default=0, show_default=True, help="Added to every response.")
+@click.option("--token-lifetime", default=3600, show_default=True, help="Access token lifetime (s).")
+@click.option("--world", "world_file", type=click.Path(exists=True, dir_okay=False), help="Load the world from JSON.")
+@click.option("--seed", default=1, show_default=True, help="Seed for the generated world.")
+@click.option("--fault-rate", default=0.0, show_default=True, help="Share of group reads that fail at random.")
+def simulate(
+    port: int, groups: int, members: int, latency_ms: int, token_lifetime: int,
+    world_file: str | None, seed: int, fault_rate: float,
+) -> None:
+    """Serve a simulated Globus Auth + Groups on 127.0.0.1 until interrupted."""
+    from syncer.simulator import serve_cli
+
+    serve_cli(
+        port=port, groups=groups, members=members, latency_ms=latency_ms,
+        token_lifetime=token_lifetime, world_file=world_file, seed=seed, fault_rate=fault_rate,
+        say=click.echo,
+    )
+
+
+def main() -> None:
+    cli(prog_name="syncer")

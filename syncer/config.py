@@ -1,0 +1,210 @@
+"""Configuration: where it is found, what keys it has, and how each is checked.
+
+Search order: ``--config``, ``$SYNCER_CONFIG``, ``$CONFIGURATION_DIRECTORY/syncer.toml``
+(systemd), ``~/.config/syncer/syncer.toml`` if present, else built-in defaults. Every
+key can be overridden by ``SYNCER_<KEY>``. Relative paths resolve against the folder of
+the file they were written in (the working directory for environment variables).
+Unknown keys and wrong types are errors that name the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import typing as t
+import uuid
+from pathlib import Path
+
+import platformdirs
+
+from syncer.errors import ConfigError
+
+TUTORIAL_CLIENT_ID = "61338d24-54d5-408f-a10d-66c06b59f6d2"
+GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+MEMBERSHIP_STATUSES = ("active", "invited", "pending", "rejected", "removed", "left", "declined")
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``"15m"``, ``"90s"``, ``"1h30m"`` or a bare number of seconds."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 1h)")
+    return total
+
+
+def _state_dir() -> Path:
+    # systemd may pass several colon-separated folders; the first is ours
+    state = os.environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0])
+    return Path(platformdirs.user_data_dir("syncer", appauthor=False))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Validated settings; every field has a working default."""
+
+    client_id: str = TUTORIAL_CLIENT_ID
+    scopes: tuple[str, ...] = (GROUPS_SCOPE,)
+    database: Path = dataclasses.field(default_factory=lambda: _state_dir() / "groups.db")
+    token_storage: Path = dataclasses.field(default_factory=lambda: _state_dir() / "tokens.db")
+    interval: float = 15 * 60
+    jitter: float = 0.0
+    concurrency: int = 8
+    groups: tuple[str, ...] = ()
+    my_statuses: tuple[str, ...] = ("active",)
+    http_timeout: float = 30.0
+    #: where the settings came from, for messages (None: built-in defaults only)
+    source: Path | None = None
+
+    @property
+    def uses_tutorial_client(self) -> bool:
+        return self.client_id == TUTORIAL_CLIENT_ID
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock file that serializes syncs on one database."""
+        return self.database.with_name(self.database.name + ".lock")
+
+
+class _Key(t.NamedTuple):
+    kind: str  # str | strlist | path | duration | int | uuid | uuidlist | statuslist
+    check: t.Callable[[t.Any], str | None] | None = None
+
+
+def _positive(value: t.Any) -> str | None:
+    return None if value > 0 else "must be greater than zero"
+
+
+def _not_negative(value: t.Any) -> str | None:
+    return None if value >= 0 else "must not be negative"
+
+
+_KEYS: dict[str, _Key] = {
+    "client_id": _Key("uuid"),
+    "scopes": _Key("strlist", lambda v: None if v else "must list at least one scope"),
+    "database": _Key("path"),
+    "token_storage": _Key("path"),
+    "interval": _Key("duration", _positive),
+    "jitter": _Key("duration", _not_negative),
+    "concurrency": _Key("int", lambda v: None if 1 <= v <= 64 else "must be between 1 and 64"),
+    "groups": _Key("uuidlist"),
+    "my_statuses": _Key("statuslist", lambda v: None if v else "must list at least one status"),
+    "http_timeout": _Key("duration", _positive),
+}
+
+
+def _convert(kind: str, value: t.Any, base: Path) -> t.Any:
+    """Turn a TOML (or environment) value into the field's type, or raise ValueError."""
+    if kind in ("strlist", "uuidlist", "statuslist"):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError("must be a list of strings")
+        if kind == "uuidlist":
+            return tuple(str(uuid.UUID(v)) for v in value)
+        if kind == "statuslist":
+            bad = [v for v in value if v not in MEMBERSHIP_STATUSES]
+            if bad:
+                raise ValueError(f"unknown status {bad[0]!r} (one of {', '.join(MEMBERSHIP_STATUSES)})")
+        return tuple(value)
+    if kind == "duration":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError("must be a duration such as \"30s\", \"15m\" or \"1h\"")
+        return parse_duration(str(value))
+    if kind == "int":
+        if isinstance(value, str):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be a whole number")
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty string")
+    if kind == "uuid":
+        return str(uuid.UUID(value))
+    if kind == "path":
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else base / path
+    return value
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """Return the configuration file to read, following the documented search order."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("SYNCER_CONFIG"):
+        return Path(os.environ["SYNCER_CONFIG"])
+    if os.environ.get("CONFIGURATION_DIRECTORY"):
+        return Path(os.environ["CONFIGURATION_DIRECTORY"].split(":")[0]) / "syncer.toml"
+    user_file = Path(platformdirs.user_config_dir("syncer", appauthor=False)) / "syncer.toml"
+    return user_file if user_file.is_file() else None
+
+
+def _read_toml(path: Path) -> dict[str, t.Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: configuration file not found") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: configuration file is not readable (permission denied)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a configuration file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text") from None
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    """Find, read and validate the configuration; raise ConfigError naming file and key."""
+    path = find_config_file(explicit)
+    values: dict[str, t.Any] = {}
+    if path is not None:
+        path = path.expanduser().absolute()
+        for key, raw in _read_toml(path).items():
+            spec = _KEYS.get(key)
+            if spec is None:
+                raise ConfigError(f"{path}: unknown key {key!r} (known keys: {', '.join(_KEYS)})")
+            values[key] = _checked(spec, raw, path.parent, f"{path}: key {key!r}")
+    for key, spec in _KEYS.items():
+        env_name = f"SYNCER_{key.upper()}"
+        if env_name in os.environ:
+            where = f"environment variable {env_name}"
+            values[key] = _checked(spec, os.environ[env_name], Path.cwd(), where)
+    return Config(source=path, **values)
+
+
+def _checked(spec: _Key, raw: t.Any, base: Path, where: str) -> t.Any:
+    try:
+        value = _convert(spec.kind, raw, base)
+    except ValueError as err:
+        reason = str(err) if spec.kind not in ("uuid", "uuidlist", "int") else _type_hint(spec.kind)
+        raise ConfigError(f"{where}: {reason}") from None
+    problem = spec.check(value) if spec.check else None
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
+    return value
+
+
+def _type_hint(kind: str) -> str:
+    return {
+        "uuid": "must be a Globus client ID (a UUID)",
+        "uuidlist": "must be a list of group IDs (UUIDs)",
+        "int": "must be a whole number",
+    }[kind]

@@ -1,0 +1,314 @@
+"""Reading groups and memberships from the Globus Groups API.
+
+``list_my_groups`` asks which groups the identity belongs to; ``read_groups`` then
+fetches each group with ``include=memberships`` from a few worker threads at once
+(each read is one latency-bound HTTP request; Globus does not paginate memberships)
+and yields results as they arrive, so a caller can store them without holding them
+all. An ``AdaptiveLimit`` halves the reads in flight when Globus answers 429 and
+lets them grow back slowly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import queue
+import threading
+import time
+import typing as t
+
+import globus_sdk
+import requests
+from globus_sdk.transport import RetryCheckResult, RetryContext
+
+from syncer.auth import describe_api_error
+from syncer.errors import LoginRequired
+
+log = logging.getLogger(__name__)
+
+MANAGER_ROLES = ("admin", "manager")
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupListing:
+    """A group as ``my_groups`` lists it, with the identity's own standing in it."""
+
+    id: str
+    name: str | None
+    my_role: str | None
+    my_status: str | None
+    members_visibility: str | None
+
+    @property
+    def members_visible(self) -> bool:
+        """False when the identity may see only its own membership."""
+        if self.my_role in MANAGER_ROLES and self.my_status == "active":
+            return True
+        return self.members_visibility == "members" and self.my_status == "active"
+
+
+@dataclasses.dataclass
+class GroupRead:
+    """One group's document and its memberships, checked and ready to store."""
+
+    listing: GroupListing
+    group: dict[str, t.Any]
+    memberships: list[dict[str, t.Any]]
+    skipped: int = 0
+
+
+class GroupReadError(Exception):
+    """A group could not be read (HTTP error, timeout or unusable body)."""
+
+
+def _text(value: t.Any) -> str | None:
+    """Strings stay verbatim; other scalars become text; absent stays NULL."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return str(value)
+
+
+def list_my_groups(
+    client: globus_sdk.GroupsClient, statuses: t.Sequence[str], only: t.Sequence[str] = ()
+) -> list[GroupListing]:
+    """The groups in which the identity has a membership in one of ``statuses``."""
+    response = client.get_my_groups(statuses=list(statuses))
+    data = response.data
+    if not isinstance(data, list):
+        raise GroupReadError("my_groups did not return a list")
+    wanted = set(only)
+    listings = []
+    for doc in data:
+        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+            log.warning("skipping a my_groups entry without an id")
+            continue
+        if wanted and doc["id"] not in wanted:
+            continue
+        mine = [m for m in doc.get("my_memberships") or [] if isinstance(m, dict)]
+        # the best standing counts when the identity holds several memberships
+        mine.sort(key=lambda m: (m.get("status") != "active", m.get("role") not in MANAGER_ROLES))
+        policies = doc.get("policies") if isinstance(doc.get("policies"), dict) else {}
+        listings.append(
+            GroupListing(
+                id=doc["id"],
+                name=_text(doc.get("name")),
+                my_role=_text(mine[0].get("role")) if mine else None,
+                my_status=_text(mine[0].get("status")) if mine else None,
+                members_visibility=_text(policies.get("group_members_visibility")),
+            )
+        )
+    return listings
+
+
+def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
+    """Check a ``get_group`` body; raise GroupReadError when it cannot be used.
+
+    A membership without an ``identity_id`` is skipped with a warning; everything
+    else is kept verbatim, whatever its text.
+    """
+    if not isinstance(data, dict):
+        raise GroupReadError("response body is not a JSON object")
+    memberships = data.get("memberships")
+    if not isinstance(memberships, list):
+        raise GroupReadError("response has no memberships list")
+    policies = data.get("policies") if isinstance(data.get("policies"), dict) else {}
+    group = {
+        "id": listing.id,
+        "name": _text(data.get("name")),
+        "description": _text(data.get("description")),
+        "parent_id": _text(data.get("parent_id")),
+        "group_type": _text(data.get("group_type")),
+        "group_visibility": _text(policies.get("group_visibility")),
+        "group_members_visibility": _text(policies.get("group_members_visibility")),
+        "members_visible": int(listing.members_visible),
+        "my_role": listing.my_role,
+        "my_status": listing.my_status,
+    }
+    kept, skipped = [], 0
+    for item in memberships:
+        identity_id = item.get("identity_id") if isinstance(item, dict) else None
+        if not isinstance(identity_id, str) or not identity_id:
+            skipped += 1
+            continue
+        fields = item.get("membership_fields")
+        fields = fields if isinstance(fields, dict) else {}
+        kept.append(
+            {
+                "group_id": listing.id,
+                "identity_id": identity_id,
+                "username": _text(item.get("username")),
+                "role": _text(item.get("role")),
+                "status": _text(item.get("status")),
+                "status_reason": _text(item.get("status_reason")),
+                "membership_fields": json.dumps(fields, ensure_ascii=False, sort_keys=True),
+                "updated": _text(item.get("updated")),
+                "name": _text(fields.get("name")),
+                "email": _text(fields.get("email")),
+                "institution": _text(fields.get("institution")),
+            }
+        )
+    if skipped:
+        log.warning("group %s: skipped %d membership(s) without an identity_id", listing.id, skipped)
+    return GroupRead(listing=listing, group=group, memberships=kept, skipped=skipped)
+
+
+class AdaptiveLimit:
+    """How many reads may be in flight: halves on 429, grows back by one per streak.
+
+    After a 429 every worker also waits until the ``Retry-After`` moment before
+    sending again, so the service sees the whole client back off, not one thread.
+    """
+
+    RECOVER_AFTER = 20  # successful reads per step back up
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self.limit = maximum
+        self.in_flight = 0
+        self.rate_limited = 0
+        self._resume_at = 0.0
+        self._streak = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, stopping: t.Callable[[], bool]) -> bool:
+        """Wait for a slot; False if ``stopping()`` turns true while waiting."""
+        with self._cond:
+            while not stopping():
+                pause = self._resume_at - time.monotonic()
+                if pause <= 0 and self.in_flight < self.limit:
+                    self.in_flight += 1
+                    return True
+                self._cond.wait(timeout=min(max(pause, 0.05), 0.5))
+            return False
+
+    def release(self, ok: bool) -> None:
+        with self._cond:
+            self.in_flight -= 1
+            if ok:
+                self._streak += 1
+                if self._streak >= self.RECOVER_AFTER and self.limit < self.maximum:
+                    self.limit += 1
+                    self._streak = 0
+            self._cond.notify_all()
+
+    def throttled(self, retry_after: float) -> None:
+        with self._cond:
+            self.rate_limited += 1
+            self.limit = max(1, self.limit // 2)
+            self._streak = 0
+            self._resume_at = max(self._resume_at, time.monotonic() + retry_after)
+            log.info("Globus asked to slow down (429); %d read(s) in flight now", self.limit)
+
+    def retry_check(self, ctx: RetryContext) -> RetryCheckResult:
+        """An SDK retry check that only observes: it tells the limit about 429s."""
+        if ctx.response is not None and ctx.response.status_code == 429:
+            header = ctx.response.headers.get("Retry-After", "")
+            self.throttled(float(header) if header.isdigit() else 1.0)
+        return RetryCheckResult.no_decision
+
+
+Outcome = tuple[GroupListing, t.Union[GroupRead, GroupReadError]]
+
+
+def read_groups(
+    client: globus_sdk.GroupsClient,
+    listings: t.Sequence[GroupListing],
+    limit: AdaptiveLimit,
+    cancelled: threading.Event,
+) -> t.Iterator[Outcome]:
+    """Read every listed group concurrently, yielding each outcome as it completes.
+
+    At most ``limit.limit`` requests are in flight and at most a few finished results
+    wait for the caller, so memory does not grow with the number of groups. Stops
+    early when ``cancelled`` is set. ``LoginRequired`` (refresh token refused) ends
+    all reads and is raised here.
+    """
+    todo: queue.SimpleQueue[GroupListing] = queue.SimpleQueue()
+    for listing in listings:
+        todo.put(listing)
+    results: queue.Queue[Outcome | BaseException | None] = queue.Queue(maxsize=limit.maximum * 2)
+    done = threading.Event()  # the consumer left early: workers stop too
+
+    def stopping() -> bool:
+        return done.is_set() or cancelled.is_set()
+
+    def offer(item: Outcome | BaseException | None) -> None:
+        # never block forever: once the consumer has gone, results are dropped
+        while not done.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            while not stopping():
+                try:
+                    listing = todo.get_nowait()
+                except queue.Empty:
+                    return
+                if not limit.acquire(stopping):
+                    return
+                ok = False
+                try:
+                    outcome: Outcome = (listing, _read_one(client, listing))
+                    ok = isinstance(outcome[1], GroupRead)
+                finally:
+                    limit.release(ok)
+                offer(outcome)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer to raise
+            offer(err)
+        finally:
+            offer(None)
+
+    workers = [
+        threading.Thread(target=work, name=f"groups-reader-{i}", daemon=True)
+        for i in range(min(limit.maximum, len(listings)))
+    ]
+    for worker in workers:
+        worker.start()
+    finished = 0
+    try:
+        while finished < len(workers) and not cancelled.is_set():
+            try:
+                item = results.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is None:
+                finished += 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        # workers still waiting on a slow request finish it (bounded by the HTTP
+        # timeout) and exit on their own; nothing waits for them here
+        done.set()
+
+
+def _read_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> GroupRead | GroupReadError:
+    try:
+        response = client.get_group(listing.id, include="memberships")
+        try:
+            data = json.loads(response.text)
+        except ValueError:
+            return GroupReadError("response body is not valid JSON")
+        return parse_group(listing, data)
+    except LoginRequired:
+        raise
+    except globus_sdk.GlobusAPIError as err:
+        if err.http_status == 401:
+            raise LoginRequired("Globus Groups rejected the access token even after renewing it") from None
+        return GroupReadError(describe_api_error(err))
+    except globus_sdk.NetworkError as err:
+        return GroupReadError(f"network error: {type(err.exc).__name__}")
+    except requests.RequestException as err:
+        return GroupReadError(f"network error: {type(err).__name__}")
+    except GroupReadError as err:
+        return err

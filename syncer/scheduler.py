@@ -1,0 +1,156 @@
+"""``syncer run``: the long-running daemon, on APScheduler 3's BlockingScheduler.
+
+A snapshot at start, then one every ``interval`` (plus up to ``jitter``). APScheduler
+defaults are unsafe for this job, so they are set explicitly: ``misfire_grace_time``
+is the interval (the 1 s default silently drops a run that starts late), ``coalesce``
+folds missed runs into one, ``max_instances=1`` never overlaps runs. Job exceptions
+are caught here (APScheduler would only log them) and turned into the daemon's
+decision: keep going, or stop with 77 when Globus wants a new login.
+
+SIGTERM/SIGINT stop scheduling and cancel the run in flight: it stops reading, rolls
+back and is recorded as ``aborted``; the process exits 0 within a bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import signal
+import threading
+import time
+import types
+
+from apscheduler.events import EVENT_SCHEDULER_STARTED, JobExecutionEvent
+from apscheduler.schedulers.blocking import BlockingScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+
+from syncer import notify
+from syncer.config import Config
+from syncer.errors import EXIT_OK, LockBusy, LoginRequired, SyncerError
+from syncer.sync import Cancelled, run_sync
+
+log = logging.getLogger(__name__)
+
+# How long a stop waits for the run in flight to wind down before exiting anyway
+# (an unfinished transaction is rolled back by SQLite; the run is marked aborted later).
+STOP_GRACE_S = 8.0
+
+
+@dataclasses.dataclass
+class DaemonState:
+    exit_code: int = EXIT_OK
+    runs: int = 0
+    consecutive_failures: int = 0
+    run_started: float | None = None
+
+
+class Daemon:
+    """Owns the scheduler, the stop signal and the exit code of ``syncer run``."""
+
+    def __init__(self, config: Config, interval: float) -> None:
+        self.config = config
+        self.interval = interval
+        self.state = DaemonState()
+        self.stopping = threading.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+        self.scheduler = BlockingScheduler(timezone=dt.timezone.utc)
+
+    def run(self) -> int:
+        """Schedule, block until stopped, return the exit code."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.scheduler.add_job(
+                self._snapshot,
+                IntervalTrigger(seconds=self.interval, jitter=self.config.jitter or None, timezone=dt.timezone.utc),
+                id="snapshot",
+                next_run_time=dt.datetime.now(dt.timezone.utc),
+                coalesce=True,
+                max_instances=1,
+                misfire_grace_time=max(1, int(self.interval)),
+            )
+            ping = notify.watchdog_interval()
+            if ping:
+                # run by the scheduler itself: pings stop if the scheduler stops working
+                self.scheduler.add_job(
+                    self._watchdog, IntervalTrigger(seconds=ping, timezone=dt.timezone.utc),
+                    id="watchdog", coalesce=True, max_instances=1, misfire_grace_time=max(1, int(ping)),
+                )
+            self.scheduler.add_listener(self._on_started, EVENT_SCHEDULER_STARTED)
+            log.info("scheduler starting: a snapshot every %ss", _seconds(self.interval))
+            self.scheduler.start()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        notify.notify(stopping="1", status="stopping")
+        if not self.idle.wait(STOP_GRACE_S):
+            log.warning("the run in flight did not stop within %.0fs; it will be marked aborted", STOP_GRACE_S)
+        log.info("scheduler stopped after %d run(s)", self.state.runs)
+        return self.state.exit_code
+
+    def stop(self, exit_code: int = EXIT_OK) -> None:
+        if exit_code != EXIT_OK:
+            self.state.exit_code = exit_code
+        self.stopping.set()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+
+    def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        self.stop()
+
+    def _on_started(self, event: JobExecutionEvent) -> None:
+        notify.notify(ready="1", status="scheduling; first snapshot starting")
+
+    def _watchdog(self) -> None:
+        # a run stuck far beyond any bound means the daemon is not healthy
+        started = self.state.run_started
+        if started is None or time.monotonic() - started < max(3 * self.interval, 3600):
+            notify.notify(watchdog="1")
+
+    def _snapshot(self) -> None:
+        if self.stopping.is_set():
+            return
+        self.idle.clear()
+        self.state.run_started = time.monotonic()
+        try:
+            run = run_sync(self.config, cancelled=self.stopping)
+        except LockBusy:
+            log.info("skipped this snapshot: another sync holds the lock")
+        except Cancelled:
+            log.info("run cancelled by stop request; nothing from it was recorded")
+        except LoginRequired as err:
+            log.error("%s", err)
+            notify.notify(status=f"login required: {err}")
+            self.stop(err.exit_code)
+        except SyncerError as err:
+            self._failed(str(err))
+        except Exception as err:  # noqa: BLE001 - the daemon must outlive any one run
+            log.exception("snapshot failed unexpectedly")
+            self._failed(f"{type(err).__name__}: {err}")
+        else:
+            self.state.runs += 1
+            self.state.consecutive_failures = 0
+            notify.notify(
+                status=f"last run #{run.run_id} {run.status} at {run.started_at}: {run.groups_synced} groups,"
+                f" {run.memberships} memberships, {run.changes} changes"
+            )
+        finally:
+            self.state.run_started = None
+            self.idle.set()
+
+    def _failed(self, message: str) -> None:
+        self.state.runs += 1
+        self.state.consecutive_failures += 1
+        count = self.state.consecutive_failures
+        log.error("snapshot failed (%d in a row): %s", count, message)
+        notify.notify(status=f"last run failed ({count} in a row): {message}")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+def run_daemon(config: Config, interval: float | None = None) -> int:
+    return Daemon(config, interval or config.interval).run()

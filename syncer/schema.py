@@ -1,0 +1,214 @@
+"""The output database: opening it, its versioned tables, and its indexes and views.
+
+Tables are created by numbered migrations (sqlite-utils ``Migrations``), so a later
+release upgrades an existing database in place. Indexes and views are declared as
+data below and applied idempotently on every open: a changed view definition is
+replaced, a missing index is created.
+
+The database uses SQLite's rollback journal, not WAL: a WAL database cannot be read
+by a user who may not write its folder unless the ``-wal`` and ``-shm`` files happen
+to exist, and syncer's readers are often exactly such users (see README, "Reading
+the database as another user"). syncer writes once per run in one short transaction,
+so WAL's concurrency gain is small here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+from sqlite_utils import Migrations
+
+from syncer.errors import StorageError
+
+# How long a writer waits for readers (or another writer) before giving up.
+BUSY_TIMEOUT_S = 30.0
+
+migrations = Migrations("syncer")
+
+
+@migrations(name="0001_initial")
+def _initial(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE sync_runs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            started_at TEXT NOT NULL,
+            finished_at TEXT,
+            status TEXT NOT NULL
+                CHECK (status IN ('running', 'ok', 'partial', 'failed', 'aborted')),
+            groups_synced INTEGER NOT NULL DEFAULT 0,
+            groups_failed INTEGER NOT NULL DEFAULT 0,
+            memberships INTEGER NOT NULL DEFAULT 0,
+            changes INTEGER NOT NULL DEFAULT 0,
+            error TEXT,
+            failed_groups TEXT,
+            exit_code INTEGER,
+            pid INTEGER
+        );
+        CREATE TABLE groups (
+            id TEXT PRIMARY KEY,
+            name TEXT,
+            description TEXT,
+            parent_id TEXT,
+            group_type TEXT,
+            group_visibility TEXT,
+            group_members_visibility TEXT,
+            members_visible INTEGER NOT NULL,
+            my_role TEXT,
+            my_status TEXT,
+            first_seen TEXT NOT NULL,
+            last_seen TEXT NOT NULL,
+            removed_at TEXT
+        );
+        CREATE TABLE identities (
+            id TEXT PRIMARY KEY,
+            username TEXT,
+            name TEXT,
+            email TEXT,
+            institution TEXT,
+            first_seen TEXT NOT NULL,
+            last_seen TEXT NOT NULL
+        );
+        CREATE TABLE memberships (
+            group_id TEXT NOT NULL,
+            identity_id TEXT NOT NULL,
+            username TEXT,
+            role TEXT,
+            status TEXT,
+            status_reason TEXT,
+            membership_fields TEXT,
+            updated TEXT,
+            first_seen TEXT NOT NULL,
+            last_seen TEXT NOT NULL,
+            PRIMARY KEY (group_id, identity_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE membership_history (
+            id INTEGER PRIMARY KEY,
+            group_id TEXT NOT NULL,
+            identity_id TEXT NOT NULL,
+            role TEXT,
+            status TEXT,
+            valid_from TEXT NOT NULL,
+            valid_to TEXT,
+            from_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            to_run INTEGER REFERENCES sync_runs(id)
+        );
+        """
+    )
+
+
+# name -> CREATE statement. One open history row per membership is enforced by the
+# unique partial index, which is also what the diff looks current versions up by.
+INDEXES: dict[str, str] = {
+    "idx_history_current": "CREATE UNIQUE INDEX idx_history_current"
+    " ON membership_history(group_id, identity_id) WHERE to_run IS NULL",
+    "idx_history_membership": "CREATE INDEX idx_history_membership"
+    " ON membership_history(group_id, identity_id, from_run)",
+    "idx_history_identity": "CREATE INDEX idx_history_identity"
+    " ON membership_history(identity_id, from_run)",
+    "idx_history_from_run": "CREATE INDEX idx_history_from_run ON membership_history(from_run)",
+    "idx_history_to_run": "CREATE INDEX idx_history_to_run"
+    " ON membership_history(to_run) WHERE to_run IS NOT NULL",
+    "idx_history_valid_from": "CREATE INDEX idx_history_valid_from ON membership_history(valid_from)",
+    "idx_memberships_identity": "CREATE INDEX idx_memberships_identity ON memberships(identity_id)",
+    "idx_sync_runs_started": "CREATE INDEX idx_sync_runs_started ON sync_runs(started_at)",
+}
+
+VIEWS: dict[str, str] = {
+    # A version that began in run R is 'added' unless an older version ended in R
+    # ('changed'); a version that ended in R with no successor is 'removed'.
+    "membership_changes": """
+CREATE VIEW membership_changes AS
+SELECT r.started_at AS at, r.id AS run_id, n.group_id, g.name AS group_name,
+       n.identity_id, i.username,
+       CASE WHEN o.id IS NULL THEN 'added' ELSE 'changed' END AS change,
+       o.role AS old_role, n.role AS new_role, o.status AS old_status, n.status AS new_status
+FROM membership_history n
+JOIN sync_runs r ON r.id = n.from_run
+LEFT JOIN membership_history o
+  ON o.group_id = n.group_id AND o.identity_id = n.identity_id AND o.to_run = n.from_run
+LEFT JOIN groups g ON g.id = n.group_id
+LEFT JOIN identities i ON i.id = n.identity_id
+UNION ALL
+SELECT r.started_at, r.id, o.group_id, g.name, o.identity_id, i.username, 'removed',
+       o.role, NULL, o.status, NULL
+FROM membership_history o
+JOIN sync_runs r ON r.id = o.to_run
+LEFT JOIN groups g ON g.id = o.group_id
+LEFT JOIN identities i ON i.id = o.identity_id
+WHERE NOT EXISTS (
+  SELECT 1 FROM membership_history n
+  WHERE n.group_id = o.group_id AND n.identity_id = o.identity_id AND n.from_run = o.to_run
+)""",
+    "active_members": """
+CREATE VIEW active_members AS
+SELECT m.group_id, g.name AS group_name, m.identity_id, m.username, m.role
+FROM memberships m
+JOIN groups g ON g.id = m.group_id
+WHERE m.status = 'active'""",
+}
+
+
+def utc_now() -> str:
+    """Now as fixed-width UTC ISO 8601 text, so that text order is time order."""
+    return format_time(dt.datetime.now(dt.timezone.utc))
+
+
+def format_time(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
+    """Open the output database (creating it and its folder unless ``readonly``).
+
+    Raises StorageError with a one-line reason for anything that is not a usable
+    SQLite file: a missing folder that cannot be made, a file of another kind, no
+    permission.
+    """
+    try:
+        if readonly:
+            conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
+        conn.execute("PRAGMA schema_version").fetchone()  # fails fast on a non-SQLite file
+        if not readonly:
+            conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute("PRAGMA foreign_keys=ON")
+    except (sqlite3.Error, OSError) as err:
+        raise StorageError(f"{path}: cannot open database: {err}") from None
+    return sqlite_utils.Database(conn, execute_plugins=False)
+
+
+def ensure_schema(db: sqlite_utils.Database) -> None:
+    """Apply pending migrations, then make indexes and views match the declarations."""
+    try:
+        migrations.apply(db)
+        existing = {
+            row["name"]: row["sql"]
+            for row in db.query("SELECT name, sql FROM sqlite_master WHERE type IN ('index', 'view')")
+        }
+        wanted = {**INDEXES, **VIEWS}
+        stale = [name for name, sql in wanted.items() if existing.get(name) != sql.strip()]
+        if stale:
+            with db.atomic():
+                for name in stale:
+                    kind = "VIEW" if name in VIEWS else "INDEX"
+                    db.execute(f"DROP {kind} IF EXISTS [{name}]")
+                    db.execute(wanted[name].strip())
+    except sqlite3.Error as err:
+        raise StorageError(f"cannot prepare the database schema: {err}") from None
+
+
+def open_database(path: Path) -> sqlite_utils.Database:
+    """Open the output database for writing, with its schema up to date."""
+    db = connect(path)
+    ensure_schema(db)
+    return db

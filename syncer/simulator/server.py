@@ -1,0 +1,1164 @@
+"""HTTP simulation of Globus Auth (native-app OAuth2 + PKCE) and Globus Groups.
+
+One ``ThreadingHTTPServer`` on 127.0.0.1 serves both services, under
+``/auth/`` and ``/groups/``, so the real ``globus_sdk`` can be pointed at it
+with ``GLOBUS_SDK_SERVICE_URL_AUTH`` / ``GLOBUS_SDK_SERVICE_URL_GROUPS``
+(see :attr:`Simulator.env`). There is no human in the loop: the authorize
+endpoint auto-approves as ``world.me``.
+
+Fault injection (:class:`Faults`) is adjustable while the server runs, so
+tests and soak runs can make individual groups fail, stall, rate-limit, or
+return malformed bodies, and later check what was really served through
+:attr:`Simulator.read_log` and :attr:`Simulator.stats`.
+
+Token values are never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import html
+import ipaddress
+import json
+import logging
+import random
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterable
+
+from .world import GROUPS_RESOURCE_SERVER, STATUSES, World
+
+__all__ = ["Faults", "Simulator", "serve", "serve_cli"]
+
+log = logging.getLogger("syncer.simulator")
+
+AUTH_CODE_LIFETIME_S = 600
+_GROUPS_SCOPE_RE = re.compile(
+    r"(?:^|\s)urn:globus:auth:scope:groups\.api\.globus\.org:(?:all|view_my_groups_and_memberships)(?:\s|\[|$)"
+)
+_INCLUDE_VALUES = frozenset(
+    {"memberships", "my_memberships", "policies", "allowed_actions", "child_ids"}
+)
+_ERROR_CODES = {
+    400: "BAD_REQUEST",
+    401: "INVALID_TOKEN",
+    403: "FORBIDDEN",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    422: "VALIDATION_ERROR",
+    429: "TOO_MANY_REQUESTS",
+    500: "INTERNAL_SERVER_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+}
+# Gateways (not the Groups app) produce these, so their bodies are HTML,
+# exactly the kind of non-JSON error body a client must survive.
+_GATEWAY_STATUSES = frozenset({502, 504})
+_GROUP_READ_RE = re.compile(r"/groups/v2/groups/(?!my_groups/?$)[^/]+/?")
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_AUTH_CODE_RE = re.compile(r'<code id="auth-code">([^<]*)</code>')
+_HUGE_TEXT = ("Ünïcödé ☃ 日本語のグループ名 Ωμέγα — " * 400)[:10_000]
+_SQL_TEXT = "Robert'); DROP TABLE memberships;--"
+_RANDOM_KINDS_DEFAULT = ("500", "502", "503", "429", "stall", "truncated")
+MALFORMED_KINDS = ("truncated", "memberships_not_list", "missing_identity_id", "nulls", "huge_names")
+
+
+# --------------------------------------------------------------------- faults
+
+
+class Faults:
+    """Run-time adjustable fault injection for the Groups API.
+
+    Plain attributes (dicts/numbers) may be changed at any time from any
+    thread; compound read-modify-write operations (counters) go through the
+    methods below, which hold an internal lock.
+
+    Attributes:
+        latency_ms: extra delay added to every request (Auth and Groups).
+        access_token_lifetime: seconds; applies to tokens issued from now on.
+        group_errors: ``{group_id: http_status}`` -- that group's GET fails
+            with the status until the entry is removed (or ``group_errors_times``
+            runs out). 502/504 bodies are HTML like a gateway's, others JSON.
+        group_errors_times: ``{group_id: n}`` -- clear the group's error after
+            it has been served ``n`` times (a transient failure).
+        stall: ``{group_id: seconds}`` -- hold that group's response this long
+            (longer than a client's timeout means "never answers").
+        malformed: ``{group_id: kind}`` -- kind in :data:`MALFORMED_KINDS`.
+        random_rate: probability that a group read gets a random fault (the
+            kind is then drawn uniformly from ``random_kinds``).
+        random_kinds: kinds for random faults; default "500", "502", "503",
+            "429", "stall", "truncated" (other statuses and the malformed
+            kinds work too).
+        random_stall_s: how long a random "stall" holds the response.
+    """
+
+    def __init__(
+        self,
+        latency_ms: float = 0,
+        access_token_lifetime: int = 3600,
+        *,
+        random_rate: float = 0.0,
+        random_kinds: Iterable[str | int] | None = None,
+        seed: int | None = None,
+        random_stall_s: float = 0.25,
+    ) -> None:
+        self._lock = threading.Lock()
+        self.latency_ms: float = latency_ms
+        self.access_token_lifetime: int = access_token_lifetime
+        self.group_errors: dict[str, int] = {}
+        self.group_errors_times: dict[str, int] = {}
+        self.stall: dict[str, float] = {}
+        self.malformed: dict[str, str] = {}
+        self.random_rate: float = random_rate
+        self.random_kinds: list[str] = [str(k) for k in (random_kinds or _RANDOM_KINDS_DEFAULT)]
+        self.random_stall_s: float = random_stall_s
+        self._seed = seed
+        self._rng = random.Random(seed)
+        self._rate_limited = 0
+        self._retry_after = 1
+
+    # -- public helpers
+
+    def rate_limit(self, n: int, retry_after: int = 1) -> None:
+        """Answer the next ``n`` Groups requests with 429 + ``Retry-After``."""
+        with self._lock:
+            self._rate_limited = max(0, int(n))
+            self._retry_after = int(retry_after)
+
+    @property
+    def rate_limited_remaining(self) -> int:
+        """How many 429s are still queued by :meth:`rate_limit`."""
+        return self._rate_limited
+
+    def set_group_error(self, group_id: str, status: int, times: int | None = None) -> None:
+        """Make ``group_id`` fail with ``status`` (for ``times`` reads, or until cleared)."""
+        with self._lock:
+            self.group_errors[group_id] = int(status)
+            if times is None:
+                self.group_errors_times.pop(group_id, None)
+            else:
+                self.group_errors_times[group_id] = int(times)
+
+    def set_random(
+        self, rate: float, kinds: Iterable[str | int] | None = None, seed: int | None = None
+    ) -> None:
+        """Configure random faults; ``seed`` makes the fault sequence reproducible."""
+        with self._lock:
+            self.random_rate = float(rate)
+            if kinds is not None:
+                self.random_kinds = [str(k) for k in kinds]
+            if seed is not None:
+                self._seed = seed
+                self._rng = random.Random(seed)
+
+    @property
+    def seed(self) -> int | None:
+        """Seed of the random-fault generator (setting it restarts the sequence)."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int | None) -> None:
+        with self._lock:
+            self._seed = value
+            self._rng = random.Random(value)
+
+    def clear(self) -> None:
+        """Remove every fault (latency and token lifetime are left as they are)."""
+        with self._lock:
+            self.group_errors.clear()
+            self.group_errors_times.clear()
+            self.stall.clear()
+            self.malformed.clear()
+            self.random_rate = 0.0
+            self._rate_limited = 0
+
+    # -- used by the server
+
+    def _take_rate_limit(self) -> int | None:
+        """Consume one queued 429; return its Retry-After, or None."""
+        with self._lock:
+            if self._rate_limited <= 0:
+                return None
+            self._rate_limited -= 1
+            return self._retry_after
+
+    def _take_group_error(self, group_id: str) -> int | None:
+        """The status to fail ``group_id`` with (counting down transient errors)."""
+        with self._lock:
+            status = self.group_errors.get(group_id)
+            if status is None:
+                return None
+            left = self.group_errors_times.get(group_id)
+            if left is not None:
+                if left <= 1:
+                    self.group_errors.pop(group_id, None)
+                    self.group_errors_times.pop(group_id, None)
+                    if left <= 0:
+                        return None
+                else:
+                    self.group_errors_times[group_id] = left - 1
+            return status
+
+    def _roll_random(self) -> str | None:
+        """Pick a random fault kind for this group read, or None."""
+        with self._lock:
+            if self.random_rate <= 0 or not self.random_kinds:
+                return None
+            if self._rng.random() >= self.random_rate:
+                return None
+            return self._rng.choice(self.random_kinds)
+
+    def __repr__(self) -> str:
+        return (
+            f"Faults(latency_ms={self.latency_ms}, group_errors={self.group_errors}, "
+            f"stall={self.stall}, malformed={self.malformed}, random_rate={self.random_rate}, "
+            f"rate_limited={self._rate_limited})"
+        )
+
+
+# --------------------------------------------------------------- token store
+
+
+@dataclass(slots=True)
+class _Code:
+    client_id: str
+    redirect_uri: str
+    scope: str
+    challenge: str
+    access_type: str
+    state: str | None
+    identity_id: str
+    expires_at: float
+    used: bool = False
+
+
+@dataclass(slots=True)
+class _Refresh:
+    client_id: str
+    scope: str
+    state: str | None
+    identity_id: str
+    revoked: bool = False
+
+
+@dataclass(slots=True)
+class _Access:
+    scope: str
+    identity_id: str
+    expires_at: float
+    serial: int
+    refresh_token: str | None
+    revoked: bool = False
+
+
+@dataclass(slots=True)
+class _Resp:
+    """A response built by a route, sent by ``Simulator._dispatch``."""
+
+    status: int
+    body: bytes
+    ctype: str
+    headers: dict[str, str]
+    read: dict[str, Any] | None = None  # set on successful group reads
+
+
+# ------------------------------------------------------------------- server
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """Threaded server that can forcibly close its keep-alive connections."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, addr: tuple[str, int], sim: Simulator) -> None:
+        self.sim = sim
+        self.open_sockets: set[socket.socket] = set()
+        self._sock_lock = threading.Lock()
+        super().__init__(addr, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._sock_lock:
+            self.open_sockets.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._sock_lock:
+            self.open_sockets.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Shut down live connections so idle keep-alive threads exit too."""
+        with self._sock_lock:
+            socks = list(self.open_sockets)
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Thin adapter: all logic lives in :meth:`Simulator._dispatch`."""
+
+    # HTTP/1.1 keep-alive: the SDK's requests.Session reuses connections,
+    # which keeps benchmark overhead realistic.
+    protocol_version = "HTTP/1.1"
+    server_version = "GlobusSimulator/1.0"
+    timeout = 300
+    server: _HTTPServer
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; without NODELAY, Nagle
+        # plus delayed ACKs add ~40 ms to every keep-alive response.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        self.server.sim._dispatch(self, "GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.server.sim._dispatch(self, "POST")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.server.sim._dispatch(self, "PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self.server.sim._dispatch(self, "DELETE")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self.server.sim._dispatch(self, "PATCH")
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        # The default logs the request line, whose query string can carry
+        # auth codes; the simulator logs its own redacted line instead.
+        pass
+
+
+class Simulator:
+    """Globus Auth + Groups on 127.0.0.1, backed by a :class:`World`.
+
+    ``port=0`` picks a free port (kept across ``stop()``/``start()``).
+    ``latency_ms``/``access_token_lifetime`` seed the :class:`Faults` object;
+    when ``faults`` is given they only override it if not left at defaults.
+    ``record_reads=False`` turns off :attr:`read_log` (long benchmarks).
+    """
+
+    def __init__(
+        self,
+        world: World,
+        port: int = 0,
+        latency_ms: float = 0,
+        access_token_lifetime: int = 3600,
+        faults: Faults | None = None,
+        *,
+        record_reads: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        self.world = world
+        self.port = port
+        if faults is None:
+            faults = Faults(latency_ms=latency_ms, access_token_lifetime=access_token_lifetime)
+        else:
+            if latency_ms:
+                faults.latency_ms = latency_ms
+            if access_token_lifetime != 3600:
+                faults.access_token_lifetime = access_token_lifetime
+        self.faults: Faults = faults
+        self.record_reads = record_reads
+        self.verbose = verbose
+        self.issued_tokens: set[str] = set()
+        self.read_log: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._codes: dict[str, _Code] = {}
+        self._refresh: dict[str, _Refresh] = {}
+        self._access: dict[str, _Access] = {}
+        self._serial = 0
+        self._access_cutoff = 0  # access tokens with serial <= this are dead
+        self._invalid_grant_status = 400
+        self._stats: dict[str, Any] = self._fresh_stats()
+        self._stop_evt = threading.Event()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> Simulator:
+        """Bind 127.0.0.1 and serve in a daemon thread; returns self."""
+        if self._httpd is not None:
+            return self
+        self._stop_evt.clear()
+        self._httpd = _HTTPServer(("127.0.0.1", self.port), self)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"globus-simulator:{self.port}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving, drop open connections and wake stalled handlers."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        self._stop_evt.set()
+        httpd.shutdown()
+        httpd.server_close()
+        httpd.close_connections()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Simulator:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """True between start() and stop()."""
+        return self._httpd is not None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:8765`` (no trailing slash)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables that point globus_sdk at this simulator."""
+        return {
+            "GLOBUS_SDK_SERVICE_URL_AUTH": f"{self.url}/auth/",
+            "GLOBUS_SDK_SERVICE_URL_GROUPS": f"{self.url}/groups/",
+        }
+
+    @property
+    def latency_ms(self) -> float:
+        """Shortcut for ``faults.latency_ms``."""
+        return self.faults.latency_ms
+
+    @latency_ms.setter
+    def latency_ms(self, value: float) -> None:
+        self.faults.latency_ms = value
+
+    @property
+    def access_token_lifetime(self) -> int:
+        """Shortcut for ``faults.access_token_lifetime``."""
+        return self.faults.access_token_lifetime
+
+    @access_token_lifetime.setter
+    def access_token_lifetime(self, value: int) -> None:
+        self.faults.access_token_lifetime = value
+
+    def serve_forever(self, print_env: bool = True, say: Callable[[str], Any] | None = None) -> None:
+        """Start (if needed) and block until SIGINT/SIGTERM, then stop."""
+        say = say or (lambda s: print(s, flush=True))
+        self.start()
+        if print_env:
+            for k, v in self.env.items():
+                say(f"export {k}={v}")
+            say(
+                f"# Globus simulator on {self.url}: {len(self.world.groups)} groups, "
+                f"me={self.world.me}. Ctrl-C to stop."
+            )
+        done = threading.Event()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: done.set())
+        try:
+            while not done.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.stop()
+
+    # --------------------------------------------------------- test hooks
+
+    def authorize(self, url: str) -> str:
+        """Play the browser: open the authorize URL, follow the redirect and
+        return the auth code.
+
+        When the redirect goes to the simulator's own auth-code page, the code
+        is read off that HTML page (as a user would copy it). When it goes to
+        another loopback URL (an app's local callback server) it is followed
+        so the app receives the code, and the code is taken from the URL.
+        Raises ``RuntimeError`` if the authorize request is rejected.
+        """
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        try:
+            with opener.open(url, timeout=30) as resp:
+                raise RuntimeError(f"authorize did not redirect (HTTP {resp.status})")
+        except urllib.error.HTTPError as e:
+            if e.code not in (301, 302, 303, 307, 308):
+                body = e.read().decode("utf-8", "replace")
+                raise RuntimeError(f"authorize failed: HTTP {e.code}: {_strip_tags(body)[:300]}") from None
+            location = e.headers.get("Location", "")
+        parts = urllib.parse.urlsplit(location)
+        code = urllib.parse.parse_qs(parts.query).get("code", [""])[0]
+        page = f"{self.url}/auth/v2/web/auth-code"
+        if location.startswith(page):
+            with opener.open(location, timeout=30) as resp:
+                m = _AUTH_CODE_RE.search(resp.read().decode("utf-8"))
+            if not m:
+                raise RuntimeError("auth-code page did not contain a code")
+            return html.unescape(m.group(1))
+        if _is_loopback(parts.hostname):
+            try:
+                with opener.open(location, timeout=30) as resp:
+                    resp.read()
+            except (urllib.error.URLError, OSError):
+                pass  # the app's callback may already be gone; code is known
+        if not code:
+            raise RuntimeError("redirect carried no code")
+        return code
+
+    def revoke_all_refresh_tokens(self, status: int = 400) -> None:
+        """Invalidate every refresh token issued so far; refresh grants
+        then fail with ``{"error": "invalid_grant"}`` and HTTP ``status``."""
+        if status not in (400, 401):
+            raise ValueError("status must be 400 or 401")
+        with self._lock:
+            for r in self._refresh.values():
+                r.revoked = True
+            self._invalid_grant_status = status
+
+    def expire_access_tokens(self) -> None:
+        """Make every access token issued so far invalid (Groups -> 401)."""
+        with self._lock:
+            self._access_cutoff = self._serial
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters (see ``_fresh_stats`` for the keys)."""
+        with self._lock:
+            return copy.deepcopy(self._stats)
+
+    def reset_stats(self) -> None:
+        """Zero every counter (in-flight gauge excepted)."""
+        with self._lock:
+            inflight = self._stats["in_flight_group_reads"]
+            self._stats = self._fresh_stats()
+            self._stats["in_flight_group_reads"] = inflight
+
+    @staticmethod
+    def _fresh_stats() -> dict[str, Any]:
+        return {
+            # requests by endpoint: authorize, auth_code_page, token, revoke,
+            # my_groups, group, other
+            "requests": {},
+            "responses_by_status": {},
+            "responses_429": 0,
+            # faults by kind: group_error, rate_limit, stall, malformed:<kind>,
+            # random:<kind>
+            "faults": {},
+            "in_flight_group_reads": 0,
+            "max_concurrent_group_reads": 0,
+            "group_reads_ok": 0,
+            "code_exchanges": 0,
+            "code_exchanges_failed": 0,
+            "refresh_grants": 0,
+            "refresh_grants_failed": 0,
+            "revocations": 0,
+        }
+
+    def _count(self, key: str, sub: str | None = None, n: int = 1) -> None:
+        with self._lock:
+            if sub is None:
+                self._stats[key] += n
+            else:
+                d = self._stats[key]
+                d[sub] = d.get(sub, 0) + n
+
+    def _fault(self, kind: str) -> None:
+        self._count("faults", kind)
+
+    # ------------------------------------------------------------ dispatch
+
+    def _dispatch(self, h: _Handler, method: str) -> None:
+        """Route one request. Never raises: errors become a 500 response."""
+        parts = urllib.parse.urlsplit(h.path)
+        path = re.sub(r"/{2,}", "/", parts.path)
+        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+        body = b""
+        length = int(h.headers.get("Content-Length") or 0)
+        if length:
+            body = h.rfile.read(length)  # always drain, or keep-alive desyncs
+        # Group reads are "in flight" from arrival (latency included) until
+        # their response is ready, which is what a client's concurrency shows.
+        group_read = bool(_GROUP_READ_RE.fullmatch(path))
+        if group_read:
+            with self._lock:
+                st = self._stats
+                st["in_flight_group_reads"] += 1
+                st["max_concurrent_group_reads"] = max(
+                    st["max_concurrent_group_reads"], st["in_flight_group_reads"]
+                )
+        try:
+            if self.faults.latency_ms:
+                self._stop_evt.wait(self.faults.latency_ms / 1000.0)
+            resp = self._route(h, method, path, query, body)
+        except Exception:  # pragma: no cover - a bug; keep serving
+            log.exception("simulator error on %s %s", method, path)
+            resp = self._json(500, {"code": "INTERNAL_SERVER_ERROR", "detail": "simulator bug", "status": 500})
+        finally:
+            if group_read:
+                with self._lock:
+                    self._stats["in_flight_group_reads"] -= 1
+        # Bookkeeping happens before the bytes go out, so a client that has
+        # its response can rely on stats/read_log already reflecting it.
+        self._count("responses_by_status", str(resp.status))
+        if resp.read is not None:
+            with self._lock:
+                self._stats["group_reads_ok"] += 1
+            if resp.read and self.record_reads:
+                self.read_log.append(resp.read)
+        if self.verbose:
+            # path only: query strings can contain codes
+            log.info("%s %s -> %s", method, path, resp.status)
+        try:
+            h.send_response(resp.status)
+            h.send_header("Content-Type", resp.ctype)
+            h.send_header("Content-Length", str(len(resp.body)))
+            for k, v in resp.headers.items():
+                h.send_header(k, v)
+            h.end_headers()
+            if resp.body:
+                h.wfile.write(resp.body)
+            h.wfile.flush()
+        except OSError:
+            # The client went away (e.g. it timed out on a stall).
+            h.close_connection = True
+
+    def _route(self, h: _Handler, method: str, path: str, query: dict[str, list[str]], body: bytes) -> _Resp:
+        if path.startswith("/auth/"):
+            sub = path[len("/auth"):]
+            if sub == "/v2/oauth2/authorize":
+                self._count("requests", "authorize")
+                return self._only(method, "GET") or self._authorize(query)
+            if sub == "/v2/web/auth-code":
+                self._count("requests", "auth_code_page")
+                return self._only(method, "GET") or self._auth_code_page(query)
+            if sub == "/v2/oauth2/token":
+                self._count("requests", "token")
+                return self._only(method, "POST", oauth=True) or self._token(h, body)
+            if sub == "/v2/oauth2/token/revoke":
+                self._count("requests", "revoke")
+                return self._only(method, "POST", oauth=True) or self._revoke(body)
+            self._count("requests", "other")
+            return self._json(404, {"error": "not_found"})
+        if path.startswith("/groups/"):
+            sub = path[len("/groups"):].rstrip("/")
+            if sub == "/v2/groups/my_groups":
+                self._count("requests", "my_groups")
+                return self._only(method, "GET", groups=True) or self._my_groups(h, query)
+            m = re.fullmatch(r"/v2/groups/([^/]+)", sub)
+            if m:
+                self._count("requests", "group")
+                return self._only(method, "GET", groups=True) or self._group(
+                    h, urllib.parse.unquote(m.group(1)), query
+                )
+            self._count("requests", "other")
+            return self._groups_error(404, "No such endpoint.")
+        self._count("requests", "other")
+        if path in ("/", "/health"):
+            return self._json(200, {"ok": True, "env": self.env})
+        return self._json(404, {"error": "not_found"})
+
+    def _only(self, method: str, allowed: str, *, oauth: bool = False, groups: bool = False) -> _Resp | None:
+        """405 for the wrong method; None when the method is fine."""
+        if method == allowed:
+            return None
+        if groups:
+            return self._groups_error(405, f"{method} not allowed", headers={"Allow": allowed})
+        payload = {"error": "invalid_request"} if oauth else {"error": "method_not_allowed"}
+        return self._json(405, payload, headers={"Allow": allowed})
+
+    # ------------------------------------------------------------ auth
+
+    def _authorize(self, query: dict[str, list[str]]) -> _Resp:
+        q = {k: v[0] for k, v in query.items()}
+        problem = None
+        redirect_uri = q.get("redirect_uri", "")
+        if q.get("response_type") != "code":
+            problem = "response_type must be 'code'"
+        elif not q.get("client_id"):
+            problem = "missing client_id"
+        elif not redirect_uri or urllib.parse.urlsplit(redirect_uri).scheme not in ("http", "https"):
+            problem = "missing or invalid redirect_uri"
+        elif not q.get("scope", "").split():
+            problem = "missing scope"
+        elif not q.get("code_challenge"):
+            problem = "missing code_challenge (PKCE is required for native apps)"
+        elif q.get("code_challenge_method", "plain") != "S256":
+            problem = "code_challenge_method must be S256"
+        elif q.get("access_type", "online") not in ("online", "offline"):
+            problem = "access_type must be online or offline"
+        if problem:
+            return self._html(400, "Invalid authorization request", f"<p>{html.escape(problem)}</p>")
+        code = secrets.token_urlsafe(32)
+        rec = _Code(
+            client_id=q["client_id"],
+            redirect_uri=redirect_uri,
+            scope=_normalize_scope(q["scope"]),
+            challenge=q["code_challenge"],
+            access_type=q.get("access_type", "online"),
+            state=q.get("state"),
+            identity_id=self.world.me,
+            expires_at=time.time() + AUTH_CODE_LIFETIME_S,
+        )
+        with self._lock:
+            if len(self._codes) > 10_000:
+                # Long soak runs: forget codes that can no longer be used.
+                now = time.time()
+                self._codes = {k: v for k, v in self._codes.items() if not v.used and v.expires_at > now}
+            self._codes[code] = rec
+            self.issued_tokens.add(code)
+        params = {"code": code}
+        if rec.state is not None:
+            params["state"] = rec.state
+        sep = "&" if urllib.parse.urlsplit(redirect_uri).query else ("" if redirect_uri.endswith("?") else "?")
+        location = f"{redirect_uri}{sep}{urllib.parse.urlencode(params)}"
+        return self._send(302, b"", "text/plain", headers={"Location": location, "Cache-Control": "no-store"})
+
+    def _auth_code_page(self, query: dict[str, list[str]]) -> _Resp:
+        code = (query.get("code") or [""])[0]
+        if not code:
+            err = (query.get("error") or ["no code"])[0]
+            return self._html(400, "Authorization failed", f"<p>{html.escape(err)}</p>")
+        inner = (
+            "<p>Copy this code and paste it into your application:</p>\n"
+            f'<code id="auth-code">{html.escape(code)}</code>'
+        )
+        return self._html(200, "Native App Authorization Code", inner)
+
+    def _token(self, h: _Handler, body: bytes) -> _Resp:
+        form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
+        client_id = form.get("client_id") or _basic_auth_user(h.headers.get("Authorization"))
+        grant = form.get("grant_type")
+        if grant == "authorization_code":
+            return self._grant_code(form, client_id)
+        if grant == "refresh_token":
+            return self._grant_refresh(form, client_id)
+        if not grant:
+            return self._oauth_error(400, "invalid_request")
+        return self._oauth_error(400, "unsupported_grant_type")
+
+    def _grant_code(self, form: dict[str, str], client_id: str | None) -> _Resp:
+        code = form.get("code", "")
+        verifier = form.get("code_verifier", "")
+        redirect_uri = form.get("redirect_uri", "")
+        if not code or not redirect_uri:
+            self._count("code_exchanges_failed")
+            return self._oauth_error(400, "invalid_request")
+        payload: dict[str, Any] | None = None
+        with self._lock:
+            rec = self._codes.get(code)
+            if (
+                rec is not None
+                and not rec.used
+                and time.time() < rec.expires_at
+                and client_id == rec.client_id
+                and redirect_uri == rec.redirect_uri
+                and bool(verifier)
+                and secrets.compare_digest(_s256(verifier), rec.challenge)
+            ):
+                # Single use. A failed attempt (e.g. a wrong verifier) does
+                # not burn the code, so the rightful client can still finish.
+                rec.used = True
+                refresh = None
+                if rec.access_type == "offline":
+                    refresh = secrets.token_urlsafe(32)
+                    self._refresh[refresh] = _Refresh(rec.client_id, rec.scope, rec.state, rec.identity_id)
+                    self.issued_tokens.add(refresh)
+                payload = self._issue_access(rec.scope, rec.identity_id, rec.state, refresh)
+                self._stats["code_exchanges"] += 1
+            else:
+                self._stats["code_exchanges_failed"] += 1
+        if payload is None:
+            return self._oauth_error(400, "invalid_grant")
+        return self._json(200, payload, headers=_NO_STORE)
+
+    def _grant_refresh(self, form: dict[str, str], client_id: str | None) -> _Resp:
+        token = form.get("refresh_token", "")
+        if not token:
+            self._count("refresh_grants_failed")
+            return self._oauth_error(400, "invalid_request")
+        if not client_id:
+            # A native app has no secret, so it must at least name itself.
+            self._count("refresh_grants_failed")
+            return self._oauth_error(401, "invalid_client")
+        payload: dict[str, Any] | None = None
+        with self._lock:
+            rec = self._refresh.get(token)
+            status = self._invalid_grant_status
+            if rec is not None and not rec.revoked and rec.client_id == client_id:
+                payload = self._issue_access(rec.scope, rec.identity_id, rec.state, token)
+                self._stats["refresh_grants"] += 1
+            else:
+                self._stats["refresh_grants_failed"] += 1
+        if payload is None:
+            return self._oauth_error(status, "invalid_grant")
+        return self._json(200, payload, headers=_NO_STORE)
+
+    def _issue_access(self, scope: str, identity_id: str, state: str | None, refresh: str | None) -> dict[str, Any]:
+        """Mint an access token (caller holds ``self._lock``) and build the
+        token response in Globus' shape."""
+        lifetime = int(self.faults.access_token_lifetime)
+        token = secrets.token_urlsafe(32)
+        self._serial += 1
+        self._access[token] = _Access(scope, identity_id, time.time() + lifetime, self._serial, refresh)
+        self.issued_tokens.add(token)
+        payload: dict[str, Any] = {
+            "access_token": token,
+            "expires_in": lifetime,
+            "resource_server": GROUPS_RESOURCE_SERVER,
+            "scope": scope,
+            "token_type": "Bearer",
+            "state": state if state is not None else "_default",
+            "other_tokens": [],
+        }
+        if refresh is not None:
+            payload["refresh_token"] = refresh
+        return payload
+
+    def _revoke(self, body: bytes) -> _Resp:
+        form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
+        token = form.get("token", "")
+        with self._lock:
+            self._stats["revocations"] += 1
+            acc = self._access.get(token)
+            if acc is not None:
+                acc.revoked = True
+            ref = self._refresh.get(token)
+            if ref is not None:
+                ref.revoked = True
+                # Revoking a refresh token kills the access tokens minted from it.
+                for a in self._access.values():
+                    if a.refresh_token == token:
+                        a.revoked = True
+        return self._json(200, {"active": False})
+
+    def _check_bearer(self, h: _Handler) -> str | None:
+        """Identity id for a valid groups-scoped access token, else None."""
+        auth = h.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        with self._lock:
+            acc = self._access.get(token.strip())
+            if (
+                acc is None
+                or acc.revoked
+                or acc.serial <= self._access_cutoff
+                or time.time() >= acc.expires_at
+                or not _GROUPS_SCOPE_RE.search(acc.scope)
+            ):
+                return None
+            return acc.identity_id
+
+    # ------------------------------------------------------------ groups
+
+    def _groups_gate(self, h: _Handler) -> tuple[str | None, _Resp | None]:
+        """Auth + rate limit shared by every Groups endpoint.
+
+        Returns (viewer, None) to proceed or (None, error response).
+        """
+        viewer = self._check_bearer(h)
+        if viewer is None:
+            return None, self._groups_error(
+                401, "Missing, invalid, expired or revoked access token.",
+                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        retry_after = self.faults._take_rate_limit()
+        if retry_after is not None:
+            self._fault("rate_limit")
+            return None, self._too_many(retry_after)
+        return viewer, None
+
+    def _my_groups(self, h: _Handler, query: dict[str, list[str]]) -> _Resp:
+        viewer, denied = self._groups_gate(h)
+        if viewer is None:
+            assert denied is not None
+            return denied
+        statuses = _split_list(query.get("statuses")) or ["active"]
+        bad = [s for s in statuses if s not in STATUSES]
+        if bad:
+            return self._groups_error(422, f"Invalid statuses: {', '.join(bad)}")
+        return self._send(200, self.world.render_my_groups(tuple(statuses), viewer))
+
+    def _group(self, h: _Handler, gid: str, query: dict[str, list[str]]) -> _Resp:
+        viewer, denied = self._groups_gate(h)
+        if viewer is None:
+            assert denied is not None
+            return denied
+        faults = self.faults
+        tag: str | None = None  # fault applied to an otherwise-successful read
+        malformed: str | None = None
+        kind = faults._roll_random()
+        if kind is not None:
+            self._fault(f"random:{kind}")
+            if kind == "429":
+                return self._too_many(1)
+            if kind.isdigit():
+                return self._status_error(int(kind))
+            if kind == "stall":
+                tag = "random:stall"
+                self._stop_evt.wait(faults.random_stall_s)
+            elif kind in MALFORMED_KINDS:
+                malformed = kind
+        err = faults._take_group_error(gid)
+        if err is not None:
+            self._fault("group_error")
+            return self._status_error(err)
+        stall = faults.stall.get(gid)
+        if stall:
+            self._fault("stall")
+            tag = "stall"
+            self._stop_evt.wait(float(stall))
+        include = _split_list(query.get("include"))
+        unknown = [v for v in include if v not in _INCLUDE_VALUES]
+        if unknown:
+            return self._groups_error(422, f"Invalid include: {', '.join(unknown)}")
+        with_members = "memberships" in include
+        if malformed is None:
+            malformed = faults.malformed.get(gid)
+            if malformed is not None:
+                self._fault(f"malformed:{malformed}")
+        if malformed is None:
+            with self.world.lock:
+                try:
+                    rendered = self.world.render_group(gid, viewer, include_memberships=with_members)
+                except KeyError:
+                    rendered = None
+                    missing = True
+                else:
+                    missing = False
+                at = time.time()
+            if missing:
+                return self._groups_error(404, f"Group {gid} not found.")
+            if rendered is None:
+                return self._groups_error(403, "You do not have access to this group.")
+            body, state = rendered
+            return self._read_ok(self._send(200, body), at, gid, state, with_members, tag)
+        return self._malformed(gid, viewer, with_members, malformed, tag)
+
+    def _malformed(self, gid: str, viewer: str, with_members: bool, kind: str, tag: str | None) -> _Resp:
+        """Serve a tampered group document (fault kinds in MALFORMED_KINDS)."""
+        with self.world.lock:
+            try:
+                doc = self.world.group_doc(gid, viewer, include_memberships=with_members)
+            except KeyError:
+                return self._groups_error(404, f"Group {gid} not found.")
+            at = time.time()
+        if doc is None:
+            return self._groups_error(403, "You do not have access to this group.")
+        members: list[dict[str, Any]] = doc.get("memberships", [])
+        # Prefer tampering with someone other than me, so my_memberships stays sane.
+        victim = next((m for m in members if m["identity_id"] != viewer), members[0] if members else None)
+        if kind == "truncated":
+            full = json.dumps(doc, ensure_ascii=False).encode("utf-8")
+            return self._send(200, full[: len(full) // 2])
+        if kind == "memberships_not_list":
+            doc["memberships"] = {m["identity_id"]: m for m in members}
+        elif kind == "missing_identity_id":
+            if victim is not None:
+                del victim["identity_id"]
+        elif kind == "nulls":
+            doc["name"] = None
+            if victim is not None:
+                victim["username"] = None
+                victim["role"] = None
+                victim["membership_fields"]["name"] = None
+        elif kind == "huge_names":
+            doc["name"] = _HUGE_TEXT
+            doc["description"] = f"{_SQL_TEXT} {_HUGE_TEXT[:200]}"
+            if victim is not None:
+                victim["username"] = f"{_SQL_TEXT}@example.org"
+                victim["membership_fields"]["name"] = _HUGE_TEXT
+                victim["membership_fields"]["institution"] = _SQL_TEXT
+        resp = self._send(200, json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+        if kind == "huge_names":
+            # Odd but valid data: a client should store it, so it counts as a read.
+            state = sorted((m["identity_id"], m["role"], m["status"]) for m in members)
+            return self._read_ok(resp, at, gid, state, with_members, tag or "huge_names")
+        return resp
+
+    @staticmethod
+    def _read_ok(
+        resp: _Resp, at: float, gid: str, state: list[tuple[str, str, str]], with_members: bool, tag: str | None
+    ) -> _Resp:
+        """Mark a response as a successful group read (for read_log/stats).
+
+        Reads without include=memberships count in stats but carry no state,
+        so they are not logged.
+        """
+        resp.read = {"at": at, "group_id": gid, "state": state, "fault": tag} if with_members else {}
+        return resp
+
+    # ------------------------------------------------------------ responses
+
+    @staticmethod
+    def _send(
+        status: int, body: bytes, ctype: str = "application/json; charset=utf-8",
+        headers: dict[str, str] | None = None,
+    ) -> _Resp:
+        return _Resp(status, body, ctype, headers or {})
+
+    def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> _Resp:
+        return self._send(status, json.dumps(payload).encode("utf-8"), headers=headers)
+
+    def _html(self, status: int, title: str, inner: str) -> _Resp:
+        page = (
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\">"
+            f"<title>Globus Auth (simulated) - {html.escape(title)}</title></head>\n"
+            f"<body><h1>{html.escape(title)}</h1>\n{inner}\n</body></html>\n"
+        )
+        return self._send(status, page.encode("utf-8"), "text/html; charset=utf-8")
+
+    def _oauth_error(self, status: int, error: str) -> _Resp:
+        return self._json(status, {"error": error}, headers={"Cache-Control": "no-store"})
+
+    def _groups_error(self, status: int, detail: str, headers: dict[str, str] | None = None) -> _Resp:
+        code = _ERROR_CODES.get(status, "ERROR")
+        return self._json(status, {"code": code, "detail": detail, "status": status}, headers=headers)
+
+    def _too_many(self, retry_after: int) -> _Resp:
+        self._count("responses_429")
+        return self._groups_error(429, "Rate limit exceeded; slow down.", headers={"Retry-After": str(retry_after)})
+
+    def _status_error(self, status: int) -> _Resp:
+        """An injected failure status, shaped like the real source would send it."""
+        if status == 429:
+            return self._too_many(1)
+        if status in _GATEWAY_STATUSES:
+            reason = {502: "Bad Gateway", 504: "Gateway Time-out"}[status]
+            page = f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n<center><h1>{status} {reason}</h1></center>\r\n</body>\r\n</html>\r\n"
+            return self._send(status, page.encode(), "text/html")
+        detail = {
+            403: "You do not have access to this group.",
+            404: "Group not found.",
+        }.get(status, "Injected failure.")
+        return self._groups_error(status, detail)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Surface redirects as HTTPError so :meth:`Simulator.authorize` can read Location."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _s256(verifier: str) -> str:
+    """PKCE S256: base64url(sha256(verifier)) without padding (RFC 7636)."""
+    digest = hashlib.sha256(verifier.encode("ascii", "replace")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+def _normalize_scope(scope: str) -> str:
+    """Requested scopes, de-duplicated, order kept, single-space separated."""
+    seen: dict[str, None] = {}
+    for s in scope.split():
+        seen.setdefault(s, None)
+    return " ".join(seen)
+
+
+def _split_list(values: list[str] | None) -> list[str]:
+    """Comma-separated and/or repeated query values as one list."""
+    out: list[str] = []
+    for v in values or []:
+        out.extend(p.strip() for p in v.split(",") if p.strip())
+    return out
+
+
+def _basic_auth_user(header: str | None) -> str | None:
+    """client_id from an HTTP Basic Authorization header, if any."""
+    if not header or not header.lower().startswith("basic "):
+        return None
+    try:
+        raw = base64.b64decode(header[6:].strip()).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return urllib.parse.unquote(raw.partition(":")[0]) or None
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _strip_tags(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text)).strip()
+
+
+# -------------------------------------------------------------- entry points
+
+
+def serve(
+    world: World,
+    port: int = 0,
+    latency_ms: float = 0,
+    access_token_lifetime: int = 3600,
+    faults: Faults | None = None,
+    print_env: bool = True,
+    say: Callable[[str], Any] | None = None,
+) -> None:
+    """Serve ``world`` on 127.0.0.1:``port`` until SIGINT/SIGTERM."""
+    sim = Simulator(world, port=port, latency_ms=latency_ms,
+                    access_token_lifetime=access_token_lifetime, faults=faults)
+    sim.serve_forever(print_env=print_env, say=say)
+
+
+def serve_cli(
+    *,
+    port: int = 8765,
+    groups: int = 20,
+    members: int = 10,
+    latency_ms: float = 0,
+    token_lifetime: int = 3600,
+    world_file: str | None = None,
+    seed: int = 1,
+    fault_rate: float = 0.0,
+    say: Callable[[str], Any] | None = None,
+) -> None:
+    """Back end of ``syncer simulate``: build or load a world and serve it.
+
+    ``fault_rate`` is the share of group reads that get a random fault.
+    """
+    say = say or (lambda s: print(s, flush=True))
+    world = World.from_json(world_file) if world_file else World.generate(groups=groups, members=members, seed=seed)
+    faults = Faults(latency_ms=latency_ms, access_token_lifetime=token_lifetime, random_rate=fault_rate, seed=seed)
+    try:
+        serve(world, port=port, faults=faults, print_env=True, say=say)
+    except OSError as e:
+        say(f"cannot listen on 127.0.0.1:{port}: {e}")
+        sys.exit(1)

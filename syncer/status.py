@@ -1,0 +1,166 @@
+"""``syncer status``: recent runs, token state and database figures, as a health check.
+
+Reads only: the database is opened read-only and the token store is never created,
+so any user who can read the files can run it (and so can a monitor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import sqlite3
+import time
+import typing as t
+
+from syncer.config import Config
+from syncer.errors import EXIT_FAILED, EXIT_LOGIN_REQUIRED, EXIT_OK, EXIT_PARTIAL, StorageError
+from syncer.schema import connect, parse_time
+from syncer.token_store import TokenStore
+
+RECENT_RUNS = 5
+
+
+@dataclasses.dataclass
+class Health:
+    exit_code: int
+    verdict: str
+
+
+def token_state(config: Config) -> dict[str, t.Any]:
+    """What the token store holds, without revealing any token."""
+    path = config.token_storage
+    state: dict[str, t.Any] = {"path": str(path), "logged_in": False}
+    if not path.exists():
+        return state
+    try:
+        with TokenStore(path) as store:
+            tokens = store.groups_tokens()
+    except StorageError as err:
+        state["error"] = str(err)
+        return state
+    except PermissionError:
+        state["error"] = f"{path}: not readable by this user"
+        return state
+    if tokens is not None:
+        expires = dt.datetime.fromtimestamp(tokens.expires_at_seconds, dt.timezone.utc)
+        state.update(
+            logged_in=bool(tokens.refresh_token),
+            refresh_token=bool(tokens.refresh_token),
+            access_token_expires_at=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            access_token_expired=tokens.expires_at_seconds <= time.time(),
+            scope=tokens.scope,
+        )
+    return state
+
+
+def database_state(config: Config) -> dict[str, t.Any]:
+    path = config.database
+    state: dict[str, t.Any] = {"path": str(path), "exists": path.exists()}
+    if not path.exists():
+        return state
+    state["size_bytes"] = path.stat().st_size
+    db = connect(path, readonly=True)
+    try:
+        if not db["sync_runs"].exists():
+            return state
+        state["counts"] = {
+            "groups": _scalar(db, "SELECT count(*) FROM groups WHERE removed_at IS NULL"),
+            "groups_removed": _scalar(db, "SELECT count(*) FROM groups WHERE removed_at IS NOT NULL"),
+            "memberships": _scalar(db, "SELECT count(*) FROM memberships"),
+            "identities": _scalar(db, "SELECT count(*) FROM identities"),
+            "history_rows": _scalar(db, "SELECT count(*) FROM membership_history"),
+            "runs": _scalar(db, "SELECT count(*) FROM sync_runs"),
+        }
+        state["recent_runs"] = list(
+            db.query(
+                "SELECT id, started_at, finished_at, status, groups_synced, groups_failed,"
+                " memberships, changes, error, exit_code FROM sync_runs ORDER BY id DESC LIMIT ?",
+                [RECENT_RUNS],
+            )
+        )
+        last_ok = db.execute(
+            "SELECT max(started_at) FROM sync_runs WHERE status IN ('ok', 'partial')"
+        ).fetchone()[0]
+        state["last_success_at"] = last_ok
+    except sqlite3.Error as err:
+        raise StorageError(f"{path}: cannot read database: {err}") from None
+    finally:
+        db.close()
+    return state
+
+
+def _scalar(db: t.Any, sql: str) -> int:
+    return int(db.execute(sql).fetchone()[0])
+
+
+def assess(config: Config, tokens: dict[str, t.Any], database: dict[str, t.Any]) -> Health:
+    """Turn the state into the documented exit code and a one-line verdict."""
+    runs = database.get("recent_runs") or []
+    latest = runs[0] if runs else None
+    if not tokens.get("logged_in") and "error" not in tokens:
+        return Health(EXIT_LOGIN_REQUIRED, "login required: no usable tokens; run `syncer login`")
+    if latest and latest["exit_code"] == EXIT_LOGIN_REQUIRED:
+        return Health(EXIT_LOGIN_REQUIRED, "login required: Globus rejected the refresh token; run `syncer login`")
+    if latest is None:
+        return Health(EXIT_FAILED, "no run recorded yet")
+    last_ok = database.get("last_success_at")
+    if last_ok:
+        age = (dt.datetime.now(dt.timezone.utc) - parse_time(last_ok)).total_seconds()
+        if age > 3 * config.interval:
+            return Health(EXIT_FAILED, f"stale: last successful run was {_ago(age)} ago (interval {_ago(config.interval)})")
+    if latest["status"] == "running":
+        return Health(EXIT_OK if last_ok else EXIT_FAILED, f"run {latest['id']} is running")
+    if latest["status"] == "ok":
+        return Health(EXIT_OK, f"ok: run {latest['id']} at {latest['started_at']}")
+    if latest["status"] == "partial":
+        return Health(EXIT_PARTIAL, f"partial: run {latest['id']} could not read {latest['groups_failed']} group(s)")
+    return Health(EXIT_FAILED, f"{latest['status']}: run {latest['id']}: {latest['error'] or 'no detail'}")
+
+
+def _ago(seconds: float) -> str:
+    if seconds >= 7200:
+        return f"{seconds / 3600:.1f}h"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds:.0f}s"
+
+
+def report(config: Config) -> tuple[dict[str, t.Any], Health]:
+    tokens = token_state(config)
+    database = database_state(config)
+    health = assess(config, tokens, database)
+    return {"health": health.verdict, "exit_code": health.exit_code, "tokens": tokens, "database": database}, health
+
+
+def render_text(data: dict[str, t.Any]) -> str:
+    """The human-readable form of ``report``."""
+    tokens, database = data["tokens"], data["database"]
+    lines = [f"status: {data['health']}"]
+    if tokens.get("error"):
+        lines.append(f"tokens: {tokens['error']}")
+    elif tokens.get("logged_in"):
+        expiry = "expired (renews on next run)" if tokens["access_token_expired"] else f"until {tokens['access_token_expires_at']}"
+        lines.append(f"tokens: refresh token present; access token valid {expiry} ({tokens['path']})")
+    else:
+        lines.append(f"tokens: none ({tokens['path']})")
+    if not database.get("exists"):
+        lines.append(f"database: not created yet ({database['path']})")
+        return "\n".join(lines)
+    size = database.get("size_bytes", 0)
+    lines.append(f"database: {database['path']} ({size / 1024:.0f} KiB)")
+    counts = database.get("counts")
+    if counts:
+        lines.append(
+            "  {groups} groups ({groups_removed} removed), {memberships} memberships,"
+            " {identities} identities, {history_rows} history rows, {runs} runs".format(**counts)
+        )
+    runs = database.get("recent_runs") or []
+    if runs:
+        lines.append("recent runs:")
+        for run in runs:
+            detail = f"  #{run['id']} {run['started_at']} {run['status']:<8}" f" groups={run['groups_synced']}"
+            detail += f" failed={run['groups_failed']} memberships={run['memberships']} changes={run['changes']}"
+            if run["error"]:
+                detail += f"  error: {run['error']}"
+            lines.append(detail)
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""The token store: Globus tokens in their own SQLite file, never the output database.
+
+Built on the SDK's ``SQLiteTokenStorage``: SQLite transactions make every write atomic
+and crash-safe, and the SDK creates a new file under a user-only umask (0600 from the
+start, never chmod-ed afterwards). The SDK opens one connection with
+``check_same_thread=True``; tokens here are renewed from whichever worker thread meets
+an expired token, so the connection is opened shareable and every use goes through one
+lock instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import stat
+import threading
+import typing as t
+from pathlib import Path
+
+import globus_sdk
+from globus_sdk.token_storage import SQLiteTokenStorage, TokenStorageData
+
+from syncer.errors import StorageError
+from syncer.logs import register_secret
+
+log = logging.getLogger(__name__)
+
+GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
+
+_T = t.TypeVar("_T")
+
+
+class TokenStore:
+    """Thread-safe access to the tokens syncer keeps for Globus Groups."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if path.exists():
+                self._warn_if_exposed()
+            self._storage = SQLiteTokenStorage(
+                path, connect_params={"check_same_thread": False, "timeout": 15}
+            )
+            # touch the table so a file that is not a token store fails here, clearly
+            self._storage.get_token_data_by_resource_server()
+        except (sqlite3.DatabaseError, OSError) as err:
+            raise StorageError(f"{path}: cannot open token store: {err}") from None
+
+    def _warn_if_exposed(self) -> None:
+        mode = stat.S_IMODE(self.path.stat().st_mode)
+        if mode & 0o077:
+            log.warning(
+                "token store %s is readable by others (mode %o); run: chmod 600 %s",
+                self.path, mode, self.path,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._storage.close()
+
+    def __enter__(self) -> TokenStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def groups_tokens(self) -> TokenStorageData | None:
+        """The stored token data for Globus Groups, if any."""
+        with self._lock:
+            return self._call(lambda s: s.get_token_data(GROUPS_RESOURCE_SERVER))
+
+    def all_tokens(self) -> dict[str, TokenStorageData]:
+        with self._lock:
+            return self._call(lambda s: s.get_token_data_by_resource_server())
+
+    def save(self, response: globus_sdk.OAuthTokenResponse) -> None:
+        """Store every token in a login or refresh response, all in one transaction.
+
+        A refresh response that omits the refresh token keeps the stored one. Identity
+        data is not decoded from an ``id_token`` here: that would need a network call
+        and syncer does not use it.
+        """
+        with self._lock:
+            previous = self._call(lambda s: s.get_token_data_by_resource_server())
+            data: dict[str, TokenStorageData] = {}
+            for resource_server, token in response.by_resource_server.items():
+                old = previous.get(resource_server)
+                data[resource_server] = TokenStorageData(
+                    resource_server=resource_server,
+                    identity_id=old.identity_id if old else None,
+                    scope=token["scope"],
+                    access_token=token["access_token"],
+                    refresh_token=token.get("refresh_token") or (old.refresh_token if old else None),
+                    expires_at_seconds=token["expires_at_seconds"],
+                    token_type=token.get("token_type"),
+                )
+            self._call(lambda s: s.store_token_data_by_resource_server(data))
+
+    def clear(self) -> None:
+        """Delete every stored token (one transaction per resource server)."""
+        with self._lock:
+            for resource_server in self._call(lambda s: s.get_token_data_by_resource_server()):
+                self._call(lambda s: s.remove_token_data(resource_server))
+
+    def _call(self, fn: t.Callable[[SQLiteTokenStorage], _T]) -> _T:
+        try:
+            result = fn(self._storage)
+            for data in self._storage.get_token_data_by_resource_server().values():
+                register_secret(data.access_token)
+                register_secret(data.refresh_token)
+            return result
+        except sqlite3.DatabaseError as err:
+            raise StorageError(f"{self.path}: token store error: {err}") from None

@@ -1,0 +1,158 @@
+"""Shared fixtures: a running simulator, a private configuration, and `syncer` as a user runs it.
+
+End-to-end tests run the real ``syncer`` command in a subprocess; the real
+``globus_sdk`` inside it talks HTTP to the simulator through
+``GLOBUS_SDK_SERVICE_URL_*``. Every output of every command is kept, so the secrets
+test can check that no token the simulator issued ever appears in one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sqlite3
+import subprocess
+import sys
+import typing as t
+from pathlib import Path
+
+import pytest
+
+from syncer.simulator import Simulator, World
+
+# Everything any `syncer` subprocess printed in this test session, for the secrets scan.
+OUTPUTS: list[str] = []
+ISSUED_TOKENS: set[str] = set()
+
+
+@dataclasses.dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+@dataclasses.dataclass
+class Env:
+    """One user's setup: a config file, its database and token store, and a simulator."""
+
+    tmp: Path
+    sim: Simulator
+    world: World
+    vars: dict[str, str]
+
+    @property
+    def config(self) -> Path:
+        return self.tmp / "syncer.toml"
+
+    @property
+    def database(self) -> Path:
+        return self.tmp / "groups.db"
+
+    @property
+    def tokens(self) -> Path:
+        return self.tmp / "tokens.db"
+
+    def write_config(self, **extra: t.Any) -> None:
+        lines = ['database = "groups.db"', 'token_storage = "tokens.db"', 'http_timeout = "3s"']
+        for key, value in extra.items():
+            if isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            elif isinstance(value, (list, tuple)):
+                lines.append(f"{key} = [{', '.join(repr(v) for v in value)}]".replace("'", '"'))
+            else:
+                lines.append(f"{key} = {value}")
+        self.config.write_text("\n".join(lines) + "\n")
+
+    def popen(self, *args: str, **kwargs: t.Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "syncer", *args],
+            env=self.vars, cwd=self.tmp, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
+        )
+
+    def run(self, *args: str, input: str | None = None, timeout: float = 120) -> Result:
+        proc = subprocess.run(
+            [sys.executable, "-m", "syncer", *args],
+            env=self.vars, cwd=self.tmp, text=True, input=input,
+            capture_output=True, timeout=timeout,
+        )
+        record(proc.stdout, proc.stderr)
+        return Result(proc.returncode, proc.stdout, proc.stderr)
+
+    def login(self, *extra: str) -> Result:
+        """`syncer login --no-browser`, reading the URL off stdout and answering with the code."""
+        proc = self.popen("login", "--no-browser", *extra, stdin=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdin is not None
+        lines = []
+        url = None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("http"):
+                url = line.strip()
+                break
+        if url is None:  # e.g. "already logged in"
+            out, err = proc.communicate(timeout=60)
+            record("".join(lines) + out, err)
+            return Result(proc.returncode, "".join(lines) + out, err)
+        code = self.sim.authorize(url)
+        out, err = proc.communicate(code + "\n", timeout=60)
+        record("".join(lines) + out, err)
+        return Result(proc.returncode, "".join(lines) + out, err)
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def query(self, sql: str, params: t.Sequence[t.Any] = ()) -> list[sqlite3.Row]:
+        conn = self.db()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+
+def record(*texts: str) -> None:
+    OUTPUTS.extend(texts)
+
+
+@pytest.fixture
+def world() -> World:
+    return World.generate(groups=6, members=8, seed=11)
+
+
+@pytest.fixture
+def sim(world: World) -> t.Iterator[Simulator]:
+    simulator = Simulator(world, port=0).start()
+    yield simulator
+    ISSUED_TOKENS.update(simulator.issued_tokens)
+    simulator.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path, sim: Simulator, world: World) -> Env:
+    variables = {
+        key: value for key, value in os.environ.items()
+        if not key.startswith(("SYNCER_", "GLOBUS_", "STATE_DIRECTORY", "CONFIGURATION_DIRECTORY", "NOTIFY_SOCKET", "JOURNAL_STREAM"))
+    }
+    variables.update(sim.env)
+    variables["HOME"] = str(tmp_path / "home")
+    variables["XDG_DATA_HOME"] = str(tmp_path / "home" / "data")
+    variables["XDG_CONFIG_HOME"] = str(tmp_path / "home" / "config")
+    variables["SYNCER_CONFIG"] = str(tmp_path / "syncer.toml")
+    variables["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    e = Env(tmp=tmp_path, sim=sim, world=world, vars=variables)
+    e.write_config()
+    return e
+
+
+@pytest.fixture
+def logged_in(env: Env) -> Env:
+    result = env.login()
+    assert result.returncode == 0, result.output
+    return env

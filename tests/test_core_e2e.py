@@ -1,0 +1,273 @@
+"""End to end: `syncer login` -> `syncer sync` -> SQLite, against the simulator over HTTP."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import stat
+import time
+
+from conftest import Env
+from helpers import current_state, expected_state, my_active_groups, state_as_of
+
+
+def test_login_stores_tokens_privately_and_names_the_identity(env: Env) -> None:
+    result = env.login()
+    assert result.returncode == 0, result.output
+    username = env.world.identities[env.world.me]["username"]
+    assert f"Logged in as {username}" in result.stdout
+    assert str(env.tokens) in result.stdout
+    assert stat.S_IMODE(env.tokens.stat().st_mode) == 0o600
+    assert env.sim.stats["code_exchanges"] == 1
+
+    again = env.login()
+    assert again.returncode == 0
+    assert "Already logged in" in again.stdout
+    assert env.sim.stats["code_exchanges"] == 1  # no second flow without --force
+
+    forced = env.login("--force")
+    assert forced.returncode == 0, forced.output
+    assert env.sim.stats["code_exchanges"] == 2
+
+
+def test_login_with_a_wrong_code_fails_cleanly(env: Env) -> None:
+    result = env.run("login", "--no-browser", input="not-a-real-code\n")
+    assert result.returncode == 1
+    assert "Globus Auth refused the code" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_first_sync_equals_the_world(logged_in: Env) -> None:
+    env = logged_in
+    result = env.run("sync")
+    assert result.returncode == 0, result.output
+    assert current_state(env) == expected_state(env.world)
+    assert state_as_of(env, 1) == expected_state(env.world)
+    groups = {r["id"]: r for r in env.query("SELECT * FROM groups")}
+    assert set(groups) == set(my_active_groups(env.world))
+    for gid, row in groups.items():
+        assert row["name"] == env.world.groups[gid]["name"]
+        assert row["removed_at"] is None
+    run = env.query("SELECT * FROM sync_runs")[0]
+    assert run["status"] == "ok" and run["groups_failed"] == 0
+    assert run["memberships"] == len(expected_state(env.world))
+    assert run["changes"] == run["memberships"]  # everything is new in the first run
+    # identities carry what membership_fields tell
+    me = env.query("SELECT * FROM identities WHERE id = ?", [env.world.me])[0]
+    assert me["username"] == env.world.identities[env.world.me]["username"]
+    fields = json.loads(env.query("SELECT membership_fields FROM memberships LIMIT 1")[0][0])
+    assert isinstance(fields, dict)
+
+
+def test_self_only_group_records_only_own_membership(logged_in: Env) -> None:
+    env = logged_in
+    world = env.world
+    self_only = [
+        gid for gid in my_active_groups(world)
+        if world.my_membership(gid).role == "member"
+        and world.groups[gid]["policies"]["group_members_visibility"] == "managers"
+    ]
+    assert self_only, "the generated world should include a managers-only group where me is a plain member"
+    assert env.run("sync").returncode == 0
+    for gid in self_only:
+        assert env.query("SELECT members_visible FROM groups WHERE id = ?", [gid])[0][0] == 0
+        rows = env.query("SELECT identity_id FROM memberships WHERE group_id = ?", [gid])
+        assert [r[0] for r in rows] == [world.me]
+
+
+def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
+    env = logged_in
+    world = env.world
+    assert env.run("sync").returncode == 0
+    before = expected_state(world)
+
+    managed = [gid for gid in my_active_groups(world) if world.my_membership(gid).role == "admin"]
+    g1, g2, g3 = managed[:3]
+    others = [i for i in world.groups[g1]["memberships"] if i != world.me]
+    added = world.add_member(g1, role="member", status="active")
+    world.remove_member(g1, others[0])
+    world.set_role(g1, others[1], "manager")
+    world.set_status(g2, [i for i in world.groups[g2]["memberships"] if i != world.me][0], "removed")
+    world.rename_group(g3, "Renamed group")
+    left = [gid for gid in my_active_groups(world) if gid not in managed][0]
+    left_members = {k for k in before if k[0] == left}
+    world.set_status(left, world.me, "left")
+
+    result = env.run("sync")
+    assert result.returncode == 0, result.output
+    after = expected_state(world)
+    assert current_state(env) == after
+    assert state_as_of(env, 1) == before
+    assert state_as_of(env, 2) == after
+
+    changes = {
+        (r["change"], r["group_id"], r["identity_id"], r["old_role"], r["new_role"], r["old_status"], r["new_status"])
+        for r in env.query("SELECT * FROM membership_changes WHERE run_id = 2")
+    }
+    g2_member = [i for i in world.groups[g2]["memberships"] if i != world.me][0]
+    expected = {
+        ("added", g1, added, None, "member", None, "active"),
+        ("removed", g1, others[0], *_removed(before[(g1, others[0])])),
+        ("changed", g1, others[1], before[(g1, others[1])][0], "manager", before[(g1, others[1])][1], before[(g1, others[1])][1]),
+        ("changed", g2, g2_member, before[(g2, g2_member)][0], before[(g2, g2_member)][0], before[(g2, g2_member)][1], "removed"),
+    } | {("removed", left, i, *_removed(before[(left, i)])) for (_, i) in left_members}
+    assert changes == expected
+    run = env.query("SELECT * FROM sync_runs WHERE id = 2")[0]
+    assert run["changes"] == len(expected)
+    assert env.query("SELECT name FROM groups WHERE id = ?", [g3])[0][0] == "Renamed group"
+    assert env.query("SELECT group_name FROM membership_changes WHERE group_id = ? LIMIT 1", [g1])
+    assert env.query("SELECT removed_at FROM groups WHERE id = ?", [left])[0][0] is not None
+    assert not env.query("SELECT 1 FROM memberships WHERE group_id = ?", [left])
+
+
+def _removed(old: tuple[str, str]) -> tuple[str, None, str, None]:
+    return (old[0], None, old[1], None)
+
+
+def test_unchanged_sync_adds_only_its_run_row(logged_in: Env) -> None:
+    env = logged_in
+    assert env.run("sync").returncode == 0
+    counts = lambda: [env.query(f"SELECT count(*) FROM {t}")[0][0] for t in ("membership_history", "memberships", "identities", "groups")]  # noqa: E731
+    before = counts()
+    assert env.run("sync").returncode == 0
+    assert counts() == before
+    assert env.query("SELECT count(*) FROM sync_runs")[0][0] == 2
+    assert env.query("SELECT changes FROM sync_runs WHERE id = 2")[0][0] == 0
+
+
+def test_expired_access_token_is_renewed_and_stored(logged_in: Env) -> None:
+    env = logged_in
+    stored = lambda: sqlite3.connect(env.tokens).execute("SELECT token_data_json FROM token_storage").fetchall()  # noqa: E731
+    original = {json.loads(r[0])["resource_server"]: json.loads(r[0]) for r in stored()}
+    env.sim.expire_access_tokens()
+    result = env.run("sync")
+    assert result.returncode == 0, result.output
+    renewed = {json.loads(r[0])["resource_server"]: json.loads(r[0]) for r in stored()}
+    groups_old, groups_new = original["groups.api.globus.org"], renewed["groups.api.globus.org"]
+    assert groups_new["access_token"] != groups_old["access_token"]
+    assert groups_new["refresh_token"] == groups_old["refresh_token"]
+    assert env.sim.stats["refresh_grants"] == 1
+
+
+def test_token_near_expiry_is_refreshed_before_use(env: Env) -> None:
+    env.sim.access_token_lifetime = 30  # inside the SDK's 60 s renewal margin
+    assert env.login().returncode == 0
+    assert env.run("sync").returncode == 0
+    assert env.sim.stats["refresh_grants"] >= 1
+
+
+def test_invalid_grant_exits_77_and_removes_nothing(logged_in: Env) -> None:
+    env = logged_in
+    assert env.run("sync").returncode == 0
+    before = current_state(env)
+    env.sim.expire_access_tokens()
+    env.sim.revoke_all_refresh_tokens(status=400)
+    result = env.run("sync")
+    assert result.returncode == 77, result.output
+    assert "syncer login" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert current_state(env) == before
+    run = env.query("SELECT * FROM sync_runs ORDER BY id DESC LIMIT 1")[0]
+    assert run["status"] == "failed" and run["exit_code"] == 77
+    assert env.run("status").returncode == 77
+
+
+def test_failing_group_exits_3_and_keeps_its_rows(logged_in: Env) -> None:
+    env = logged_in
+    assert env.run("sync").returncode == 0
+    before = current_state(env)
+    managed = [gid for gid in my_active_groups(env.world) if env.world.my_membership(gid).role == "admin"]
+    broken, fine = managed[0], managed[1]
+    env.sim.faults.set_group_error(broken, 500)
+    victim = [i for i in env.world.groups[broken]["memberships"] if i != env.world.me][0]
+    env.world.remove_member(broken, victim)  # not seen: the group cannot be read
+    newcomer = env.world.add_member(fine)
+    result = env.run("sync")
+    assert result.returncode == 3, result.output
+    state = current_state(env)
+    assert {k: v for k, v in state.items() if k[0] == broken} == {k: v for k, v in before.items() if k[0] == broken}
+    assert (fine, newcomer) in state
+    run = env.query("SELECT * FROM sync_runs WHERE id = 2")[0]
+    assert run["status"] == "partial" and run["groups_failed"] == 1
+    assert broken in json.loads(run["failed_groups"])
+    assert env.run("status").returncode == 3
+    # the next run, with the group readable again, recovers
+    env.sim.faults.clear()
+    assert env.run("sync").returncode == 0
+    assert current_state(env) == expected_state(env.world)
+
+
+def test_overlapping_sync_exits_75(logged_in: Env) -> None:
+    env = logged_in
+    env.sim.latency_ms = 400
+    first = env.popen("sync")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if env.database.exists() and env.query("SELECT count(*) FROM sync_runs WHERE status = 'running'")[0][0]:
+            break
+        time.sleep(0.05)
+    second = env.run("sync")
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, out + err
+    assert second.returncode == 75, second.output
+    assert "another sync is running" in second.stderr
+    assert env.query("SELECT count(*) FROM sync_runs")[0][0] == 1
+
+
+def test_crashed_run_is_marked_aborted_by_the_next(logged_in: Env) -> None:
+    env = logged_in
+    env.sim.latency_ms = 300
+    proc = env.popen("sync")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if env.database.exists() and env.query("SELECT count(*) FROM sync_runs WHERE status = 'running'")[0][0]:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    env.sim.latency_ms = 0
+    assert env.run("sync").returncode == 0
+    statuses = [r[0] for r in env.query("SELECT status FROM sync_runs ORDER BY id")]
+    assert statuses == ["aborted", "ok"]
+
+
+def test_bad_config_exits_78_naming_file_and_key(env: Env) -> None:
+    env.config.write_text('concurrency = "many"\n')
+    result = env.run("sync")
+    assert result.returncode == 78
+    assert str(env.config) in result.stderr and "'concurrency'" in result.stderr
+    env.config.write_text('colour = "blue"\n')
+    result = env.run("status")
+    assert result.returncode == 78 and "unknown key 'colour'" in result.stderr
+    env.config.write_text("interval = [\n")
+    result = env.run("sync")
+    assert result.returncode == 78 and "invalid TOML" in result.stderr
+    assert not env.database.exists()
+
+
+def test_sync_without_login_exits_77(env: Env) -> None:
+    result = env.run("sync")
+    assert result.returncode == 77
+    assert "syncer login" in result.stderr
+
+
+def test_status_json_reports_runs_and_tokens(logged_in: Env) -> None:
+    env = logged_in
+    assert env.run("status").returncode == 1  # logged in, but no run yet
+    assert env.run("sync").returncode == 0
+    result = env.run("status", "--json")
+    assert result.returncode == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["tokens"]["refresh_token"] is True
+    assert data["database"]["counts"]["memberships"] == len(expected_state(env.world))
+    assert data["database"]["recent_runs"][0]["status"] == "ok"
+
+
+def test_logout_revokes_and_deletes(logged_in: Env) -> None:
+    env = logged_in
+    result = env.run("logout")
+    assert result.returncode == 0, result.output
+    assert "revoked" in result.stdout
+    assert env.sim.stats["revocations"] >= 1
+    assert not sqlite3.connect(env.tokens).execute("SELECT * FROM token_storage").fetchall()
+    assert env.run("sync").returncode == 77
