@@ -58,8 +58,10 @@ class Env:
         return self.tmp / "tokens.db"
 
     def write_config(self, **extra: t.Any) -> None:
-        lines = ['database = "groups.db"', 'token_storage = "tokens.db"', 'http_timeout = "3s"']
-        for key, value in extra.items():
+        settings: dict[str, t.Any] = {"database": "groups.db", "token_storage": "tokens.db", "http_timeout": "3s"}
+        settings.update(extra)
+        lines = []
+        for key, value in settings.items():
             if isinstance(value, str):
                 lines.append(f'{key} = "{value}"')
             elif isinstance(value, (list, tuple)):
