@@ -1,0 +1,587 @@
+#!/usr/bin/env python3
+"""Benchmark: syncer against a plain tutorial-style script, on the built-in simulator.
+
+    python benchmarks/bench.py             # full: 100x50, 1,000x100, 10,000x100 at 0 and 25 ms
+    python benchmarks/bench.py --quick     # CI: 100x50 and 1,000x100 only (< 2 minutes)
+    python benchmarks/bench.py --profile   # also: CPU profile of one cold sync (1,000x100, 0 ms)
+
+The simulator (Globus Auth + Groups over HTTP) runs in this process; ``syncer sync``
+and ``benchmarks/baseline.py`` run as child processes talking to it through
+GLOBUS_SDK_SERVICE_URL_*, so each client has its own process, and its peak RSS and
+CPU time are its own (``os.wait4`` returns the rusage of exactly that child).
+Everything in the table is measured in the same run; compare ratios, not absolute
+times, on a shared machine. Targets are printed (PASS/MISS), never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import typing as t
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+FULL_WORLDS = ((100, 50), (1_000, 100), (10_000, 100))
+QUICK_WORLDS = ((100, 50), (1_000, 100))
+LATENCIES_MS = (0, 25)
+CHURN = 0.01  # share of memberships changed between the unchanged and the churn re-sync
+CONCURRENCY = 8
+SEED = 1
+MIB = 1024 * 1024
+
+
+# ----------------------------------------------------------------- processes
+
+
+@dataclasses.dataclass
+class Child:
+    """One client process: how long it took, what it cost, what it asked for."""
+
+    rc: int
+    wall: float
+    rss: int  # bytes, the child's own peak resident set
+    cpu: float  # user + system seconds of the child
+    requests: int  # HTTP requests the simulator served while it ran
+    stdout: str
+    stderr: str
+
+
+def child_env(sim: t.Any) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("SYNCER_", "GLOBUS_", "STATE_DIRECTORY", "CONFIGURATION_DIRECTORY", "NOTIFY_SOCKET"))
+    }
+    env.update(sim.env)
+    return env
+
+
+def syncer_command() -> list[str]:
+    script = Path(sys.executable).parent / "syncer"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "syncer"]
+
+
+def run_child(cmd: list[str], *, sim: t.Any, cwd: Path, timeout: float = 3600) -> Child:
+    """Run ``cmd`` to completion; wall time, own peak RSS and CPU via ``wait4``."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        sim.reset_stats()
+        began = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=child_env(sim), cwd=cwd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - began
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        requests = sum(sim.stats["requests"].values())
+        out.seek(0)
+        err.seek(0)
+        result = Child(
+            rc=proc.returncode,
+            wall=wall,
+            rss=usage.ru_maxrss * 1024,  # KiB on Linux
+            cpu=usage.ru_utime + usage.ru_stime,
+            requests=requests,
+            stdout=out.read(),
+            stderr=err.read(),
+        )
+    if result.rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {result.rc}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def interactive_login(cmd: list[str], *, sim: t.Any, cwd: Path) -> None:
+    """Run a login command that prints the authorize URL and reads the code from stdin."""
+    proc = subprocess.Popen(
+        cmd, env=child_env(sim), cwd=cwd, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    url = None
+    for line in proc.stdout:
+        if line.startswith("http"):
+            url = line.strip()
+            break
+    if url is None:
+        out, err = proc.communicate(timeout=60)
+        raise RuntimeError(f"login printed no URL: {out}\n{err}")
+    out, err = proc.communicate(sim.authorize(url) + "\n", timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"login failed ({proc.returncode}): {out}\n{err}")
+
+
+# ----------------------------------------------------------------- the clients
+
+
+class Baseline:
+    """benchmarks/baseline.py in its own folder: tokens.json and snapshots.db."""
+
+    def __init__(self, folder: Path, sim: t.Any) -> None:
+        self.folder, self.sim = folder, sim
+        folder.mkdir(parents=True)
+        self.db = folder / "snapshots.db"
+        self.cmd = [sys.executable, str(HERE / "baseline.py"), "--tokens", str(folder / "tokens.json"), "--db", str(self.db)]
+        interactive_login([*self.cmd, "login"], sim=sim, cwd=folder)
+
+    def run(self) -> Child:
+        return run_child(self.cmd, sim=self.sim, cwd=self.folder)
+
+    def rows(self) -> int:
+        return count(self.db, "SELECT count(*) FROM snapshots")
+
+
+class Syncer:
+    """``syncer sync`` with a config file naming its database and token store."""
+
+    def __init__(self, folder: Path, sim: t.Any) -> None:
+        self.folder, self.sim = folder, sim
+        folder.mkdir(parents=True)
+        self.db = folder / "groups.db"
+        config = folder / "syncer.toml"
+        config.write_text(f'database = "groups.db"\ntoken_storage = "tokens.db"\nconcurrency = {CONCURRENCY}\n')
+        self.cmd = [*syncer_command(), "--config", str(config)]
+        interactive_login([*self.cmd, "login", "--no-browser"], sim=sim, cwd=folder)
+
+    def run(self) -> Child:
+        return run_child([*self.cmd, "sync"], sim=self.sim, cwd=self.folder)
+
+    def history_rows(self) -> int:
+        return count(self.db, "SELECT count(*) FROM membership_history")
+
+    def last_run(self) -> sqlite3.Row:
+        with readonly(self.db) as conn:
+            return conn.execute("SELECT * FROM sync_runs ORDER BY id DESC LIMIT 1").fetchone()
+
+    def memberships(self, groups: t.Collection[str]) -> dict[tuple[str, str], tuple[str, str]]:
+        with readonly(self.db) as conn:
+            conn.execute("CREATE TEMP TABLE wanted (id TEXT PRIMARY KEY)")
+            conn.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((g,) for g in groups))
+            rows = conn.execute(
+                "SELECT group_id, identity_id, role, status FROM memberships WHERE group_id IN (SELECT id FROM wanted)"
+            )
+            return {(g, i): (r, s) for g, i, r, s in rows}
+
+
+class readonly:
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.conn
+
+    def __exit__(self, *exc: t.Any) -> None:
+        self.conn.close()
+
+
+def count(path: Path, sql: str) -> int:
+    with readonly(path) as conn:
+        return int(conn.execute(sql).fetchone()[0])
+
+
+def visible_state(world: t.Any, groups: t.Iterable[str]) -> dict[tuple[str, str], tuple[str, str]]:
+    """What the logged-in identity may see of ``groups`` now (the simulator's truth)."""
+    state = {}
+    with world.lock:
+        for gid in groups:
+            if gid in world.groups and world.can_view(gid):
+                for m in world.visible_memberships(gid):
+                    state[(gid, m["identity_id"])] = (m["role"], m["status"])
+    return state
+
+
+def diff_count(before: dict[t.Any, t.Any], after: dict[t.Any, t.Any]) -> int:
+    """Changes as ``membership_changes`` counts them: added + removed + changed."""
+    added = after.keys() - before.keys()
+    removed = before.keys() - after.keys()
+    changed = sum(1 for k in before.keys() & after.keys() if before[k] != after[k])
+    return len(added) + len(removed) + changed
+
+
+# ----------------------------------------------------------------- one scenario
+
+
+@dataclasses.dataclass
+class Row:
+    world: str
+    latency_ms: int
+    client: str  # "baseline" or "syncer"
+    phase: str  # "cold", "rerun", "unchanged", "churn"
+    wall: float
+    requests: int
+    rss: int
+    cpu: float
+    groups: int | None = None
+    db_size: int | None = None  # after the first run
+    growth: int | None = None  # bytes added to the database by this run
+    rows_added: int | None = None  # history rows (syncer) or snapshot rows (baseline) added
+    changes: int | None = None  # syncer's sync_runs.changes
+    expected_changes: int | None = None
+    correct: bool | None = None  # churn: database equals the world for every touched group
+    memberships: int | None = None
+    ratio: float | None = None  # baseline wall / this wall, same world and latency
+    note: str = ""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, baseline_rerun: bool) -> list[Row]:
+    sim.faults.latency_ms = latency
+    rows: list[Row] = []
+    tag = f"{label} @ {latency} ms"
+
+    # baseline: first run, and (optionally) a second to show what each run adds
+    base = Baseline(folder / "baseline", sim)
+    log(f"{tag}: baseline first run")
+    first = base.run()
+    size1, rows1 = base.db.stat().st_size, base.rows()
+    rows.append(Row(label, latency, "baseline", "cold", first.wall, first.requests, first.rss, first.cpu,
+                    db_size=size1, rows_added=rows1, memberships=rows1))
+    if baseline_rerun:
+        log(f"{tag}: baseline second run (unchanged world)")
+        again = base.run()
+        rows.append(Row(label, latency, "baseline", "rerun", again.wall, again.requests, again.rss, again.cpu,
+                        growth=base.db.stat().st_size - size1, rows_added=base.rows() - rows1))
+    shutil.rmtree(base.folder)
+
+    # syncer: cold, unchanged twice, then 1% churn
+    sync = Syncer(folder / "syncer", sim)
+    log(f"{tag}: syncer cold sync")
+    cold = sync.run()
+    run = sync.last_run()
+    size = sync.db.stat().st_size
+    rows.append(Row(label, latency, "syncer", "cold", cold.wall, cold.requests, cold.rss, cold.cpu,
+                    groups=run[4], db_size=size, rows_added=sync.history_rows(), changes=run[7], memberships=run[6]))
+    unchanged = []
+    for i in range(2):
+        log(f"{tag}: syncer unchanged re-sync {i + 1}/2")
+        hist, before = sync.history_rows(), sync.db.stat().st_size
+        child = sync.run()
+        unchanged.append((child, sync.db.stat().st_size - before, sync.history_rows() - hist, sync.last_run()))
+    walls = [u[0].wall for u in unchanged]
+    rows.append(Row(
+        label, latency, "syncer", "unchanged", statistics.mean(walls),
+        max(u[0].requests for u in unchanged), max(u[0].rss for u in unchanged), statistics.mean(u[0].cpu for u in unchanged),
+        groups=unchanged[-1][3][4], growth=max(u[1] for u in unchanged), rows_added=max(u[2] for u in unchanged),
+        changes=max(u[3][7] for u in unchanged), note=f"mean of 2 runs ({', '.join(f'{w:.2f}' for w in walls)} s)",
+    ))
+
+    n = max(1, round(CHURN * run[6]))
+    log(f"{tag}: {n} random changes to the world, then syncer re-sync")
+    changes = world.random_changes(n, random.Random(f"churn:{label}:{latency}"))
+    touched = {c["group_id"] for c in changes}
+    before_state = sync.memberships(touched)
+    hist, before = sync.history_rows(), sync.db.stat().st_size
+    churn = sync.run()
+    after_run = sync.last_run()
+    truth = visible_state(world, touched)
+    rows.append(Row(
+        label, latency, "syncer", "churn", churn.wall, churn.requests, churn.rss, churn.cpu,
+        groups=after_run[4], growth=sync.db.stat().st_size - before, rows_added=sync.history_rows() - hist,
+        changes=after_run[7], expected_changes=diff_count(before_state, truth),
+        correct=sync.memberships(touched) == truth, note=f"{len(changes)} world changes in {len(touched)} groups",
+    ))
+    shutil.rmtree(sync.folder)
+    for row in rows:
+        row.ratio = first.wall / row.wall
+    return rows
+
+
+# ----------------------------------------------------------------- the report
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return ""
+    if abs(n) >= MIB:
+        return f"{n / MIB:.1f} MiB"
+    if abs(n) >= 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n} B"
+
+
+def table(rows: list[Row]) -> str:
+    head = ("world", "lat", "client", "run", "wall s", "x base", "req/s", "DB after 1st", "growth/run",
+            "rows added", "peak RSS", "CPU s", "CPU ms/grp", "notes")
+    lines = []
+    for r in rows:
+        rows_added = "" if r.rows_added is None else f"{r.rows_added:,}"
+        if r.client == "baseline" and r.rows_added is not None:
+            rows_added += " snap"
+        elif r.client == "syncer" and r.rows_added is not None:
+            rows_added += " hist"
+        notes = r.note
+        if r.phase == "churn":
+            notes = (f"changes {r.changes:,} (expected {r.expected_changes:,}),"
+                     f" DB {'==' if r.correct else '!='} world; {r.note}")
+        elif r.phase == "cold" and r.memberships is not None:
+            notes = f"{r.memberships:,} memberships" + (f", {r.groups:,} groups" if r.groups else "")
+        groups = r.groups or (None if r.client == "syncer" else None)
+        lines.append((
+            r.world, f"{r.latency_ms} ms", r.client, r.phase, f"{r.wall:.2f}",
+            "1.0" if r.client == "baseline" and r.phase == "cold" else f"{r.ratio:.1f}",
+            f"{r.requests / r.wall:,.0f}", fmt_bytes(r.db_size), fmt_bytes(r.growth), rows_added,
+            f"{r.rss / MIB:.0f} MiB", f"{r.cpu:.2f}",
+            f"{1000 * r.cpu / groups:.2f}" if groups else "", notes,
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
+    out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)).rstrip()]
+    out.append("  ".join("-" * w for w in widths))
+    previous = None
+    for line in lines:
+        key = line[:2]
+        if previous is not None and key != previous:
+            out.append("")
+        previous = key
+        out.append("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+    return "\n".join(out)
+
+
+def targets(rows: list[Row]) -> list[tuple[bool | None, str]]:
+    found: list[tuple[bool | None, str]] = []
+
+    def pick(world: str, latency: int | None, client: str, phase: str) -> list[Row]:
+        return [r for r in rows if r.world == world and (latency is None or r.latency_ms == latency)
+                and r.client == client and r.phase == phase]
+
+    cold = pick("1,000x100", 25, "syncer", "cold")
+    if cold:
+        r = cold[0]
+        found.append((r.ratio >= 8, f"1,000x100 @ 25 ms cold sync >= 8x faster than baseline: {r.ratio:.1f}x"
+                                    f" ({r.wall:.2f} s vs {r.wall * r.ratio:.2f} s)"))
+    else:
+        found.append((None, "1,000x100 @ 25 ms cold sync >= 8x faster than baseline: not measured"))
+    unchanged = [r for r in rows if r.client == "syncer" and r.phase == "unchanged"]
+    worst = max(unchanged, key=lambda r: r.growth or 0)
+    found.append((all((r.growth or 0) <= 8 * 1024 for r in unchanged),
+                  f"unchanged re-sync growth <= 8 KiB/run: worst {fmt_bytes(worst.growth)} ({worst.world} @ {worst.latency_ms} ms)"))
+    found.append((all(r.rows_added == 0 for r in unchanged),
+                  f"unchanged re-sync adds 0 history rows: max {max(r.rows_added or 0 for r in unchanged)}"))
+    for world, limit in (("1,000x100", 150), ("10,000x100", 250)):
+        mine = [r for r in rows if r.world == world and r.client == "syncer"]
+        if mine:
+            peak = max(mine, key=lambda r: r.rss)
+            members = max(r.memberships or 0 for r in mine)
+            found.append((peak.rss <= limit * MIB, f"peak RSS <= {limit} MiB at {world} ({members:,} memberships):"
+                                                   f" {peak.rss / MIB:.0f} MiB ({peak.phase} @ {peak.latency_ms} ms)"))
+        else:
+            found.append((None, f"peak RSS <= {limit} MiB at {world}: not measured"))
+    churns = [r for r in rows if r.client == "syncer" and r.phase == "churn"]
+    exact = all(r.correct and r.changes == r.expected_changes for r in churns)
+    found.append((exact, "1% churn re-sync records exactly the changes (changes == expected, DB == world): "
+                         + ", ".join(f"{r.world}@{r.latency_ms}ms {r.changes}/{r.expected_changes}" for r in churns)))
+    slow = []
+    for r in churns:
+        base = pick(r.world, r.latency_ms, "syncer", "unchanged")[0]
+        # "about the unchanged time": within 25% (plus 0.3 s of process-start noise)
+        if r.wall > base.wall * 1.25 + 0.3:
+            slow.append(f"{r.world}@{r.latency_ms}ms {r.wall:.2f}s vs {base.wall:.2f}s")
+    found.append((not slow, "1% churn re-sync time ~ unchanged (<= 1.25x + 0.3 s): "
+                            + ("; ".join(slow) if slow else "all within")
+                            + " [" + ", ".join(f"{r.world}@{r.latency_ms}ms {r.wall:.2f}/{pick(r.world, r.latency_ms, 'syncer', 'unchanged')[0].wall:.2f}s" for r in churns) + "]"))
+    return found
+
+
+# ----------------------------------------------------------------- profile
+
+
+def profile_child(config: str, out: str) -> None:
+    """In a child process: one sync under cProfile in every thread (CPU time per thread)."""
+    import cProfile
+    import pstats
+
+    profiles: list[cProfile.Profile] = []
+    original = threading.Thread.run
+
+    def run(self: threading.Thread) -> None:
+        profiler = cProfile.Profile(time.thread_time)
+        profiles.append(profiler)
+        profiler.enable()
+        try:
+            original(self)
+        finally:
+            profiler.disable()
+
+    threading.Thread.run = run  # type: ignore[method-assign]
+    from syncer.config import load_config
+    from syncer.sync import run_sync
+
+    settings = load_config(config)
+    main = cProfile.Profile(time.thread_time)
+    cpu, wall = time.process_time(), time.perf_counter()
+    main.enable()
+    result = run_sync(settings)
+    main.disable()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread():
+            thread.join(timeout=10)
+    stats = pstats.Stats(main)
+    for profiler in profiles:
+        stats.add(profiler)
+    stats.dump_stats(out)
+    print(json.dumps({"cpu": cpu, "wall": wall, "groups": result.groups_synced, "memberships": result.memberships}))
+
+
+def profile(sim: t.Any, folder: Path) -> dict[str, t.Any]:
+    import io
+    import pstats
+
+    sim.faults.latency_ms = 0
+    plain = Syncer(folder / "plain", sim)
+    log("profile: unprofiled cold sync")
+    child = plain.run()
+    groups = plain.last_run()[4]
+    shutil.rmtree(plain.folder)
+
+    profiled = Syncer(folder / "profiled", sim)
+    out = folder / "sync.prof"
+    log("profile: cold sync under cProfile (all threads, thread CPU time)")
+    run = run_child([sys.executable, str(Path(__file__).resolve()), "--profile-child", str(profiled.folder / "syncer.toml"), str(out)],
+                    sim=sim, cwd=profiled.folder)
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    text = io.StringIO()
+    stats = pstats.Stats(str(out), stream=text)
+    stats.sort_stats("cumulative").print_stats(10)
+    stats.sort_stats("tottime").print_stats(10)
+    # the pieces of a sync, by cumulative CPU across threads
+    parts = {}
+    for (filename, _, name), (_, _, _, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        for key, (want_file, want_name) in {
+            "HTTP + SDK (GroupsClient.get_group)": ("groups", "get_group"),
+            "JSON decode (json.loads)": ("json/__init__", "loads"),
+            "parse_group": ("globus_groups", "parse_group"),
+            "stage_group (TEMP tables)": ("history", "stage_group"),
+            "apply_run (one transaction)": ("history", "apply_run"),
+            "list_my_groups": ("globus_groups", "list_my_groups"),
+        }.items():
+            if want_file in filename and name == want_name:
+                parts[key] = parts.get(key, 0.0) + cumulative
+    shutil.rmtree(profiled.folder)
+    return {
+        "groups": groups,
+        "unprofiled_cpu": child.cpu,
+        "unprofiled_wall": child.wall,
+        "profiled_cpu": info["cpu"],
+        "profiled_wall": info["wall"],
+        "parts": parts,
+        "text": text.getvalue(),
+    }
+
+
+def print_profile(p: dict[str, t.Any]) -> None:
+    g = p["groups"]
+    print()
+    print(f"Client CPU profile: one cold sync, 1,000x100 @ 0 ms ({g:,} groups read)")
+    print(f"  unprofiled: {p['unprofiled_cpu']:.2f} CPU s for the whole process (start-up and imports included),"
+          f" {1000 * p['unprofiled_cpu'] / g:.2f} CPU ms/group; wall {p['unprofiled_wall']:.2f} s")
+    print(f"  profiled run_sync only: {p['profiled_cpu']:.2f} CPU s, {1000 * p['profiled_cpu'] / g:.2f} CPU ms/group"
+          f" (cProfile overhead included); wall {p['profiled_wall']:.2f} s")
+    print("  thread CPU by part (cumulative, summed over threads):")
+    for key, value in sorted(p["parts"].items(), key=lambda kv: -kv[1]):
+        print(f"    {key:<40} {value:6.2f} s  {1000 * value / g:6.3f} ms/group")
+    print()
+    print("\n".join("  " + line for line in p["text"].strip().splitlines() if line.strip()))
+
+
+# ----------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small worlds only (100x50, 1,000x100), for CI")
+    parser.add_argument("--profile", action="store_true", help="also profile one cold sync in-process (1,000x100, 0 ms)")
+    parser.add_argument("--profile-only", action="store_true", help="only the profile, no table")
+    parser.add_argument("--worlds", help="override, e.g. 100x50,1000x100")
+    parser.add_argument("--latencies", help="override, e.g. 0,25")
+    parser.add_argument("--baseline-rerun", choices=("all", "0ms", "none"), default=None,
+                        help="where the baseline's second run is measured (default: full 0ms, quick 0ms up to 100x50... see README)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--profile-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.profile_child:
+        profile_child(*args.profile_child)
+        return
+
+    from syncer.simulator import Simulator, World
+
+    worlds = QUICK_WORLDS if args.quick else FULL_WORLDS
+    if args.worlds:
+        worlds = tuple(tuple(int(x) for x in w.split("x")) for w in args.worlds.split(","))  # type: ignore[misc]
+    latencies = tuple(int(x) for x in args.latencies.split(",")) if args.latencies else LATENCIES_MS
+    # The baseline does the same work every run, so its second run only shows what a
+    # run adds to its database: measured at 0 ms, where it is cheap.
+    rerun = args.baseline_rerun or "0ms"
+
+    work = Path(tempfile.mkdtemp(prefix="syncer-bench-"))
+    rows: list[Row] = []
+    prof = None
+    began = time.perf_counter()
+    try:
+        if not args.profile_only:
+            for groups, members in worlds:
+                label = f"{groups:,}x{members}"
+                log(f"{label}: generating the world")
+                world = World.generate(groups=groups, members=members, seed=SEED)
+                sim = Simulator(world, port=0, latency_ms=0, record_reads=False).start()
+                try:
+                    for latency in latencies:
+                        want_rerun = rerun == "all" or (rerun == "0ms" and latency == 0)
+                        rows += scenario(world, sim, label, latency, work / f"{groups}x{members}-{latency}ms", want_rerun)
+                finally:
+                    sim.stop()
+                del world, sim
+        if args.profile or args.profile_only:
+            world = World.generate(groups=1_000, members=100, seed=SEED)
+            sim = Simulator(world, port=0, latency_ms=0, record_reads=False).start()
+            try:
+                prof = profile(sim, work / "profile")
+            finally:
+                sim.stop()
+    finally:
+        if args.keep:
+            log(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(f"syncer benchmark ({'quick' if args.quick else 'full'}): {os.cpu_count()} CPUs, Python {sys.version.split()[0]},"
+          f" concurrency={CONCURRENCY}, churn={CHURN:.0%}, total {time.perf_counter() - began:.0f} s")
+    if rows:
+        print()
+        print(table(rows))
+        print()
+        print("x base: the baseline's first-run wall time / this wall time (same world, same latency);"
+              " the baseline re-reads and re-appends everything each run.")
+        print("growth/run: bytes the run added to the database file. rows added: history rows (syncer),"
+              " snapshot rows (baseline). unchanged: mean of two runs, worst growth.")
+        print()
+        print("Targets:")
+        for ok, text in targets(rows):
+            print(f"  {'PASS' if ok else ('MISS' if ok is False else 'n/a ')}  {text}")
+    if prof:
+        print_profile(prof)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "rows": [dataclasses.asdict(r) for r in rows],
+            "targets": [{"pass": ok, "text": text} for ok, text in (targets(rows) if rows else [])],
+            "profile": {k: v for k, v in (prof or {}).items() if k != "text"},
+        }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

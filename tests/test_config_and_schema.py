@@ -1,0 +1,212 @@
+"""Unit tests: configuration rules and schema upgrades in place."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlite_utils
+
+from conftest import Env
+from syncer import schema
+from syncer.config import GROUPS_SCOPE, TUTORIAL_CLIENT_ID, load_config, parse_duration
+from syncer.errors import ConfigError
+
+FIXTURE = Path(__file__).parent / "fixtures" / "groups-0.1.0.db"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for key in ("SYNCER_CONFIG", "CONFIGURATION_DIRECTORY", "STATE_DIRECTORY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("15m", 900), ("90s", 90), ("1h30m", 5400), ("2d", 172800), ("45", 45), ("0.5s", 0.5)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "15x", "1h 30m", "-5s", "15m3"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_defaults_without_any_file(tmp_path: Path) -> None:
+    config = load_config()
+    assert config.source is None
+    assert config.client_id == TUTORIAL_CLIENT_ID and config.uses_tutorial_client
+    assert config.scopes == (GROUPS_SCOPE,)
+    assert config.interval == 900 and config.concurrency == 8 and config.my_statuses == ("active",)
+    assert config.database == tmp_path / "xdg-data" / "syncer" / "groups.db"
+    assert config.token_storage.parent == config.database.parent
+
+
+def test_systemd_directories(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "syncer.toml").write_text('interval = "5m"\n')
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(tmp_path / "etc"))
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path / 'state'}:{tmp_path / 'other'}")
+    config = load_config()
+    assert config.source == tmp_path / "etc" / "syncer.toml"
+    assert config.interval == 300
+    assert config.database == tmp_path / "state" / "groups.db"
+    assert config.token_storage == tmp_path / "state" / "tokens.db"
+
+
+def test_search_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    user = tmp_path / "xdg-config" / "syncer" / "syncer.toml"
+    user.parent.mkdir(parents=True)
+    user.write_text("concurrency = 2\n")
+    assert load_config().concurrency == 2
+    monkeypatch.setenv("CONFIGURATION_DIRECTORY", str(tmp_path))
+    (tmp_path / "syncer.toml").write_text("concurrency = 3\n")
+    assert load_config().concurrency == 3
+    (tmp_path / "env.toml").write_text("concurrency = 4\n")
+    monkeypatch.setenv("SYNCER_CONFIG", str(tmp_path / "env.toml"))
+    assert load_config().concurrency == 4
+    (tmp_path / "explicit.toml").write_text("concurrency = 5\n")
+    assert load_config(tmp_path / "explicit.toml").concurrency == 5
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "conf" / "syncer.toml"
+    conf.parent.mkdir()
+    conf.write_text('database = "data/groups.db"\ntoken_storage = "/abs/tokens.db"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config(conf)
+    assert config.database == tmp_path / "conf" / "data" / "groups.db"
+    assert config.token_storage == Path("/abs/tokens.db")
+
+
+def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "syncer.toml"
+    conf.write_text('interval = "1h"\nmy_statuses = ["active"]\n')
+    monkeypatch.setenv("SYNCER_INTERVAL", "2m")
+    monkeypatch.setenv("SYNCER_MY_STATUSES", "active, invited")
+    monkeypatch.setenv("SYNCER_CONCURRENCY", "3")
+    monkeypatch.setenv("SYNCER_GROUPS", "D3974728-6458-11E4-B72D-123139141556")
+    config = load_config(conf)
+    assert config.interval == 120
+    assert config.my_statuses == ("active", "invited")
+    assert config.concurrency == 3
+    assert config.groups == ("d3974728-6458-11e4-b72d-123139141556",)
+
+
+@pytest.mark.parametrize(
+    "body, key",
+    [
+        ('concurrency = "eight"', "concurrency"),
+        ("concurrency = 0", "concurrency"),
+        ("concurrency = true", "concurrency"),
+        ('interval = "soon"', "interval"),
+        ("interval = 0", "interval"),
+        ('client_id = "not-a-uuid"', "client_id"),
+        ('scopes = "one"', None),  # a string is a one-element list: allowed
+        ("scopes = []", "scopes"),
+        ('my_statuses = ["asleep"]', "my_statuses"),
+        ('groups = ["nope"]', "groups"),
+        ("database = 3", "database"),
+        ("jitter = -1", "jitter"),
+        ('surprise = "key"', "surprise"),
+    ],
+)
+def test_invalid_values_name_file_and_key(tmp_path: Path, body: str, key: str | None) -> None:
+    conf = tmp_path / "syncer.toml"
+    conf.write_text(body + "\n")
+    if key is None:
+        load_config(conf)
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_config(conf)
+    assert str(conf) in str(caught.value) and f"'{key}'" in str(caught.value)
+    assert caught.value.exit_code == 78
+
+
+def test_invalid_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SYNCER_CONCURRENCY", "lots")
+    with pytest.raises(ConfigError, match="SYNCER_CONCURRENCY"):
+        load_config()
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+
+
+def test_schema_is_idempotent(tmp_path: Path) -> None:
+    db = schema.open_database(tmp_path / "g.db")
+    first = sorted(db.execute("SELECT type, name, sql FROM sqlite_master").fetchall())
+    db.close()
+    db = schema.open_database(tmp_path / "g.db")
+    assert sorted(db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()) == first
+    assert [m.name for m in schema.migrations.applied(db)] == [m.name for m in schema.migrations._migrations]
+    db.close()
+
+
+def test_changed_view_definition_is_replaced(tmp_path: Path) -> None:
+    db = schema.open_database(tmp_path / "g.db")
+    db.execute("DROP VIEW active_members")
+    db.execute("CREATE VIEW active_members AS SELECT 1 AS stale")
+    db.execute("DROP INDEX idx_memberships_identity")
+    db.close()
+    db = schema.open_database(tmp_path / "g.db")
+    assert "group_name" in db["active_members"].columns_dict
+    assert "idx_memberships_identity" in {i.name for i in db["memberships"].indexes}
+    db.close()
+
+
+def test_first_release_database_is_upgraded_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database written by 0.1.0 (kept as a fixture) opens, migrates, and keeps its history."""
+    path = tmp_path / "groups.db"
+    shutil.copy(FIXTURE, path)
+    old = sqlite3.connect(path)
+    history_before = old.execute("SELECT * FROM membership_history ORDER BY id").fetchall()
+    runs_before = old.execute("SELECT * FROM sync_runs ORDER BY id").fetchall()
+    old.close()
+    assert history_before and runs_before
+
+    # a later release's migration, as the next version would add it
+    later = sqlite_utils.Migrations("syncer")
+    for migration in schema.migrations._migrations:
+        later(name=migration.name)(migration.fn)
+
+    @later(name="9999_test_note")
+    def note(db: sqlite_utils.Database) -> None:
+        db.execute("ALTER TABLE groups ADD COLUMN note TEXT")
+
+    monkeypatch.setattr(schema, "migrations", later)
+    db = schema.open_database(path)
+    try:
+        assert "note" in db["groups"].columns_dict
+        assert db.execute("SELECT * FROM membership_history ORDER BY id").fetchall() == history_before
+        assert db.execute("SELECT * FROM sync_runs ORDER BY id").fetchall() == runs_before
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        db.close()
+
+
+def test_first_release_database_keeps_working(env: Env) -> None:
+    """Syncing into the 0.1.0 fixture continues its run ids and history."""
+    shutil.copy(FIXTURE, env.database)
+    before = env.query("SELECT id, group_id, identity_id, role, status, from_run FROM membership_history")
+    assert env.login().returncode == 0
+    result = env.run("sync")
+    assert result.returncode == 0, result.output
+    runs = env.query("SELECT id, status FROM sync_runs ORDER BY id")
+    assert [r["id"] for r in runs] == [1, 2, 3] and runs[-1]["status"] == "ok"
+    kept = {tuple(r) for r in env.query("SELECT id, group_id, identity_id, role, status, from_run FROM membership_history")}
+    assert {tuple(r) for r in before} <= kept
