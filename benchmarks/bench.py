@@ -172,12 +172,13 @@ class Syncer:
             rows = conn.execute(
                 "SELECT group_id, identity_id, role, status FROM memberships WHERE group_id IN (SELECT id FROM wanted)"
             )
-            return {(g, i): (r, s) for g, i, r, s in rows}
+            return {(row[0], row[1]): (row[2], row[3]) for row in rows}
 
 
 class readonly:
     def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        self.conn.row_factory = sqlite3.Row
 
     def __enter__(self) -> sqlite3.Connection:
         return self.conn
@@ -265,7 +266,7 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
     run = sync.last_run()
     size = sync.db.stat().st_size
     rows.append(Row(label, latency, "syncer", "cold", cold.wall, cold.requests, cold.rss, cold.cpu,
-                    groups=run[4], db_size=size, rows_added=sync.history_rows(), changes=run[7], memberships=run[6]))
+                    groups=run["groups_synced"], db_size=size, rows_added=sync.history_rows(), changes=run["changes"], memberships=run["memberships"]))
     unchanged = []
     for i in range(2):
         log(f"{tag}: syncer unchanged re-sync {i + 1}/2")
@@ -276,11 +277,11 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
     rows.append(Row(
         label, latency, "syncer", "unchanged", statistics.mean(walls),
         max(u[0].requests for u in unchanged), max(u[0].rss for u in unchanged), statistics.mean(u[0].cpu for u in unchanged),
-        groups=unchanged[-1][3][4], growth=max(u[1] for u in unchanged), rows_added=max(u[2] for u in unchanged),
-        changes=max(u[3][7] for u in unchanged), note=f"mean of 2 runs ({', '.join(f'{w:.2f}' for w in walls)} s)",
+        groups=unchanged[-1][3]["groups_synced"], growth=max(u[1] for u in unchanged), rows_added=max(u[2] for u in unchanged),
+        changes=max(u[3]["changes"] for u in unchanged), note=f"mean of 2 runs ({', '.join(f'{w:.2f}' for w in walls)} s)",
     ))
 
-    n = max(1, round(CHURN * run[6]))
+    n = max(1, round(CHURN * run["memberships"]))
     log(f"{tag}: {n} random changes to the world, then syncer re-sync")
     changes = world.random_changes(n, random.Random(f"churn:{label}:{latency}"))
     touched = {c["group_id"] for c in changes}
@@ -291,8 +292,8 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
     truth = visible_state(world, touched)
     rows.append(Row(
         label, latency, "syncer", "churn", churn.wall, churn.requests, churn.rss, churn.cpu,
-        groups=after_run[4], growth=sync.db.stat().st_size - before, rows_added=sync.history_rows() - hist,
-        changes=after_run[7], expected_changes=diff_count(before_state, truth),
+        groups=after_run["groups_synced"], growth=sync.db.stat().st_size - before, rows_added=sync.history_rows() - hist,
+        changes=after_run["changes"], expected_changes=diff_count(before_state, truth),
         correct=sync.memberships(touched) == truth, note=f"{len(changes)} world changes in {len(touched)} groups",
     ))
     shutil.rmtree(sync.folder)
@@ -445,7 +446,7 @@ def profile(sim: t.Any, folder: Path) -> dict[str, t.Any]:
     plain = Syncer(folder / "plain", sim)
     log("profile: unprofiled cold sync")
     child = plain.run()
-    groups = plain.last_run()[4]
+    groups = plain.last_run()["groups_synced"]
     shutil.rmtree(plain.folder)
 
     profiled = Syncer(folder / "profiled", sim)

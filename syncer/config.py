@@ -69,6 +69,7 @@ class Config:
     groups: tuple[str, ...] = ()
     my_statuses: tuple[str, ...] = ("active",)
     http_timeout: float = 30.0
+    busy_timeout: float = 30.0
     #: where the settings came from, for messages (None: built-in defaults only)
     source: Path | None = None
 
@@ -106,6 +107,7 @@ _KEYS: dict[str, _Key] = {
     "groups": _Key("uuidlist"),
     "my_statuses": _Key("statuslist", lambda v: None if v else "must list at least one status"),
     "http_timeout": _Key("duration", _positive),
+    "busy_timeout": _Key("duration", _not_negative),
 }
 
 

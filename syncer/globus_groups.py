@@ -307,7 +307,7 @@ def _read_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> GroupRe
             raise LoginRequired("Globus Groups rejected the access token even after renewing it") from None
         return GroupReadError(describe_api_error(err))
     except globus_sdk.NetworkError as err:
-        return GroupReadError(f"network error: {type(err.exc).__name__}")
+        return GroupReadError(f"network error: {type(err.underlying_exception).__name__}")
     except requests.RequestException as err:
         return GroupReadError(f"network error: {type(err).__name__}")
     except GroupReadError as err:

@@ -165,7 +165,7 @@ def parse_time(text: str) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
+def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite_utils.Database:
     """Open the output database (creating it and its folder unless ``readonly``).
 
     Raises StorageError with a one-line reason for anything that is not a usable
@@ -174,10 +174,10 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite_utils.Database:
     """
     try:
         if readonly:
-            conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S)
+            conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=busy_timeout)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
+            conn = sqlite3.connect(path, timeout=busy_timeout)
         conn.execute("PRAGMA schema_version").fetchone()  # fails fast on a non-SQLite file
         if not readonly:
             conn.execute("PRAGMA journal_mode=DELETE")
@@ -207,8 +207,8 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
         raise StorageError(f"cannot prepare the database schema: {err}") from None
 
 
-def open_database(path: Path) -> sqlite_utils.Database:
+def open_database(path: Path, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite_utils.Database:
     """Open the output database for writing, with its schema up to date."""
-    db = connect(path)
+    db = connect(path, busy_timeout=busy_timeout)
     ensure_schema(db)
     return db

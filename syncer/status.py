@@ -59,7 +59,7 @@ def database_state(config: Config) -> dict[str, t.Any]:
     if not path.exists():
         return state
     state["size_bytes"] = path.stat().st_size
-    db = connect(path, readonly=True)
+    db = connect(path, readonly=True, busy_timeout=config.busy_timeout)
     try:
         if not db["sync_runs"].exists():
             return state

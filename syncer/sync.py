@@ -47,7 +47,7 @@ def run_sync(
     cancelled = cancelled or threading.Event()
     began = time.monotonic()
     with SyncLock(config.lock_path):
-        db = open_database(config.database)
+        db = open_database(config.database, config.busy_timeout)
         try:
             run = start_run(db)
             try:

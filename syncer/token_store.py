@@ -68,12 +68,14 @@ class TokenStore:
 
     def groups_tokens(self) -> TokenStorageData | None:
         """The stored token data for Globus Groups, if any."""
-        with self._lock:
-            return self._call(lambda s: s.get_token_data(GROUPS_RESOURCE_SERVER))
+        return self.all_tokens().get(GROUPS_RESOURCE_SERVER)
 
     def all_tokens(self) -> dict[str, TokenStorageData]:
+        """Every stored token, by resource server (token values become log-redacted)."""
         with self._lock:
-            return self._call(lambda s: s.get_token_data_by_resource_server())
+            tokens = self._call(lambda s: s.get_token_data_by_resource_server())
+        _keep_out_of_logs(tokens.values())
+        return tokens
 
     def save(self, response: globus_sdk.OAuthTokenResponse) -> None:
         """Store every token in a login or refresh response, all in one transaction.
@@ -83,7 +85,7 @@ class TokenStore:
         and syncer does not use it.
         """
         with self._lock:
-            previous = self._call(lambda s: s.get_token_data_by_resource_server())
+            previous = self.all_tokens()
             data: dict[str, TokenStorageData] = {}
             for resource_server, token in response.by_resource_server.items():
                 old = previous.get(resource_server)
@@ -96,20 +98,23 @@ class TokenStore:
                     expires_at_seconds=token["expires_at_seconds"],
                     token_type=token.get("token_type"),
                 )
+            _keep_out_of_logs(data.values())
             self._call(lambda s: s.store_token_data_by_resource_server(data))
 
     def clear(self) -> None:
         """Delete every stored token (one transaction per resource server)."""
         with self._lock:
-            for resource_server in self._call(lambda s: s.get_token_data_by_resource_server()):
+            for resource_server in self.all_tokens():
                 self._call(lambda s: s.remove_token_data(resource_server))
 
     def _call(self, fn: t.Callable[[SQLiteTokenStorage], _T]) -> _T:
         try:
-            result = fn(self._storage)
-            for data in self._storage.get_token_data_by_resource_server().values():
-                register_secret(data.access_token)
-                register_secret(data.refresh_token)
-            return result
+            return fn(self._storage)
         except sqlite3.DatabaseError as err:
             raise StorageError(f"{self.path}: token store error: {err}") from None
+
+
+def _keep_out_of_logs(tokens: t.Iterable[TokenStorageData]) -> None:
+    for data in tokens:
+        register_secret(data.access_token)
+        register_secret(data.refresh_token)

@@ -1,0 +1,295 @@
+"""Crash safety and long-running correctness, against the simulator over HTTP.
+
+* kill -9 trials: ``syncer sync`` is SIGKILLed at moments spread over a whole run
+  (start-up, the token refresh and its write to tokens.db, the fetch, the final
+  apply transaction, the exit), and after every kill the databases must be intact,
+  no run may be half visible, the token store must still hold a refresh token, and
+  the next ``syncer sync`` must recover exactly to the world.
+* soak: ``benchmarks/soak.py`` for ~20 s: ``syncer run --interval 1s`` while the
+  world changes and ~10% of group reads fail; the recorded history must equal what
+  the simulator served, read by read, and memory must stay flat.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import time
+import typing as t
+from pathlib import Path
+
+import pytest
+
+from conftest import Env, record
+from helpers import current_state, expected_state, state_as_of
+from syncer.simulator import World
+from syncer.token_store import TokenStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Big enough that the final apply transaction takes a measurable time (~0.1 s),
+# small enough that a run takes ~1.5 s and 26 trials fit in about a minute.
+GROUPS, MEMBERS = 300, 50
+CHANGES_PER_TRIAL = 150
+LATENCY_MS = 10  # lengthens the fetch a little (8 reads in flight)
+UNIFORM_TRIALS = 20  # kills at stratified random fractions of an uninterrupted run
+APPLY_TIMED_TRIALS = 2  # kills timed inside the measured apply window
+TOKEN_LOCKED_TRIALS = 2  # kills while the token write waits for its commit lock
+APPLY_LOCKED_TRIALS = 2  # kills while the apply transaction waits for its commit lock
+
+
+@pytest.fixture
+def world() -> World:
+    # overrides conftest's small world for every test in this module
+    return World.generate(groups=GROUPS, members=MEMBERS, seed=20240)
+
+
+# ----------------------------------------------------------------- kill -9 trials
+
+
+def _journal(path: Path) -> Path:
+    return path.with_name(path.name + "-journal")
+
+
+def _tokens(env: Env) -> dict[str, t.Any]:
+    """The stored Groups token data (access and refresh token), via the product's store."""
+    with TokenStore(env.tokens) as store:
+        data = store.groups_tokens()
+    assert data is not None, "token store lost the Groups tokens"
+    return {"access": data.access_token, "refresh": data.refresh_token}
+
+
+def _max_run(env: Env) -> int:
+    return env.query("SELECT coalesce(max(id), 0) FROM sync_runs")[0][0]
+
+
+def _timeline(env: Env) -> dict[str, float]:
+    """Run one uninterrupted sync and note when each phase happened (seconds from spawn).
+
+    Watches files only (no database reads that could slow the writer): the token
+    store's mtime changes when the refresh is written; the rollback journal of
+    groups.db exists while a transaction writes it, the last and longest time being
+    the apply transaction.
+    """
+    token_mtime = env.tokens.stat().st_mtime_ns
+    journal = _journal(env.database)
+    marks: dict[str, float] = {}
+    began = time.monotonic()
+    proc = env.popen("sync")
+    in_journal = False
+    while proc.poll() is None:
+        now = time.monotonic() - began
+        if "token" not in marks and env.tokens.stat().st_mtime_ns != token_mtime:
+            marks["token"] = now
+        exists = journal.exists()
+        if exists and not in_journal and "token" in marks:
+            marks["apply_start"] = now  # the last journal to appear is the apply's
+        if in_journal and not exists and "apply_start" in marks:
+            marks["apply_end"] = now
+        in_journal = exists
+        time.sleep(0.002)
+    marks["exit"] = time.monotonic() - began
+    out, err = proc.communicate()
+    record(out, err)
+    assert proc.returncode == 0, out + err
+    assert {"token", "apply_start", "apply_end"} <= set(marks), marks
+    return marks
+
+
+def _hold_read_lock(path: Path) -> sqlite3.Connection:
+    """Open a read transaction: in rollback-journal mode a writer's COMMIT now waits."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN")
+    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    return conn
+
+
+def _wait_for(predicate: t.Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def _run_row_running(env: Env, after: int) -> bool:
+    try:
+        return bool(env.query("SELECT 1 FROM sync_runs WHERE id > ? AND status = 'running'", [after]))
+    except sqlite3.OperationalError:  # database not created yet, or locked
+        return False
+
+
+def _kill(env: Env, how: str, delay: float, last_run: int) -> tuple[subprocess.Popen[str], bool]:
+    """Start `syncer sync` and SIGKILL it as ``how`` says; True if the kill came before exit."""
+    lock = None
+    if how == "token-locked":
+        lock = _hold_read_lock(env.tokens)
+    began = time.monotonic()
+    proc = env.popen("sync")
+    try:
+        if how == "token-locked":
+            # the refresh has written its rollback journal and waits to commit
+            assert _wait_for(lambda: _journal(env.tokens).exists(), proc), "token write never started"
+        elif how == "apply-locked":
+            assert _wait_for(lambda: _run_row_running(env, last_run), proc), "run never started"
+            lock = _hold_read_lock(env.database)
+            assert _wait_for(lambda: _journal(env.database).exists(), proc), "apply never started"
+        else:
+            remaining = began + delay - time.monotonic()
+            if remaining > 0:
+                time.sleep(remaining)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if lock is not None:
+            lock.rollback()
+            lock.close()
+    return proc, alive
+
+
+def _check_after_kill(env: Env, before_tokens: dict[str, t.Any], last_run: int) -> str:
+    """Every invariant that must hold right after a SIGKILL; returns the phase it hit."""
+    hot_groups = _journal(env.database).exists()
+    hot_tokens = _journal(env.tokens).exists()
+
+    # a read-write connection, as any reader's: a hot journal is rolled back on open
+    conn = sqlite3.connect(env.database)
+    conn.row_factory = sqlite3.Row
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        runs = conn.execute("SELECT id, status, changes FROM sync_runs ORDER BY id").fetchall()
+        for run in runs:
+            touched = conn.execute(
+                "SELECT count(*) FROM membership_history WHERE from_run = :k OR to_run = :k", {"k": run["id"]}
+            ).fetchone()[0]
+            if run["status"] in ("ok", "partial"):
+                # its rows are all there: the changes it counted at commit time
+                counted = conn.execute(
+                    "SELECT (SELECT count(*) FROM membership_history WHERE from_run = :k)"
+                    " + (SELECT count(*) FROM membership_history o WHERE o.to_run = :k AND NOT EXISTS ("
+                    "     SELECT 1 FROM membership_history n WHERE n.group_id = o.group_id"
+                    "     AND n.identity_id = o.identity_id AND n.from_run = :k))",
+                    {"k": run["id"]},
+                ).fetchone()[0]
+                assert counted == run["changes"], f"run {run['id']} is half visible"
+            else:
+                assert touched == 0, f"run {run['id']} ({run['status']}) left history rows"
+        # current state and open history versions describe the same thing
+        current = {
+            (r[0], r[1]): (r[2], r[3])
+            for r in conn.execute("SELECT group_id, identity_id, role, status FROM memberships")
+        }
+        open_versions = {
+            (r[0], r[1]): (r[2], r[3])
+            for r in conn.execute("SELECT group_id, identity_id, role, status FROM membership_history"
+                                  " WHERE to_run IS NULL")
+        }
+        assert current == open_versions
+        killed = conn.execute("SELECT status FROM sync_runs WHERE id > ?", [last_run]).fetchall()
+    finally:
+        conn.close()
+
+    tconn = sqlite3.connect(env.tokens)
+    try:
+        assert tconn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        tconn.close()
+    tokens = _tokens(env)
+    assert tokens["refresh"] == before_tokens["refresh"]
+    renewed = tokens["access"] != before_tokens["access"]
+
+    if not killed:
+        return "startup"
+    status = killed[0]["status"]
+    if status in ("ok", "partial"):
+        return "after-commit"
+    assert status == "running", status
+    if hot_groups:
+        return "db-write"
+    if hot_tokens:
+        return "token-write"
+    if not renewed:
+        return "token-refresh"
+    return "fetch"
+
+
+def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> None:
+    env, sim, world = logged_in, logged_in.sim, logged_in.world
+    rng = random.Random(7)
+    sim.latency_ms = LATENCY_MS
+    first = env.run("sync")
+    assert first.returncode == 0, first.output
+
+    # every run below starts with an access token Globus rejects: it refreshes
+    # (my_groups -> 401 -> refresh grant -> tokens.db write) before it fetches
+    world.random_changes(CHANGES_PER_TRIAL, rng)
+    sim.expire_access_tokens()
+    marks = _timeline(env)
+    duration = marks["exit"]
+    apply_window = (marks["apply_start"], marks["apply_end"])
+
+    plan: list[tuple[str, float]] = [
+        ("timed", (i + rng.random()) / UNIFORM_TRIALS * duration) for i in range(UNIFORM_TRIALS)
+    ]
+    plan += [
+        ("timed-apply", apply_window[0] + (i + 0.5) / APPLY_TIMED_TRIALS * (apply_window[1] - apply_window[0]))
+        for i in range(APPLY_TIMED_TRIALS)
+    ]
+    plan += [("token-locked", 0.0)] * TOKEN_LOCKED_TRIALS + [("apply-locked", 0.0)] * APPLY_LOCKED_TRIALS
+
+    phases: collections.Counter[str] = collections.Counter()
+    landed: list[tuple[str, float, str]] = []
+    for how, delay in plan:
+        world.random_changes(CHANGES_PER_TRIAL, rng)
+        sim.expire_access_tokens()
+        before_tokens = _tokens(env)
+        last_run = _max_run(env)
+
+        proc, alive = _kill(env, how, delay, last_run)
+        out, err = proc.communicate()
+        record(out, err)
+        phase = _check_after_kill(env, before_tokens, last_run)
+        if not alive:
+            phase = "exited"  # the run finished before the kill came
+        phases[phase] += 1
+        landed.append((how, round(delay, 3), phase))
+        if how == "token-locked":
+            assert phase == "token-write", landed[-1]
+        if how == "apply-locked":
+            assert phase == "db-write", landed[-1]
+
+        recovery = env.run("sync")
+        assert recovery.returncode == 0, recovery.output
+        killed = env.query("SELECT id, status FROM sync_runs WHERE id > ? ORDER BY id", [last_run])
+        recovered_id = killed[-1]["id"]
+        if phase in ("token-refresh", "token-write", "fetch", "db-write"):
+            assert [r["status"] for r in killed] == ["aborted", "ok"], (landed[-1], [tuple(r) for r in killed])
+            assert env.query(
+                "SELECT count(*) FROM membership_history WHERE from_run = ? OR to_run = ?",
+                [killed[0]["id"], killed[0]["id"]],
+            )[0][0] == 0
+        else:
+            assert all(r["status"] == "ok" for r in killed), (landed[-1], [tuple(r) for r in killed])
+        assert current_state(env) == expected_state(world)
+        assert state_as_of(env, recovered_id) == expected_state(world)
+        assert not _journal(env.database).exists() and not _journal(env.tokens).exists()
+
+    print(
+        f"\nkill -9 trials: {len(plan)} (uninterrupted run {duration:.2f}s; token written at"
+        f" {marks['token']:.2f}s; apply {apply_window[0]:.2f}-{apply_window[1]:.2f}s)"
+        f"\n  landed: {dict(sorted(phases.items()))}"
+        f"\n  trials: {landed}"
+    )
+    # the kills really spread over the run
+    assert phases["fetch"] >= 3
+    assert phases["db-write"] >= APPLY_LOCKED_TRIALS
+    assert phases["token-write"] >= TOKEN_LOCKED_TRIALS
+    assert len(plan) >= 20
