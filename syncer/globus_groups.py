@@ -108,8 +108,9 @@ def list_my_groups(
 def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
     """Check a ``get_group`` body; raise GroupReadError when it cannot be used.
 
-    A membership without an ``identity_id`` is skipped with a warning; everything
-    else is kept verbatim, whatever its text.
+    A membership without an ``identity_id`` makes the whole read unusable: whose it
+    is cannot be told, and storing the rest would record that member as removed.
+    Everything else is kept verbatim, whatever its text.
     """
     if not isinstance(data, dict):
         raise GroupReadError("response body is not a JSON object")
@@ -153,7 +154,7 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
             }
         )
     if skipped:
-        log.warning("group %s: skipped %d membership(s) without an identity_id", listing.id, skipped)
+        raise GroupReadError(f"{skipped} membership(s) without an identity_id; the group is left as it was")
     return GroupRead(listing=listing, group=group, memberships=kept, skipped=skipped)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 import typing as t
 
 from syncer.simulator import World
@@ -40,3 +42,21 @@ def state_as_of(env: t.Any, run_id: int) -> State:
 
 def current_state(env: t.Any) -> State:
     return db_state(env.query("SELECT group_id, identity_id, role, status FROM memberships"))
+
+
+def wait_for(predicate: t.Callable[[], t.Any], timeout: float = 30, what: str = "condition") -> t.Any:
+    """Poll ``predicate`` until it is truthy; a database not ready yet counts as false."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except sqlite3.OperationalError:
+            value = None  # not created yet, schema not there yet, or busy
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def has_running_run(env: t.Any) -> bool:
+    return bool(env.database.exists() and env.query("SELECT 1 FROM sync_runs WHERE status = 'running'"))

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import stat
-import time
 
 from conftest import Env
-from helpers import current_state, expected_state, my_active_groups, state_as_of
+from helpers import current_state, expected_state, has_running_run, my_active_groups, state_as_of, wait_for
 
 
 def test_login_stores_tokens_privately_and_names_the_identity(env: Env) -> None:
@@ -201,11 +200,7 @@ def test_overlapping_sync_exits_75(logged_in: Env) -> None:
     env = logged_in
     env.sim.latency_ms = 400
     first = env.popen("sync")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if env.database.exists() and env.query("SELECT count(*) FROM sync_runs WHERE status = 'running'")[0][0]:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: has_running_run(env), what="the first sync to start")
     second = env.run("sync")
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, out + err
@@ -218,11 +213,7 @@ def test_crashed_run_is_marked_aborted_by_the_next(logged_in: Env) -> None:
     env = logged_in
     env.sim.latency_ms = 300
     proc = env.popen("sync")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if env.database.exists() and env.query("SELECT count(*) FROM sync_runs WHERE status = 'running'")[0][0]:
-            break
-        time.sleep(0.05)
+    wait_for(lambda: has_running_run(env), what="the sync to start")
     proc.kill()
     proc.wait()
     env.sim.latency_ms = 0

@@ -15,20 +15,7 @@ import globus_sdk
 import pytest
 
 from conftest import Env, record
-from helpers import current_state, expected_state
-
-
-def wait_for(predicate: t.Callable[[], t.Any], timeout: float = 30, what: str = "condition") -> t.Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except sqlite3.OperationalError:
-            value = None  # database not created yet, or busy
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from helpers import current_state, expected_state, wait_for
 
 
 def runs(env: Env) -> list[sqlite3.Row]:

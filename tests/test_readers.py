@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from conftest import Env
-from test_daemon_e2e import stop, wait_for
+from helpers import wait_for
+from test_daemon_e2e import stop
 
 READER_UID = 65534  # nobody
 SYNCER_GID = 4242
