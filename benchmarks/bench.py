@@ -72,8 +72,19 @@ def syncer_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "syncer"]
 
 
+def python_command(*args: str) -> list[str]:
+    """``python ARGS`` run under ``_peak_rss.py``, which writes the child's own peak RSS."""
+    return [sys.executable, str(HERE / "_peak_rss.py"), "{rss_file}", *args]
+
+
 def run_child(cmd: list[str], *, sim: t.Any, cwd: Path, timeout: float = 3600) -> Child:
-    """Run ``cmd`` to completion; wall time, own peak RSS and CPU via ``wait4``."""
+    """Run ``cmd`` to completion: wall time; CPU from ``wait4``; peak RSS from the
+    child's own VmHWM when ``cmd`` comes from ``python_command`` (else ``wait4``'s
+    ru_maxrss, which also counts this process's size at fork time)."""
+    fd, name = tempfile.mkstemp(prefix="bench-rss-")
+    os.close(fd)
+    rss_file = Path(name)
+    cmd = [str(rss_file) if part == "{rss_file}" else part for part in cmd]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         sim.reset_stats()
         began = time.perf_counter()
@@ -89,10 +100,12 @@ def run_child(cmd: list[str], *, sim: t.Any, cwd: Path, timeout: float = 3600) -
         requests = sum(sim.stats["requests"].values())
         out.seek(0)
         err.seek(0)
+        reported = rss_file.read_text().strip()
+        rss_file.unlink()
         result = Child(
             rc=proc.returncode,
             wall=wall,
-            rss=usage.ru_maxrss * 1024,  # KiB on Linux
+            rss=int(reported) if reported else usage.ru_maxrss * 1024,  # KiB on Linux
             cpu=usage.ru_utime + usage.ru_stime,
             requests=requests,
             stdout=out.read(),
@@ -133,11 +146,11 @@ class Baseline:
         self.folder, self.sim = folder, sim
         folder.mkdir(parents=True)
         self.db = folder / "snapshots.db"
-        self.cmd = [sys.executable, str(HERE / "baseline.py"), "--tokens", str(folder / "tokens.json"), "--db", str(self.db)]
-        interactive_login([*self.cmd, "login"], sim=sim, cwd=folder)
+        self.args = [str(HERE / "baseline.py"), "--tokens", str(folder / "tokens.json"), "--db", str(self.db)]
+        interactive_login([sys.executable, *self.args, "login"], sim=sim, cwd=folder)
 
     def run(self) -> Child:
-        return run_child(self.cmd, sim=self.sim, cwd=self.folder)
+        return run_child(python_command(*self.args), sim=self.sim, cwd=self.folder)
 
     def rows(self) -> int:
         return count(self.db, "SELECT count(*) FROM snapshots")
@@ -156,7 +169,8 @@ class Syncer:
         interactive_login([*self.cmd, "login", "--no-browser"], sim=sim, cwd=folder)
 
     def run(self) -> Child:
-        return run_child([*self.cmd, "sync"], sim=self.sim, cwd=self.folder)
+        # `syncer sync`, run as `python -m syncer` inside the peak-RSS reporter
+        return run_child(python_command("-m", "syncer", *self.cmd[-2:], "sync"), sim=self.sim, cwd=self.folder)
 
     def history_rows(self) -> int:
         return count(self.db, "SELECT count(*) FROM membership_history")
@@ -510,7 +524,8 @@ def main() -> None:
     parser.add_argument("--worlds", help="override, e.g. 100x50,1000x100")
     parser.add_argument("--latencies", help="override, e.g. 0,25")
     parser.add_argument("--baseline-rerun", choices=("all", "0ms", "none"), default=None,
-                        help="where the baseline's second run is measured (default: full 0ms, quick 0ms up to 100x50... see README)")
+                        help="where the baseline's second run (what each run adds) is measured; default 0ms:"
+                             " the baseline does the same work every run, so its 25 ms rerun would only cost time")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--profile-child", nargs=2, help=argparse.SUPPRESS)

@@ -22,7 +22,7 @@ import globus_sdk
 import requests
 from globus_sdk.transport import RetryCheckResult, RetryContext
 
-from syncer.auth import describe_api_error
+from syncer.auth import MAX_RETRY_SLEEP, describe_api_error
 from syncer.errors import LoginRequired
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,10 @@ class GroupRead:
 
 class GroupReadError(Exception):
     """A group could not be read (HTTP error, timeout or unusable body)."""
+
+
+# json.dumps(fields, ensure_ascii=False, sort_keys=True) without building an encoder per call
+_FIELDS_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
 
 def _text(value: t.Any) -> str | None:
@@ -146,7 +150,7 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
                 "role": _text(item.get("role")),
                 "status": _text(item.get("status")),
                 "status_reason": _text(item.get("status_reason")),
-                "membership_fields": json.dumps(fields, ensure_ascii=False, sort_keys=True),
+                "membership_fields": _FIELDS_JSON(fields),
                 "updated": _text(item.get("updated")),
                 "name": _text(fields.get("name")),
                 "email": _text(fields.get("email")),
@@ -209,7 +213,8 @@ class AdaptiveLimit:
         """An SDK retry check that only observes: it tells the limit about 429s."""
         if ctx.response is not None and ctx.response.status_code == 429:
             header = ctx.response.headers.get("Retry-After", "")
-            self.throttled(float(header) if header.isdigit() else 1.0)
+            # the SDK sleeps at most MAX_RETRY_SLEEP before retrying: pause no longer than that
+            self.throttled(min(float(header), MAX_RETRY_SLEEP) if header.isdigit() else 1.0)
         return RetryCheckResult.no_decision
 
 

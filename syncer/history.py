@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 import typing as t
 
@@ -149,28 +150,45 @@ def stage_listing(db: sqlite_utils.Database, listings: t.Iterable[GroupListing])
         db.conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
 
 
+_MEMBERSHIP_ROW = operator.itemgetter(
+    "group_id", "identity_id", "username", "role", "status", "status_reason", "membership_fields", "updated"
+)
+_IDENTITY_ROW = operator.itemgetter("identity_id", "username", "name", "email", "institution")
+
+
 def stage_group(db: sqlite_utils.Database, read: GroupRead) -> None:
-    """Stage one group's document and memberships (TEMP tables only)."""
+    """Stage one group's document and memberships (TEMP tables only).
+
+    All of a run's staging is one transaction on the private TEMP tables, committed
+    by ``apply_run`` (or rolled back with a failed run): a commit per group wrote the
+    staging pages out each time and cost more than the inserts themselves.
+    """
     group = read.group
-    with db.atomic():
-        db.conn.execute(
-            "INSERT OR REPLACE INTO temp.stage_groups VALUES"
-            " (:id, :name, :description, :parent_id, :group_type, :group_visibility,"
-            " :group_members_visibility, :members_visible, :my_role, :my_status)",
-            group,
-        )
-        # a membership listed twice keeps its last occurrence
-        db.conn.executemany(
-            "INSERT OR REPLACE INTO temp.stage_memberships VALUES"
-            " (:group_id, :identity_id, :username, :role, :status, :status_reason,"
-            " :membership_fields, :updated)",
-            read.memberships,
-        )
-        db.conn.executemany(
-            "INSERT OR REPLACE INTO temp.stage_identities VALUES"
-            " (:identity_id, :username, :name, :email, :institution)",
-            read.memberships,
-        )
+    conn = db.conn
+    if not conn.in_transaction:
+        conn.execute("BEGIN")
+    conn.execute(
+        "INSERT OR REPLACE INTO temp.stage_groups VALUES"
+        " (:id, :name, :description, :parent_id, :group_type, :group_visibility,"
+        " :group_members_visibility, :members_visible, :my_role, :my_status)",
+        group,
+    )
+    # a membership listed twice keeps its last occurrence; rows go in as tuples
+    # (positional binding is cheaper than looking up named parameters per row)
+    conn.executemany(
+        "INSERT OR REPLACE INTO temp.stage_memberships VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        map(_MEMBERSHIP_ROW, read.memberships),
+    )
+    # identities recur in many groups: the last occurrence wins, as with REPLACE, but
+    # an unchanged identity is left alone instead of deleted and inserted again
+    conn.executemany(
+        "INSERT INTO temp.stage_identities VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET username = excluded.username, name = excluded.name,"
+        " email = excluded.email, institution = excluded.institution"
+        " WHERE (username, name, email, institution)"
+        " IS NOT (excluded.username, excluded.name, excluded.email, excluded.institution)",
+        map(_IDENTITY_ROW, read.memberships),
+    )
 
 
 def apply_run(db: sqlite_utils.Database, run: RunResult) -> RunResult:
@@ -178,6 +196,8 @@ def apply_run(db: sqlite_utils.Database, run: RunResult) -> RunResult:
     params = {"now": run.started_at, "run": run.run_id}
     run.status = "partial" if run.groups_failed else "ok"
     run.exit_code = EXIT_PARTIAL if run.groups_failed else EXIT_OK
+    if db.conn.in_transaction:
+        db.conn.commit()  # the staging transaction (TEMP tables only, see stage_group)
     with db.atomic():
         for statement in _APPLY:
             db.execute(statement, params)

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
 import os
 import random
 import signal
 import sqlite3
 import subprocess
+import sys
+import threading
 import time
 import typing as t
 from pathlib import Path
@@ -33,20 +36,22 @@ from syncer.token_store import TokenStore
 ROOT = Path(__file__).resolve().parent.parent
 
 # Big enough that the final apply transaction takes a measurable time (~0.1 s),
-# small enough that a run takes ~1.5 s and the trials fit in about a minute.
-GROUPS, MEMBERS = 300, 50
+# small enough that a run takes ~1.3 s and the trials fit in about a minute.
+GROUPS, MEMBERS = 200, 50
 CHANGES_PER_TRIAL = 150
-LATENCY_MS = 10  # lengthens the fetch a little (8 reads in flight)
-UNIFORM_TRIALS = 16  # kills at stratified random fractions of an uninterrupted run
+LATENCY_MS = 20  # lengthens the fetch (8 reads in flight: ~0.5 s more)
+UNIFORM_TRIALS = 20  # kills at stratified random fractions of an uninterrupted run
 APPLY_TIMED_TRIALS = 2  # kills timed inside the measured apply window
-TOKEN_LOCKED_TRIALS = 2  # kills while the token write waits for its commit lock
-APPLY_LOCKED_TRIALS = 2  # kills while the apply transaction waits for its commit lock
+TOKEN_TIMED_TRIALS = 2  # kills timed just before / at the measured token write
+TOKEN_LOCKED_TRIALS = 3  # kills while the token write waits for its commit lock
+APPLY_LOCKED_TRIALS = 3  # kills while the apply transaction waits for its commit lock
 
 
 @pytest.fixture
-def world() -> World:
-    # overrides conftest's small world for every test in this module
-    return World.generate(groups=GROUPS, members=MEMBERS, seed=20240)
+def world(request: pytest.FixtureRequest) -> World:
+    """conftest's small world, or (groups, members) given by indirect parametrization."""
+    groups, members = getattr(request, "param", (6, 8))
+    return World.generate(groups=groups, members=members, seed=20240 if groups > 6 else 11)
 
 
 # ----------------------------------------------------------------- kill -9 trials
@@ -62,6 +67,24 @@ def _tokens(env: Env) -> dict[str, t.Any]:
         data = store.groups_tokens()
     assert data is not None, "token store lost the Groups tokens"
     return {"access": data.access_token, "refresh": data.refresh_token}
+
+
+def _expire_access_token(env: Env) -> None:
+    """Make the stored access token expired, as Globus's would be after 48 hours.
+
+    The next run then renews it before its first request (no 401, no retry backoff),
+    and writes the renewed tokens to tokens.db.
+    """
+    conn = sqlite3.connect(env.tokens)
+    try:
+        with conn:
+            for rowid, text in conn.execute("SELECT rowid, token_data_json FROM token_storage").fetchall():
+                data = json.loads(text)
+                data["expires_at_seconds"] = int(time.time()) - 1
+                conn.execute("UPDATE token_storage SET token_data_json = ? WHERE rowid = ?", [json.dumps(data), rowid])
+    finally:
+        conn.close()
+    env.sim.expire_access_tokens()  # and Globus agrees
 
 
 def _max_run(env: Env) -> int:
@@ -221,6 +244,7 @@ def _check_after_kill(env: Env, before_tokens: dict[str, t.Any], last_run: int) 
     return "fetch"
 
 
+@pytest.mark.parametrize("world", [(GROUPS, MEMBERS)], indirect=True, ids=[f"{GROUPS}x{MEMBERS}"])
 def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> None:
     env, sim, world = logged_in, logged_in.sim, logged_in.world
     rng = random.Random(7)
@@ -228,10 +252,10 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
     first = env.run("sync")
     assert first.returncode == 0, first.output
 
-    # every run below starts with an access token Globus rejects: it refreshes
-    # (my_groups -> 401 -> refresh grant -> tokens.db write) before it fetches
+    # every run below starts with an expired access token: it renews it (refresh
+    # grant, tokens.db write) before it lists and fetches the groups
     world.random_changes(CHANGES_PER_TRIAL, rng)
-    sim.expire_access_tokens()
+    _expire_access_token(env)
     marks = _timeline(env)
     duration = marks["exit"]
     apply_window = (marks["apply_start"], marks["apply_end"])
@@ -243,13 +267,14 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
         ("timed-apply", apply_window[0] + (i + 0.5) / APPLY_TIMED_TRIALS * (apply_window[1] - apply_window[0]))
         for i in range(APPLY_TIMED_TRIALS)
     ]
+    plan += [("timed-token", max(0.0, marks["token"] - 0.004 * i)) for i in range(TOKEN_TIMED_TRIALS)]
     plan += [("token-locked", 0.0)] * TOKEN_LOCKED_TRIALS + [("apply-locked", 0.0)] * APPLY_LOCKED_TRIALS
 
     phases: collections.Counter[str] = collections.Counter()
     landed: list[tuple[str, float, str]] = []
     for how, delay in plan:
         world.random_changes(CHANGES_PER_TRIAL, rng)
-        sim.expire_access_tokens()
+        _expire_access_token(env)
         before_tokens = _tokens(env)
         last_run = _max_run(env)
 
@@ -280,8 +305,9 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
             )[0][0] == 0
         else:
             assert all(r["status"] == "ok" for r in killed), (landed[-1], [tuple(r) for r in killed])
-        assert current_state(env) == expected_state(world)
-        assert state_as_of(env, recovered_id) == expected_state(world)
+        expected = expected_state(world)
+        assert current_state(env) == expected
+        assert state_as_of(env, recovered_id) == expected
         assert not _journal(env.database).exists() and not _journal(env.tokens).exists()
 
     print(
@@ -295,3 +321,70 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
     assert phases["db-write"] >= APPLY_LOCKED_TRIALS
     assert phases["token-write"] >= TOKEN_LOCKED_TRIALS
     assert len(plan) >= 20
+
+
+# ------------------------------------------------------------- token renewal
+
+
+def test_token_rejected_while_a_request_waits_to_retry_is_renewed(logged_in: Env) -> None:
+    """A 401 on a retry (first answer 429, token revoked meanwhile) renews the token.
+
+    The SDK renews only when a request's first answer is a 401; without syncer's own
+    check this run ended as "login required" (77) with a valid refresh token, and a
+    daemon stopped for good. Found by the soak.
+    """
+    env, sim = logged_in, logged_in.sim
+    sim.faults.rate_limit(1, retry_after=2)  # my_groups: 429, retry in 2 s
+    timer = threading.Timer(1.0, sim.expire_access_tokens)  # Globus drops the token meanwhile
+    timer.start()
+    try:
+        result = env.run("sync")
+    finally:
+        timer.cancel()
+    assert result.returncode == 0, result.output
+    assert sim.stats["refresh_grants"] == 1
+    assert current_state(env) == expected_state(env.world)
+
+
+def test_token_rejected_again_after_renewal_is_login_required(logged_in: Env) -> None:
+    """The extra renewal is once per request: a token refused right after renewing stays 77."""
+    env, sim = logged_in, logged_in.sim
+    assert env.run("sync").returncode == 0
+    sim.expire_access_tokens()
+    sim.revoke_all_refresh_tokens()
+    result = env.run("sync")
+    assert result.returncode == 77, result.output
+    assert sim.stats["refresh_grants_failed"] == 1
+
+
+# ------------------------------------------------------------------------ soak
+
+
+def _load_soak() -> t.Any:
+    spec = importlib.util.spec_from_file_location("syncer_soak", ROOT / "benchmarks" / "soak.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_soak_history_equals_what_was_served(tmp_path: Path) -> None:
+    soak = _load_soak()
+    report = soak.run_soak(20, workdir=tmp_path / "soak", say=lambda s: None)
+    record(report.stdout, report.stderr)
+    print("\n" + report.summary())
+    assert report.daemon_exit == 0 and report.stop_seconds is not None and report.stop_seconds < 10
+    assert report.left_running == 0
+    assert report.mismatches == 0, report.mismatch_examples
+    assert report.half_runs == 0 and report.unaccounted_runs == 0
+    counted = report.statuses.get("ok", 0) + report.statuses.get("partial", 0)
+    assert counted >= 5, report.statuses
+    assert set(report.statuses) <= {"ok", "partial", "aborted", "failed"}
+    assert report.statuses.get("aborted", 0) <= 1  # only the run SIGTERM cut short
+    assert report.reads_matched >= 100
+    assert sum(report.faults.values()) > 0 and report.world_changes > 0
+    assert report.token_refreshes >= 2
+    assert report.secrets_leaked == 0 and report.tracebacks == 0
+    assert report.memory_ok, (report.rss_first_mib, report.rss_last_mib)
+    assert report.ok

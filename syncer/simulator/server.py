@@ -300,6 +300,13 @@ class _HTTPServer(ThreadingHTTPServer):
             self.open_sockets.discard(request)
         super().shutdown_request(request)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that went away mid-request (timed out, killed) is not a server
+        # error: no traceback on the console for it
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
     def close_connections(self) -> None:
         """Shut down live connections so idle keep-alive threads exit too."""
         with self._sock_lock:
