@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sys
 import tempfile
 import typing as t
 from pathlib import Path
@@ -96,7 +98,7 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
         say(f"== Database: {config.database} ({size / 1024:.0f} KiB)")
         say("== Try these queries:")
         for query in _EXAMPLE_QUERIES:
-            say(f"   sqlite3 -header -column {config.database} \"{query}\"")
+            say(f"   {_query_command(config.database, query)}")
 
 
 def _describe(row: dict[str, t.Any]) -> str:
@@ -116,6 +118,14 @@ _EXAMPLE_QUERIES = (
     "SELECT at, change, username, group_name FROM membership_changes ORDER BY at DESC LIMIT 10",
     "SELECT id, started_at, status, memberships, changes FROM sync_runs",
 )
+
+
+def _query_command(database: Path, query: str) -> str:
+    """A command line that runs ``query``: sqlite3 if installed, else sqlite-utils (a dependency)."""
+    if shutil.which("sqlite3"):
+        return f'sqlite3 -header -column {database} "{query}"'
+    sqlite_utils_cli = Path(sys.executable).parent / "sqlite-utils"
+    return f'{sqlite_utils_cli if sqlite_utils_cli.exists() else "sqlite-utils"} {database} "{query}" --table'
 
 
 def _restore(saved: dict[str, str | None]) -> None:

@@ -1,0 +1,37 @@
+"""`syncer demo`: the whole flow offline, as a new user first runs it."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import record
+
+
+def test_demo_runs_offline_and_leaves_a_queryable_database(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCER_", "GLOBUS_"))}
+    env["HOME"] = str(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "syncer", "demo", "--dir", str(tmp_path / "demo")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    record(proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stderr
+    assert "Logged in as" in proc.stdout
+    changes = proc.stdout.split("What changed (view membership_changes):")[1].split("== Database")[0].strip().splitlines()
+    kinds = sorted(line.split()[0] for line in changes)
+    assert kinds == ["added", "added", "changed", "removed", "removed"]
+    conn = sqlite3.connect(tmp_path / "demo" / "groups.db")
+    assert [r[0] for r in conn.execute("SELECT status FROM sync_runs ORDER BY id")] == ["ok", "ok"]
+    assert conn.execute("SELECT count(*) FROM membership_changes WHERE run_id = 2").fetchone()[0] == len(changes)
+    assert oct((tmp_path / "demo" / "tokens.db").stat().st_mode & 0o777) == "0o600"
+    assert proc.stdout.count(str(tmp_path / "demo" / "groups.db")) >= 4  # the queries point at the kept file
+
+    again = subprocess.run(
+        [sys.executable, "-m", "syncer", "demo", "--dir", str(tmp_path / "demo")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert again.returncode == 1 and "already exists" in again.stderr
