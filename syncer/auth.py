@@ -35,11 +35,30 @@ def client_options(config: Config, checks: t.Sequence[RetryCheck] = ()) -> dict[
     ``checks`` run before the SDK's standard retry checks (which the client adds).
     """
     retry_config = RetryConfig(max_retries=MAX_RETRIES, max_sleep=MAX_RETRY_SLEEP)
-    retry_config.checks.register_many_checks([*checks, check_token_rejected_on_retry])
+    retry_config.checks.register_many_checks([check_session_required, *checks, check_token_rejected_on_retry])
     return {
         "transport": RequestsTransport(http_timeout=config.http_timeout),
         "retry_config": retry_config,
     }
+
+
+def check_session_required(ctx: RetryContext) -> RetryCheckResult:
+    """Do not renew the token for a 401 that asks for a new session, not a new token.
+
+    Globus answers 401 with ``authorization_parameters`` when a resource's session
+    policy (high assurance, a required identity) is not met; a refreshed token has the
+    same session, so renewing would only cost a refresh per such request.
+    """
+    response = ctx.response
+    if response is None or response.status_code != 401:
+        return RetryCheckResult.no_decision
+    try:
+        body = response.json()
+    except ValueError:
+        return RetryCheckResult.no_decision
+    if isinstance(body, dict) and body.get("authorization_parameters"):
+        return RetryCheckResult.do_not_retry
+    return RetryCheckResult.no_decision
 
 
 # requests (by their SDK caller info) that already met a 401

@@ -309,6 +309,10 @@ def _read_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> GroupRe
     except LoginRequired:
         raise
     except globus_sdk.GlobusAPIError as err:
+        if err.http_status == 401 and err.info.authorization_parameters:
+            # a group with a session policy (e.g. high assurance) wants a recent login:
+            # that group cannot be read unattended, the others still can
+            return GroupReadError(f"the group's session policy requires a recent login ({describe_api_error(err)})")
         if err.http_status == 401:
             raise LoginRequired("Globus Groups rejected the access token even after renewing it") from None
         return GroupReadError(describe_api_error(err))

@@ -963,3 +963,22 @@ def test_no_token_ever_appears_in_outputs_or_database(logged_in: Env) -> None:
     for token in tokens:
         for text in conftest.OUTPUTS:
             assert token not in text, "a token appeared in an earlier test's output"
+
+
+def test_group_with_session_policy_fails_alone_without_refreshing(logged_in: Env) -> None:
+    """A 401 asking for a fresh session (high-assurance group) fails that group, not the login."""
+    env = logged_in
+    assert env.run("sync").returncode == 0
+    before = current_state(env)
+    managed = [gid for gid in my_active_groups(env.world) if env.world.my_membership(gid).role == "admin"]
+    guarded, fine = managed[0], managed[1]
+    env.sim.faults.session_required.add(guarded)
+    newcomer = env.world.add_member(fine)
+    grants = env.sim.stats["refresh_grants"]
+    result = env.run("sync")
+    assert result.returncode == 3, result.output
+    assert "session policy requires a recent login" in result.stderr
+    assert env.sim.stats["refresh_grants"] == grants  # no token renewal for a session problem
+    state = current_state(env)
+    assert {k: v for k, v in state.items() if k[0] == guarded} == {k: v for k, v in before.items() if k[0] == guarded}
+    assert (fine, newcomer) in state

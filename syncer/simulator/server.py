@@ -121,6 +121,8 @@ class Faults:
         self.group_errors_times: dict[str, int] = {}
         self.stall: dict[str, float] = {}
         self.malformed: dict[str, str] = {}
+        # groups whose session policy (e.g. high assurance) the token's session fails
+        self.session_required: set[str] = set()
         self.random_rate: float = random_rate
         self.random_kinds: list[str] = [str(k) for k in (random_kinds or _RANDOM_KINDS_DEFAULT)]
         self.random_stall_s: float = random_stall_s
@@ -938,6 +940,9 @@ class Simulator:
         if err is not None:
             self._fault("group_error")
             return self._status_error(err)
+        if gid in faults.session_required:
+            self._fault("session_required")
+            return self._session_required(gid)
         stall = faults.stall.get(gid)
         if stall:
             self._fault("stall")
@@ -1053,6 +1058,18 @@ class Simulator:
     def _too_many(self, retry_after: int) -> _Resp:
         self._count("responses_429")
         return self._groups_error(429, "Rate limit exceeded; slow down.", headers={"Retry-After": str(retry_after)})
+
+    def _session_required(self, group_id: str) -> _Resp:
+        """What Globus answers when a group's session policy needs a fresh login."""
+        return self._json(401, {
+            "code": "AUTHENTICATION_REQUIRED",
+            "detail": "This group requires a recent authentication with a specific identity provider.",
+            "status": 401,
+            "authorization_parameters": {
+                "session_message": "This group's policy requires a recent login.",
+                "session_required_policies": [f"policy-{group_id}"],
+            },
+        })
 
     def _status_error(self, status: int) -> _Resp:
         """An injected failure status, shaped like the real source would send it."""
