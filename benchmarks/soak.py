@@ -23,9 +23,12 @@ database against the simulator's own record, read by read: every group read the
 simulator served (``Simulator.read_log``: when, which group, which memberships) is
 matched to the run whose time window holds it (runs never overlap: the daemon holds
 the sync lock), and the history as of that run (``from_run <= K AND (to_run IS NULL
-OR to_run > K)``) must equal what was served. A group the run recorded as failed
-(``sync_runs.failed_groups``) must be untouched by that run instead. Runs that
-failed or were aborted must have left no history at all.
+OR to_run > K)``) must equal what was served (when the client gave up on a read and
+retried, the last read counts). A group the run recorded as failed
+(``sync_runs.failed_groups``) must be untouched by that run instead, and so must
+every group not served to it. Runs that failed or were aborted must have left no
+history at all, and no run may be left ``running``. Memory: the daemon's RSS after
+its last run may be at most 1.5 x + 16 MiB its RSS after its first.
 
 Exit status 0 when every check holds, 1 otherwise. ``run_soak()`` is what the test
 suite calls (tests/test_crash_and_soak.py, for ~20 s).
@@ -90,6 +93,7 @@ class SoakReport:
     rss_max_mib: float | None = None
     rss_slope_kib_per_run: float | None = None
     rss_samples: int = 0
+    rss_per_run_mib: list[float] = dataclasses.field(default_factory=list)
     workdir: str = ""
     stdout: str = ""
     stderr: str = ""
@@ -301,6 +305,10 @@ def _check_history(db_path: Path, read_log: list[dict[str, t.Any]], report: Soak
                 missing, extra = set(want) - set(have), set(have) - set(want)
                 _example(report, f"run {k}: group {group_id}: served-not-recorded {sorted(missing)[:3]},"
                                  f" recorded-not-served {sorted(extra)[:3]}")
+        # a run changes the history only of groups it read (a failed read changes nothing)
+        for group_id in sorted(touched.get(k, set()) - {g for g in reads if g not in failed}):
+            report.mismatches += 1
+            _example(report, f"run {k}: group {group_id} changed without a read served to the run")
         # every group the run says it read came from a served read (and vice versa)
         if consumed != run["groups_synced"]:
             report.unaccounted_runs += 1
@@ -328,6 +336,7 @@ def _memory(runs: list[dict[str, t.Any]], samples: list[tuple[float, int]], repo
         if i < len(samples):
             per_run.append(samples[i][1])
     report.rss_max_mib = max(s[1] for s in samples) / 1024
+    report.rss_per_run_mib = [round(kib / 1024, 1) for kib in per_run]
     if not per_run:
         return
     report.rss_first_mib = per_run[0] / 1024
@@ -355,6 +364,7 @@ def run_soak(
     change_every: float = 0.3,
     changes_per_tick: int = 2,
     seed: int = 1,
+    daemon_verbose: bool = False,
     workdir: Path | None = None,
     say: t.Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
 ) -> SoakReport:
@@ -370,7 +380,7 @@ def run_soak(
         try:
             _soak(sim, world, work, report, seconds=seconds, fault_rate=fault_rate, stall_s=stall_s,
                   revoke_every=revoke_every, change_every=change_every, changes_per_tick=changes_per_tick,
-                  seed=seed, say=say)
+                  seed=seed, daemon_verbose=daemon_verbose, say=say)
         finally:
             sim.stop()
         return report
@@ -379,7 +389,7 @@ def run_soak(
 def _soak(
     sim: Simulator, world: World, work: Path, report: SoakReport, *, seconds: float, fault_rate: float,
     stall_s: tuple[float, float], revoke_every: float, change_every: float, changes_per_tick: int, seed: int,
-    say: t.Callable[[str], None],
+    daemon_verbose: bool, say: t.Callable[[str], None],
 ) -> None:
     config = work / "syncer.toml"
     database, tokens = work / "groups.db", work / "tokens.db"
@@ -412,7 +422,8 @@ def _soak(
 
     out_path, err_path = work / "daemon.out", work / "daemon.err"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        daemon = subprocess.Popen(_syncer("run", "--interval", "1s"), env=env, cwd=work, stdout=out, stderr=err)
+        verbosity = ["-vv"] if daemon_verbose else []
+        daemon = subprocess.Popen(_syncer(*verbosity, "run", "--interval", "1s"), env=env, cwd=work, stdout=out, stderr=err)
     samples: list[tuple[float, int]] = []
 
     def sample() -> None:
@@ -480,14 +491,17 @@ def main(argv: t.Sequence[str] | None = None) -> int:
                         help="how long a stalled read hangs (1.8 2.2 s; the client gives up at 2 s)")
     parser.add_argument("--latency-ms", type=float, default=5, help="simulator latency per request (5 ms)")
     parser.add_argument("--token-lifetime", type=int, default=70, help="access token lifetime in seconds (70)")
+    parser.add_argument("--revoke-every", type=float, default=11.0,
+                        help="revoke every access token this often, in seconds (11; 0: never)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--daemon-debug", action="store_true", help="run the daemon with -vv (its log is in --workdir)")
     parser.add_argument("--workdir", type=Path, help="keep the database, config and daemon logs here")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
     report = run_soak(
         args.seconds, groups=args.groups, members=args.members, fault_rate=args.fault_rate,
         stall_s=tuple(args.stall_s), latency_ms=args.latency_ms, token_lifetime=args.token_lifetime,
-        seed=args.seed, workdir=args.workdir,
+        revoke_every=args.revoke_every, seed=args.seed, daemon_verbose=args.daemon_debug, workdir=args.workdir,
     )
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.summary())
     return 0 if report.ok else 1

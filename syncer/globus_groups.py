@@ -81,7 +81,7 @@ def list_my_groups(
     client: globus_sdk.GroupsClient, statuses: t.Sequence[str], only: t.Sequence[str] = ()
 ) -> list[GroupListing]:
     """The groups in which the identity has a membership in one of ``statuses``."""
-    response = client.get_my_groups(statuses=list(statuses))
+    response = renewing(lambda: client.get_my_groups(statuses=list(statuses)))
     data = response.data
     if not isinstance(data, list):
         raise GroupReadError("my_groups did not return a list")
@@ -298,9 +298,30 @@ def read_groups(
         done.set()
 
 
+_R = t.TypeVar("_R")
+
+
+def renewing(request: t.Callable[[], _R]) -> _R:
+    """Make one Globus request; after a 401 that asked for no new session, once more.
+
+    The SDK renews a refused access token within a request's retries (syncer's
+    ``check_token_rejected_on_retry`` covers the retries the SDK's own check skips),
+    but not on the last attempt: a token Globus stopped accepting while the request
+    waited out its last backoff comes back as a final 401, no renewal tried, and the
+    run would end as "login required". The fresh request renews; its 401 is final.
+    """
+    try:
+        return request()
+    except globus_sdk.GlobusAPIError as err:
+        if err.http_status != 401 or err.info.authorization_parameters:
+            raise
+    log.debug("Globus refused the access token; trying the request once more, afresh")
+    return request()
+
+
 def _read_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> GroupRead | GroupReadError:
     try:
-        response = client.get_group(listing.id, include="memberships")
+        response = renewing(lambda: client.get_group(listing.id, include="memberships"))
         try:
             data = json.loads(response.text)
         except ValueError:

@@ -179,14 +179,17 @@ def stage_group(db: sqlite_utils.Database, read: GroupRead) -> None:
         "INSERT OR REPLACE INTO temp.stage_memberships VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         map(_MEMBERSHIP_ROW, read.memberships),
     )
-    # identities recur in many groups: the last occurrence wins, as with REPLACE, but
-    # an unchanged identity is left alone instead of deleted and inserted again
+    # identities recur in many groups, some with empty membership_fields (invitations):
+    # the last non-empty name/email/institution wins whatever order the reads came in
+    # (as apply_run's coalesce does), and an unchanged identity is not rewritten
     conn.executemany(
         "INSERT INTO temp.stage_identities VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (id) DO UPDATE SET username = excluded.username, name = excluded.name,"
-        " email = excluded.email, institution = excluded.institution"
-        " WHERE (username, name, email, institution)"
-        " IS NOT (excluded.username, excluded.name, excluded.email, excluded.institution)",
+        " ON CONFLICT (id) DO UPDATE SET username = excluded.username,"
+        " name = coalesce(excluded.name, name), email = coalesce(excluded.email, email),"
+        " institution = coalesce(excluded.institution, institution)"
+        " WHERE (username, name, email, institution) IS NOT (excluded.username,"
+        " coalesce(excluded.name, name), coalesce(excluded.email, email),"
+        " coalesce(excluded.institution, institution))",
         map(_IDENTITY_ROW, read.memberships),
     )
 
