@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import typing as t
-import weakref
 import webbrowser
 
 import globus_sdk
@@ -35,7 +34,7 @@ def client_options(config: Config, checks: t.Sequence[RetryCheck] = ()) -> dict[
     ``checks`` run before the SDK's standard retry checks (which the client adds).
     """
     retry_config = RetryConfig(max_retries=MAX_RETRIES, max_sleep=MAX_RETRY_SLEEP)
-    retry_config.checks.register_many_checks([check_session_required, *checks, check_token_rejected_on_retry])
+    retry_config.checks.register_many_checks([check_session_required, *checks])
     return {
         "transport": RequestsTransport(http_timeout=config.http_timeout),
         "retry_config": retry_config,
@@ -58,34 +57,6 @@ def check_session_required(ctx: RetryContext) -> RetryCheckResult:
         return RetryCheckResult.no_decision
     if isinstance(body, dict) and body.get("authorization_parameters"):
         return RetryCheckResult.do_not_retry
-    return RetryCheckResult.no_decision
-
-
-# requests (by their SDK caller info) that already met a 401
-_met_401: weakref.WeakKeyDictionary[t.Any, bool] = weakref.WeakKeyDictionary()
-_met_401_lock = threading.Lock()
-
-
-def check_token_rejected_on_retry(ctx: RetryContext) -> RetryCheckResult:
-    """Renew the token once for a 401 met on a retry, as the SDK does on a first attempt.
-
-    The SDK's ``check_expired_authorization`` runs once per request, on the first
-    answer, whatever it was. When that answer is a 5xx or 429 and Globus stops
-    accepting the access token before the retry (revoked, or expired early), the
-    retry's 401 would be final, and the run would end as "login required" although
-    the refresh token is fine (``syncer run`` would stop for good). A request's second
-    401 stays final.
-    """
-    response, info = ctx.response, ctx.caller_info
-    if response is None or response.status_code != 401 or info is None or info.authorizer is None:
-        return RetryCheckResult.no_decision
-    with _met_401_lock:
-        met_before = _met_401.get(info, False)
-        _met_401[info] = True
-    if ctx.attempt == 0 or met_before:
-        return RetryCheckResult.no_decision  # the SDK's own check, or rejected after renewing
-    if info.authorizer.handle_missing_authorization():
-        return RetryCheckResult.do_retry
     return RetryCheckResult.no_decision
 
 

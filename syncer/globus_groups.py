@@ -302,13 +302,14 @@ _R = t.TypeVar("_R")
 
 
 def renewing(request: t.Callable[[], _R]) -> _R:
-    """Make one Globus request; after a 401 that asked for no new session, once more.
+    """Make one Globus request; after a plain 401, once more, from scratch.
 
-    The SDK renews a refused access token within a request's retries (syncer's
-    ``check_token_rejected_on_retry`` covers the retries the SDK's own check skips),
-    but not on the last attempt: a token Globus stopped accepting while the request
-    waited out its last backoff comes back as a final 401, no renewal tried, and the
-    run would end as "login required". The fresh request renews; its 401 is final.
+    The SDK renews a refused access token only when the *first* answer to a request
+    is a 401. When the first answer was a 5xx or 429 and Globus stopped accepting the
+    token while the request waited to retry (revoked, or expired early), the retry's
+    401 is final and the run would end as "login required" although the refresh
+    token is fine. A fresh request meets the 401 first and renews; its 401 is final.
+    A 401 asking for a new session is not retried: a renewed token has the same one.
     """
     try:
         return request()
