@@ -50,12 +50,17 @@ class GroupListing:
 
 @dataclasses.dataclass
 class GroupRead:
-    """One group's document and its memberships, checked and ready to store."""
+    """One group's document and its memberships, checked and ready to store.
+
+    Each membership is a tuple in the column order of ``history``'s
+    ``stage_memberships`` (group_id, identity_id, username, role, status,
+    status_reason, membership_fields, updated, name, email, institution): tuples bind
+    straight into SQLite, with no per-row dict.
+    """
 
     listing: GroupListing
     group: dict[str, t.Any]
-    memberships: list[dict[str, t.Any]]
-    skipped: int = 0
+    memberships: list[tuple[str | None, ...]]
 
 
 class GroupReadError(Exception):
@@ -77,6 +82,18 @@ def _text(value: t.Any) -> str | None:
     return str(value)
 
 
+def pin_environment_proxies(client: globus_sdk.BaseClient) -> None:
+    """Read the proxy environment variables once for this client, not per request.
+
+    ``requests`` looks up ``*_PROXY``/``NO_PROXY`` in the environment on every request
+    it sends, a measurable share of the CPU a small group read costs. Every request
+    of a client goes to one host, so the answer is the same each time.
+    """
+    session = client.transport.session
+    session.proxies = requests.utils.get_environ_proxies(client.base_url)
+    session.trust_env = False
+
+
 def list_my_groups(
     client: globus_sdk.GroupsClient, statuses: t.Sequence[str], only: t.Sequence[str] = ()
 ) -> list[GroupListing]:
@@ -86,13 +103,15 @@ def list_my_groups(
     if not isinstance(data, list):
         raise GroupReadError("my_groups did not return a list")
     wanted = set(only)
+    seen: set[str] = set()
     listings = []
     for doc in data:
         if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
             log.warning("skipping a my_groups entry without an id")
             continue
-        if wanted and doc["id"] not in wanted:
+        if (wanted and doc["id"] not in wanted) or doc["id"] in seen:
             continue
+        seen.add(doc["id"])
         mine = [m for m in doc.get("my_memberships") or [] if isinstance(m, dict)]
         # the best standing counts when the identity holds several memberships
         mine.sort(key=lambda m: (m.get("status") != "active", m.get("role") not in MANAGER_ROLES))
@@ -112,8 +131,7 @@ def list_my_groups(
 def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
     """Check a ``get_group`` body; raise GroupReadError when it cannot be used.
 
-    A membership without an ``identity_id`` makes the whole read unusable: whose it
-    is cannot be told, and storing the rest would record that member as removed.
+    A membership without an ``identity_id`` makes the whole read unusable.
     Everything else is kept verbatim, whatever its text.
     """
     if not isinstance(data, dict):
@@ -134,32 +152,26 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
         "my_role": listing.my_role,
         "my_status": listing.my_status,
     }
-    kept, skipped = [], 0
+    kept: list[tuple[str | None, ...]] = []
+    text = _text
     for item in memberships:
         identity_id = item.get("identity_id") if isinstance(item, dict) else None
         if not isinstance(identity_id, str) or not identity_id:
-            skipped += 1
-            continue
+            # whose membership it is cannot be told, and storing the rest would
+            # record that member as removed: the whole read is unusable
+            raise GroupReadError("a membership without an identity_id; the group is left as it was")
         fields = item.get("membership_fields")
-        fields = fields if isinstance(fields, dict) else {}
+        if not isinstance(fields, dict):
+            fields = {}
         kept.append(
-            {
-                "group_id": listing.id,
-                "identity_id": identity_id,
-                "username": _text(item.get("username")),
-                "role": _text(item.get("role")),
-                "status": _text(item.get("status")),
-                "status_reason": _text(item.get("status_reason")),
-                "membership_fields": _FIELDS_JSON(fields),
-                "updated": _text(item.get("updated")),
-                "name": _text(fields.get("name")),
-                "email": _text(fields.get("email")),
-                "institution": _text(fields.get("institution")),
-            }
+            (
+                listing.id, identity_id, text(item.get("username")), text(item.get("role")),
+                text(item.get("status")), text(item.get("status_reason")), _FIELDS_JSON(fields),
+                text(item.get("updated")), text(fields.get("name")), text(fields.get("email")),
+                text(fields.get("institution")),
+            )
         )
-    if skipped:
-        raise GroupReadError(f"{skipped} membership(s) without an identity_id; the group is left as it was")
-    return GroupRead(listing=listing, group=group, memberships=kept, skipped=skipped)
+    return GroupRead(listing=listing, group=group, memberships=kept)
 
 
 class AdaptiveLimit:
@@ -219,6 +231,7 @@ class AdaptiveLimit:
 
 
 Outcome = tuple[GroupListing, t.Union[GroupRead, GroupReadError]]
+_Fetched = tuple[GroupListing, t.Union[str, GroupReadError]]
 
 
 def read_groups(
@@ -230,20 +243,22 @@ def read_groups(
     """Read every listed group concurrently, yielding each outcome as it completes.
 
     At most ``limit.limit`` requests are in flight and at most a few finished results
-    wait for the caller, so memory does not grow with the number of groups. Stops
+    wait for the caller, so memory does not grow with the number of groups. Workers
+    only fetch; bodies are parsed here, by the caller's thread, so a worker sends its
+    next request as soon as an answer arrives and the requests in flight stay full. Stops
     early when ``cancelled`` is set. ``LoginRequired`` (refresh token refused) ends
     all reads and is raised here.
     """
     todo: queue.SimpleQueue[GroupListing] = queue.SimpleQueue()
     for listing in listings:
         todo.put(listing)
-    results: queue.Queue[Outcome | BaseException | None] = queue.Queue(maxsize=limit.maximum * 2)
+    results: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=limit.maximum * 2)
     done = threading.Event()  # the consumer left early: workers stop too
 
     def stopping() -> bool:
         return done.is_set() or cancelled.is_set()
 
-    def offer(item: Outcome | BaseException | None) -> None:
+    def offer(item: _Fetched | BaseException | None) -> None:
         # never block forever: once the consumer has gone, results are dropped
         while not done.is_set():
             try:
@@ -263,11 +278,11 @@ def read_groups(
                     return
                 ok = False
                 try:
-                    outcome: Outcome = (listing, _read_one(client, listing))
-                    ok = isinstance(outcome[1], GroupRead)
+                    fetched: _Fetched = (listing, _fetch_one(client, listing))
+                    ok = isinstance(fetched[1], str)
                 finally:
                     limit.release(ok)
-                offer(outcome)
+                offer(fetched)
         except BaseException as err:  # noqa: BLE001 - handed to the consumer to raise
             offer(err)
         finally:
@@ -291,7 +306,8 @@ def read_groups(
             elif isinstance(item, BaseException):
                 raise item
             else:
-                yield item
+                listing, body = item
+                yield listing, _parse_body(listing, body) if isinstance(body, str) else body
     finally:
         # workers still waiting on a slow request finish it (bounded by the HTTP
         # timeout) and exit on their own; nothing waits for them here
@@ -320,14 +336,19 @@ def renewing(request: t.Callable[[], _R]) -> _R:
     return request()
 
 
-def _read_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> GroupRead | GroupReadError:
+def _parse_body(listing: GroupListing, body: str) -> GroupRead | GroupReadError:
     try:
-        response = renewing(lambda: client.get_group(listing.id, include="memberships"))
-        try:
-            data = json.loads(response.text)
-        except ValueError:
-            return GroupReadError("response body is not valid JSON")
-        return parse_group(listing, data)
+        return parse_group(listing, json.loads(body))
+    except ValueError:
+        return GroupReadError("response body is not valid JSON")
+    except GroupReadError as err:
+        return err
+
+
+def _fetch_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> str | GroupReadError:
+    """One group's response body, or why it could not be had."""
+    try:
+        return renewing(lambda: client.get_group(listing.id, include="memberships")).text
     except LoginRequired:
         raise
     except globus_sdk.GlobusAPIError as err:
@@ -342,5 +363,3 @@ def _read_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> GroupRe
         return GroupReadError(f"network error: {type(err.underlying_exception).__name__}")
     except requests.RequestException as err:
         return GroupReadError(f"network error: {type(err).__name__}")
-    except GroupReadError as err:
-        return err

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import operator
 import os
 import typing as t
 
@@ -31,12 +30,11 @@ CREATE TEMP TABLE IF NOT EXISTS stage_groups (
 CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
     group_id TEXT NOT NULL, identity_id TEXT NOT NULL, username TEXT, role TEXT,
     status TEXT, status_reason TEXT, membership_fields TEXT, updated TEXT,
+    name TEXT, email TEXT, institution TEXT,
     PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
-CREATE TEMP TABLE IF NOT EXISTS stage_identities (
-    id TEXT PRIMARY KEY, username TEXT, name TEXT, email TEXT, institution TEXT) WITHOUT ROWID;
 CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_id TEXT PRIMARY KEY);
 """
-_STAGING_TABLES = ("stage_listed", "stage_groups", "stage_memberships", "stage_identities", "stage_gone")
+_STAGING_TABLES = ("stage_listed", "stage_groups", "stage_memberships", "stage_gone")
 
 # The diff, in order. :now is the run's time, :run its id. Groups that were listed
 # but failed to read are in neither stage_groups nor stage_gone: untouched.
@@ -87,8 +85,13 @@ _APPLY = (
            role = excluded.role, status = excluded.status, status_reason = excluded.status_reason,
            membership_fields = excluded.membership_fields, updated = excluded.updated,
            last_seen = excluded.last_seen""",
+    # an identity met in several groups takes all its details from one membership,
+    # the most complete one (SQLite takes bare columns from the row holding the max)
     """INSERT INTO identities (id, username, name, email, institution, first_seen, last_seen)
-       SELECT id, username, name, email, institution, :now, :now FROM stage_identities WHERE true
+       SELECT identity_id, username, name, email, institution, :now, :now FROM (
+         SELECT identity_id, username, name, email, institution,
+                max((name IS NOT NULL) + (email IS NOT NULL) + (institution IS NOT NULL))
+         FROM stage_memberships GROUP BY identity_id) WHERE true
        ON CONFLICT (id) DO UPDATE SET username = excluded.username,
            name = coalesce(excluded.name, identities.name),
            email = coalesce(excluded.email, identities.email),
@@ -150,12 +153,6 @@ def stage_listing(db: sqlite_utils.Database, listings: t.Iterable[GroupListing])
         db.conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
 
 
-_MEMBERSHIP_ROW = operator.itemgetter(
-    "group_id", "identity_id", "username", "role", "status", "status_reason", "membership_fields", "updated"
-)
-_IDENTITY_ROW = operator.itemgetter("identity_id", "username", "name", "email", "institution")
-
-
 def stage_group(db: sqlite_utils.Database, read: GroupRead) -> None:
     """Stage one group's document and memberships (TEMP tables only).
 
@@ -163,7 +160,6 @@ def stage_group(db: sqlite_utils.Database, read: GroupRead) -> None:
     by ``apply_run`` (or rolled back with a failed run): a commit per group wrote the
     staging pages out each time and cost more than the inserts themselves.
     """
-    group = read.group
     conn = db.conn
     if not conn.in_transaction:
         conn.execute("BEGIN")
@@ -171,26 +167,12 @@ def stage_group(db: sqlite_utils.Database, read: GroupRead) -> None:
         "INSERT OR REPLACE INTO temp.stage_groups VALUES"
         " (:id, :name, :description, :parent_id, :group_type, :group_visibility,"
         " :group_members_visibility, :members_visible, :my_role, :my_status)",
-        group,
+        read.group,
     )
-    # a membership listed twice keeps its last occurrence; rows go in as tuples
-    # (positional binding is cheaper than looking up named parameters per row)
+    # a membership listed twice keeps its last occurrence
     conn.executemany(
-        "INSERT OR REPLACE INTO temp.stage_memberships VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        map(_MEMBERSHIP_ROW, read.memberships),
-    )
-    # identities recur in many groups, some with empty membership_fields (invitations):
-    # the last non-empty name/email/institution wins whatever order the reads came in
-    # (as apply_run's coalesce does), and an unchanged identity is not rewritten
-    conn.executemany(
-        "INSERT INTO temp.stage_identities VALUES (?, ?, ?, ?, ?)"
-        " ON CONFLICT (id) DO UPDATE SET username = excluded.username,"
-        " name = coalesce(excluded.name, name), email = coalesce(excluded.email, email),"
-        " institution = coalesce(excluded.institution, institution)"
-        " WHERE (username, name, email, institution) IS NOT (excluded.username,"
-        " coalesce(excluded.name, name), coalesce(excluded.email, email),"
-        " coalesce(excluded.institution, institution))",
-        map(_IDENTITY_ROW, read.memberships),
+        "INSERT OR REPLACE INTO temp.stage_memberships VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        read.memberships,
     )
 
 

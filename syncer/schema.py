@@ -181,6 +181,7 @@ def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TI
         conn.execute("PRAGMA schema_version").fetchone()  # fails fast on a non-SQLite file
         if not readonly:
             conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute("PRAGMA cache_size=-32768")
             conn.execute("PRAGMA foreign_keys=ON")
     except (sqlite3.Error, OSError) as err:
         raise StorageError(f"{path}: cannot open database: {err}") from None

@@ -20,7 +20,14 @@ import globus_sdk
 from syncer.auth import authorizer_from_store, client_options, describe_api_error
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, LoginRequired, StorageError, SyncerError
-from syncer.globus_groups import AdaptiveLimit, GroupRead, GroupReadError, list_my_groups, read_groups
+from syncer.globus_groups import (
+    AdaptiveLimit,
+    GroupRead,
+    GroupReadError,
+    list_my_groups,
+    pin_environment_proxies,
+    read_groups,
+)
 from syncer.history import RunResult, apply_run, finish_without_changes, stage_group, stage_listing, start_run
 from syncer.lock import SyncLock
 from syncer.schema import open_database
@@ -74,6 +81,7 @@ def _read_and_record(
     cancelled: threading.Event,
     progress: Progress | None,
 ) -> None:
+    began = time.monotonic()
     # tokens are read fresh each run, so a new `syncer login` applies without restarts
     with TokenStore(config.token_storage) as store:
         authorizer = authorizer_from_store(config, store)
@@ -81,6 +89,7 @@ def _read_and_record(
         client = globus_sdk.GroupsClient(
             authorizer=authorizer, **client_options(config, checks=[limit.retry_check])
         )
+        pin_environment_proxies(client)
         try:
             listings = list_my_groups(client, config.my_statuses, config.groups)
         except globus_sdk.GlobusAPIError as err:
@@ -105,7 +114,9 @@ def _read_and_record(
                 progress(run.groups_synced + run.groups_failed, len(listings))
         if cancelled.is_set():
             raise Cancelled("stopped before the run finished; nothing from it was recorded")
+        fetched = time.monotonic()
         apply_run(db, run)
+        log.debug("read %d groups in %.2fs, recorded in %.2fs", len(listings), fetched - began, time.monotonic() - fetched)
 
 
 def _record_failure(db: t.Any, run: RunResult, err: BaseException) -> None:
