@@ -122,16 +122,7 @@ def interactive_login(cmd: list[str], *, sim: t.Any, cwd: Path) -> None:
         cmd, env=child_env(sim), cwd=cwd, text=True,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    assert proc.stdout is not None
-    url = None
-    for line in proc.stdout:
-        if line.startswith("http"):
-            url = line.strip()
-            break
-    if url is None:
-        out, err = proc.communicate(timeout=60)
-        raise RuntimeError(f"login printed no URL: {out}\n{err}")
-    out, err = proc.communicate(sim.authorize(url) + "\n", timeout=60)
+    out, err = sim.answer_cli_login(proc)
     if proc.returncode != 0:
         raise RuntimeError(f"login failed ({proc.returncode}): {out}\n{err}")
 
@@ -478,7 +469,7 @@ def timed_child(config: str) -> None:
     sync_mod.stage_group = timed("stage_group", sync_mod.stage_group)  # type: ignore[assignment]
     sync_mod.apply_run = timed("apply_run", sync_mod.apply_run)  # type: ignore[assignment]
     sync_mod.list_my_groups = timed("list_my_groups", sync_mod.list_my_groups)  # type: ignore[assignment]
-    groups_mod._read_one = timed("read", groups_mod._read_one)  # type: ignore[assignment]
+    groups_mod._fetch_one = timed("fetch", groups_mod._fetch_one)  # type: ignore[assignment]
     groups_mod.parse_group = timed("parse_group", groups_mod.parse_group)  # type: ignore[assignment]
     shim = types.ModuleType("json")
     shim.__dict__.update(json.__dict__)
@@ -556,11 +547,10 @@ def print_profile(p: dict[str, t.Any]) -> None:
           f" {1000 * p['unprofiled_cpu'] / g:.2f} CPU ms/group; wall {p['unprofiled_wall']:.2f} s")
     print(f"  run_sync, parts timed by thread CPU clocks: {timed['cpu']:.2f} CPU s,"
           f" {1000 * timed['cpu'] / g:.2f} CPU ms/group; wall {timed['wall']:.2f} s")
-    http = tp.get("read", 0.0) - tp.get("parse_group", 0.0) - tp.get("json.loads", 0.0)
     pieces = {
-        "HTTP + SDK (worker threads; read minus decode and parse)": http,
-        "json.loads (worker threads)": tp.get("json.loads", 0.0),
-        "parse_group (worker threads)": tp.get("parse_group", 0.0),
+        "HTTP + SDK (worker threads)": tp.get("fetch", 0.0),
+        "json.loads (main thread)": tp.get("json.loads", 0.0),
+        "parse_group (main thread)": tp.get("parse_group", 0.0),
         "stage_group (main thread, TEMP tables)": tp.get("stage_group", 0.0),
         "apply_run (main thread, one transaction)": tp.get("apply_run", 0.0),
         "list_my_groups": tp.get("list_my_groups", 0.0),

@@ -182,21 +182,10 @@ def _login(sim: Simulator, env: dict[str, str], cwd: Path) -> str:
         _syncer("login", "--no-browser"), env=env, cwd=cwd, text=True,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    assert proc.stdout is not None
-    seen = []
-    url = None
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("http"):
-            url = line.strip()
-            break
-    if url is None:
-        out, err = proc.communicate(timeout=60)
-        raise RuntimeError(f"syncer login printed no URL: {''.join(seen) + out + err}")
-    out, err = proc.communicate(sim.authorize(url) + "\n", timeout=60)
+    out, err = sim.answer_cli_login(proc)
     if proc.returncode != 0:
         raise RuntimeError(f"syncer login failed ({proc.returncode}): {out}{err}")
-    return "".join(seen) + out + err
+    return out + err
 
 
 def _rss_kib(pid: int) -> int | None:

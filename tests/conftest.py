@@ -89,22 +89,9 @@ class Env:
     def login(self, *extra: str) -> Result:
         """`syncer login --no-browser`, reading the URL off stdout and answering with the code."""
         proc = self.popen("login", "--no-browser", *extra, stdin=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stdin is not None
-        lines = []
-        url = None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("http"):
-                url = line.strip()
-                break
-        if url is None:  # e.g. "already logged in"
-            out, err = proc.communicate(timeout=60)
-            record("".join(lines) + out, err)
-            return Result(proc.returncode, "".join(lines) + out, err)
-        code = self.sim.authorize(url)
-        out, err = proc.communicate(code + "\n", timeout=60)
-        record("".join(lines) + out, err)
-        return Result(proc.returncode, "".join(lines) + out, err)
+        out, err = self.sim.answer_cli_login(proc)
+        record(out, err)
+        return Result(proc.returncode, out, err)
 
     def db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)

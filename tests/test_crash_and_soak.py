@@ -329,31 +329,24 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
 # ------------------------------------------------------------- token renewal
 
 
-def test_token_rejected_while_a_request_waits_to_retry_is_renewed(logged_in: Env) -> None:
-    """A 401 on a retry (first answer 429, token revoked meanwhile) renews the token.
+@pytest.mark.parametrize(
+    "rate_limited, retry_after, revoke_at",
+    [(1, 2, 1.0), (3, 1, 2.8)],
+    ids=["401-on-a-retry", "401-on-the-last-attempt"],
+)
+def test_token_rejected_while_a_request_waits_to_retry_is_renewed(
+    logged_in: Env, rate_limited: int, retry_after: int, revoke_at: float
+) -> None:
+    """A 401 on a retry (first answers 429, token revoked meanwhile) renews the token.
 
     The SDK renews only when a request's first answer is a 401; without syncer's own
-    check this run ended as "login required" (77) with a valid refresh token, and a
-    daemon stopped for good. Found by the soak.
+    fresh request this run ended as "login required" (77) with a valid refresh token,
+    and a daemon stopped for good. Found by the soak; the second case has the 401 come
+    on the request's last attempt.
     """
     env, sim = logged_in, logged_in.sim
-    sim.faults.rate_limit(1, retry_after=2)  # my_groups: 429, retry in 2 s
-    timer = threading.Timer(1.0, sim.expire_access_tokens)  # Globus drops the token meanwhile
-    timer.start()
-    try:
-        result = env.run("sync")
-    finally:
-        timer.cancel()
-    assert result.returncode == 0, result.output
-    assert sim.stats["refresh_grants"] == 1
-    assert current_state(env) == expected_state(env.world)
-
-
-def test_token_rejected_on_the_last_retry_is_renewed(logged_in: Env) -> None:
-    """A 401 on a request's last attempt (3 x 429 before it) renews and asks once more."""
-    env, sim = logged_in, logged_in.sim
-    sim.faults.rate_limit(3, retry_after=1)  # my_groups: 429 three times, 1 s apart
-    timer = threading.Timer(2.8, sim.expire_access_tokens)  # during the last wait
+    sim.faults.rate_limit(rate_limited, retry_after=retry_after)  # my_groups answers 429 first
+    timer = threading.Timer(revoke_at, sim.expire_access_tokens)  # Globus drops the token meanwhile
     timer.start()
     try:
         result = env.run("sync")

@@ -28,6 +28,7 @@ import re
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -503,6 +504,21 @@ class Simulator:
             self.stop()
 
     # --------------------------------------------------------- test hooks
+
+    def answer_cli_login(self, proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
+        """Be the user of ``syncer login --no-browser``: read the URL it prints on its
+        own line, do the browser step, type the code in. Returns all of its (stdout,
+        stderr); when it prints no URL (e.g. "already logged in") it is just waited for.
+        """
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("http"):
+                out, err = proc.communicate(self.authorize(line.strip()) + "\n", timeout=timeout)
+                return "".join(seen) + out, err
+        out, err = proc.communicate(timeout=timeout)
+        return "".join(seen) + out, err
 
     def authorize(self, url: str) -> str:
         """Play the browser: open the authorize URL, follow the redirect and
