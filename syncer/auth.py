@@ -98,7 +98,6 @@ class SharedRefreshTokenAuthorizer(globus_sdk.RefreshTokenAuthorizer):
         self._lock = threading.RLock()
         self._given = threading.local()
         self._login_required: LoginRequired | None = None
-        self.refresh_count = 0
         super().__init__(*args, **kwargs)
 
     def _get_new_access_token(self) -> None:
@@ -111,7 +110,6 @@ class SharedRefreshTokenAuthorizer(globus_sdk.RefreshTokenAuthorizer):
                 self._login_required = LoginRequired("Globus Auth rejected the stored refresh token")
                 raise self._login_required from None
             raise
-        self.refresh_count += 1
 
     def get_authorization_header(self) -> str:
         with self._lock:

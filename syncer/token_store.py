@@ -10,6 +10,7 @@ lock instead.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import stat
@@ -105,7 +106,7 @@ class TokenStore:
         """Delete every stored token (one transaction per resource server)."""
         with self._lock:
             for resource_server in self.all_tokens():
-                self._call(lambda s: s.remove_token_data(resource_server))
+                self._call(functools.partial(SQLiteTokenStorage.remove_token_data, resource_server=resource_server))
 
     def _call(self, fn: t.Callable[[SQLiteTokenStorage], _T]) -> _T:
         try:
