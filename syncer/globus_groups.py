@@ -67,8 +67,8 @@ class GroupReadError(Exception):
     """A group could not be read (HTTP error, timeout or unusable body)."""
 
 
-# json.dumps(fields, ensure_ascii=False, sort_keys=True) without building an encoder per call
-_FIELDS_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
+# json.dumps(value, ensure_ascii=False, sort_keys=True) without building an encoder per call
+_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
 
 def _text(value: t.Any) -> str | None:
@@ -78,7 +78,7 @@ def _text(value: t.Any) -> str | None:
     if isinstance(value, str):
         return value
     if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False, sort_keys=True)
+        return _JSON(value)
     return str(value)
 
 
@@ -166,7 +166,7 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
         kept.append(
             (
                 listing.id, identity_id, text(item.get("username")), text(item.get("role")),
-                text(item.get("status")), text(item.get("status_reason")), _FIELDS_JSON(fields),
+                text(item.get("status")), text(item.get("status_reason")), _JSON(fields),
                 text(item.get("updated")), text(fields.get("name")), text(fields.get("email")),
                 text(fields.get("institution")),
             )
@@ -187,7 +187,7 @@ class AdaptiveLimit:
         self.maximum = maximum
         self.limit = maximum
         self.in_flight = 0
-        self.rate_limited = 0
+        self.rate_limited = 0  # 429s seen this run
         self._resume_at = 0.0
         self._streak = 0
         self._cond = threading.Condition()
@@ -325,15 +325,26 @@ def renewing(request: t.Callable[[], _R]) -> _R:
     token while the request waited to retry (revoked, or expired early), the retry's
     401 is final and the run would end as "login required" although the refresh
     token is fine. A fresh request meets the 401 first and renews; its 401 is final.
-    A 401 asking for a new session is not retried: a renewed token has the same one.
+    A 401 asking for a new session is not retried (a renewed token has the same
+    session) and is raised as it is; a plain 401 on the fresh request means the token
+    is refused even after renewal: ``LoginRequired``.
     """
     try:
         return request()
     except globus_sdk.GlobusAPIError as err:
-        if err.http_status != 401 or err.info.authorization_parameters:
+        if not _plain_401(err):
             raise
     log.debug("Globus refused the access token; trying the request once more, afresh")
-    return request()
+    try:
+        return request()
+    except globus_sdk.GlobusAPIError as err:
+        if _plain_401(err):
+            raise LoginRequired("Globus Groups rejected the access token even after renewing it") from None
+        raise
+
+
+def _plain_401(err: globus_sdk.GlobusAPIError) -> bool:
+    return err.http_status == 401 and not err.info.authorization_parameters
 
 
 def _parse_body(listing: GroupListing, body: str) -> GroupRead | GroupReadError:
@@ -349,17 +360,11 @@ def _fetch_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> str | 
     """One group's response body, or why it could not be had."""
     try:
         return renewing(lambda: client.get_group(listing.id, include="memberships")).text
-    except LoginRequired:
-        raise
     except globus_sdk.GlobusAPIError as err:
-        if err.http_status == 401 and err.info.authorization_parameters:
+        if err.http_status == 401:
             # a group with a session policy (e.g. high assurance) wants a recent login:
             # that group cannot be read unattended, the others still can
             return GroupReadError(f"the group's session policy requires a recent login ({describe_api_error(err)})")
-        if err.http_status == 401:
-            raise LoginRequired("Globus Groups rejected the access token even after renewing it") from None
         return GroupReadError(describe_api_error(err))
     except globus_sdk.NetworkError as err:
         return GroupReadError(f"network error: {type(err.underlying_exception).__name__}")
-    except requests.RequestException as err:
-        return GroupReadError(f"network error: {type(err).__name__}")

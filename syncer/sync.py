@@ -19,7 +19,7 @@ import globus_sdk
 
 from syncer.auth import authorizer_from_store, client_options, describe_api_error
 from syncer.config import Config
-from syncer.errors import EXIT_FAILED, LoginRequired, StorageError, SyncerError
+from syncer.errors import EXIT_FAILED, StorageError, SyncerError
 from syncer.globus_groups import (
     AdaptiveLimit,
     GroupRead,
@@ -93,8 +93,6 @@ def _read_and_record(
         try:
             listings = list_my_groups(client, config.my_statuses, config.groups)
         except globus_sdk.GlobusAPIError as err:
-            if err.http_status == 401:
-                raise LoginRequired("Globus Groups rejected the access token even after renewing it") from None
             raise SyncerError(f"could not list your groups: {describe_api_error(err)}") from None
         except (globus_sdk.NetworkError, GroupReadError) as err:
             raise SyncerError(f"could not list your groups: {err}") from None

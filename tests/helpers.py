@@ -16,6 +16,16 @@ def my_active_groups(world: World) -> list[str]:
         return [gid for gid in world.groups if (m := world.my_membership(gid)) is not None and m.status == "active"]
 
 
+def admin_groups(world: World) -> list[str]:
+    """Groups where the logged-in identity is an active admin (sees every membership)."""
+    return [gid for gid in my_active_groups(world) if world.my_membership(gid).role == "admin"]
+
+
+def others(world: World, gid: str) -> list[str]:
+    """The members of a group other than the logged-in identity."""
+    return [i for i in world.groups[gid]["memberships"] if i != world.me]
+
+
 def expected_state(world: World, groups: t.Iterable[str] | None = None) -> State:
     """(group_id, identity_id) -> (role, status) as the logged-in identity sees it."""
     state: State = {}

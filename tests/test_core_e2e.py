@@ -7,7 +7,7 @@ import sqlite3
 import stat
 
 from conftest import Env
-from helpers import current_state, expected_state, has_running_run, my_active_groups, state_as_of, wait_for
+from helpers import admin_groups, current_state, expected_state, has_running_run, my_active_groups, state_as_of, wait_for
 
 
 def test_login_stores_tokens_privately_and_names_the_identity(env: Env) -> None:
@@ -80,7 +80,7 @@ def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
     assert env.run("sync").returncode == 0
     before = expected_state(world)
 
-    managed = [gid for gid in my_active_groups(world) if world.my_membership(gid).role == "admin"]
+    managed = admin_groups(world)
     g1, g2, g3 = managed[:3]
     others = [i for i in world.groups[g1]["memberships"] if i != world.me]
     added = world.add_member(g1, role="member", status="active")
@@ -175,8 +175,7 @@ def test_failing_group_exits_3_and_keeps_its_rows(logged_in: Env) -> None:
     env = logged_in
     assert env.run("sync").returncode == 0
     before = current_state(env)
-    managed = [gid for gid in my_active_groups(env.world) if env.world.my_membership(gid).role == "admin"]
-    broken, fine = managed[0], managed[1]
+    broken, fine = admin_groups(env.world)[:2]
     env.sim.faults.set_group_error(broken, 500)
     victim = [i for i in env.world.groups[broken]["memberships"] if i != env.world.me][0]
     env.world.remove_member(broken, victim)  # not seen: the group cannot be read

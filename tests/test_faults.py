@@ -24,7 +24,7 @@ from globus_sdk.transport import RetryCheckResult
 
 import conftest
 from conftest import Env, Result
-from helpers import current_state, expected_state, my_active_groups, state_as_of
+from helpers import admin_groups, current_state, expected_state, my_active_groups, others, state_as_of
 from syncer.auth import MAX_RETRIES, MAX_RETRY_SLEEP, authorizer_from_store
 from syncer.config import load_config
 from syncer.errors import LoginRequired
@@ -100,14 +100,6 @@ def last_run(env: Env) -> sqlite3.Row:
 
 def without(state: dict[tuple[str, str], t.Any], gid: str) -> dict[tuple[str, str], t.Any]:
     return {k: v for k, v in state.items() if k[0] != gid}
-
-
-def admin_groups(world: World) -> list[str]:
-    return [gid for gid in my_active_groups(world) if world.my_membership(gid).role == "admin"]
-
-
-def others(world: World, gid: str) -> list[str]:
-    return [i for i in world.groups[gid]["memberships"] if i != world.me]
 
 
 def listing_order(world: World) -> list[str]:
@@ -970,8 +962,7 @@ def test_group_with_session_policy_fails_alone_without_refreshing(logged_in: Env
     env = logged_in
     assert env.run("sync").returncode == 0
     before = current_state(env)
-    managed = [gid for gid in my_active_groups(env.world) if env.world.my_membership(gid).role == "admin"]
-    guarded, fine = managed[0], managed[1]
+    guarded, fine = admin_groups(env.world)[:2]
     env.sim.faults.session_required.add(guarded)
     newcomer = env.world.add_member(fine)
     grants = env.sim.stats["refresh_grants"]
