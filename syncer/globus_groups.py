@@ -252,7 +252,7 @@ def read_groups(
     todo: queue.SimpleQueue[GroupListing] = queue.SimpleQueue()
     for listing in listings:
         todo.put(listing)
-    results: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=limit.maximum * 2)
+    results: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=limit.maximum * 8)
     done = threading.Event()  # the consumer left early: workers stop too
 
     def stopping() -> bool:

@@ -1,11 +1,18 @@
-"""Recording runs: staging what a run read, then applying it as one diff.
+"""Recording runs: staging what a run reads and applying it in batches, committed once.
 
 A run's reads stream into TEMP staging tables (private to this connection, on disk,
-so memory does not grow with the number of memberships). ``apply_run`` then turns
-the staged state into current-state upserts and history versions with a handful of
-set-based SQL statements inside one transaction: readers see all of a run or none
-of it, and an unchanged run changes nothing but ``last_seen`` and its own
-``sync_runs`` row.
+so memory does not grow with the number of memberships). Every few thousand staged
+memberships, a batch of set-based SQL statements applies the staged groups' diff to
+current state and history; the batch's staging rows are then dropped. All of it is
+one transaction, opened when the run starts staging and committed by ``Recorder.
+finish`` once every group has been read, so readers see all of a run or none of it.
+
+Applying while the reads are still in flight keeps the database work off the run's
+critical path: SQLite runs each statement without holding the GIL, while the reader
+threads wait on the network. Batches write only what changed; ``last_seen`` of the
+groups, memberships and identities a run saw is set at the end, so an unchanged run
+holds no write lock while it reads, and a reader is only kept out while a run that
+changed many rows flushes them, or while the final statements commit.
 """
 
 from __future__ import annotations
@@ -21,49 +28,44 @@ from syncer.errors import EXIT_OK, EXIT_PARTIAL
 from syncer.globus_groups import GroupListing, GroupRead
 from syncer.schema import utc_now
 
-_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
-CREATE TEMP TABLE IF NOT EXISTS stage_groups (
+# Staged memberships per applied batch: large enough that a batch's fixed cost is
+# small, small enough that the last batch (the one left once all reads are done) is
+# quick and the staging tables stay small.
+BATCH_ROWS = 5000
+
+_GROUP_COLUMNS = """(
     id TEXT PRIMARY KEY, name TEXT, description TEXT, parent_id TEXT, group_type TEXT,
     group_visibility TEXT, group_members_visibility TEXT, members_visible INTEGER,
-    my_role TEXT, my_status TEXT);
+    my_role TEXT, my_status TEXT)"""
+# stage_groups and stage_memberships hold the batch being staged; stage_read the
+# documents of every group read so far, stage_seen every identity met so far.
+_STAGING = f"""
+CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS stage_groups {_GROUP_COLUMNS};
+CREATE TEMP TABLE IF NOT EXISTS stage_read {_GROUP_COLUMNS};
 CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
     group_id TEXT NOT NULL, identity_id TEXT NOT NULL, username TEXT, role TEXT,
     status TEXT, status_reason TEXT, membership_fields TEXT, updated TEXT,
     name TEXT, email TEXT, institution TEXT,
     PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS stage_seen (identity_id TEXT PRIMARY KEY);
 CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_id TEXT PRIMARY KEY);
 """
-_STAGING_TABLES = ("stage_listed", "stage_groups", "stage_memberships", "stage_gone")
+_STAGING_TABLES = ("stage_listed", "stage_groups", "stage_memberships", "stage_read", "stage_seen", "stage_gone")
 
-# The diff, in order. :now is the run's time, :run its id. Groups that were listed
-# but failed to read are in neither stage_groups nor stage_gone: untouched.
-_APPLY = (
-    # groups no longer among the identity's groups
-    """INSERT INTO stage_gone SELECT id FROM groups
-       WHERE removed_at IS NULL AND id NOT IN (SELECT group_id FROM stage_listed)""",
-    "UPDATE groups SET removed_at = :now WHERE id IN (SELECT group_id FROM stage_gone)",
-    """INSERT INTO groups (id, name, description, parent_id, group_type, group_visibility,
-           group_members_visibility, members_visible, my_role, my_status, first_seen, last_seen)
-       SELECT id, name, description, parent_id, group_type, group_visibility,
-           group_members_visibility, members_visible, my_role, my_status, :now, :now
-       FROM stage_groups WHERE true
-       ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description,
-           parent_id = excluded.parent_id, group_type = excluded.group_type,
-           group_visibility = excluded.group_visibility,
-           group_members_visibility = excluded.group_members_visibility,
-           members_visible = excluded.members_visible, my_role = excluded.my_role,
-           my_status = excluded.my_status, last_seen = excluded.last_seen, removed_at = NULL""",
-    # close versions that changed or vanished in a group read now, or whose group is gone
+# One batch: the groups in stage_groups were read in full and their memberships are
+# in stage_memberships. :now is the run's time, :run its id. Each statement is driven
+# by the batch's rows through an index, so a batch costs what it holds, not what the
+# database holds.
+_APPLY_BATCH = (
+    # close the versions that changed or vanished
     """UPDATE membership_history SET valid_to = :now, to_run = :run
-       WHERE to_run IS NULL AND (
-         group_id IN (SELECT group_id FROM stage_gone)
-         OR (group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
-               SELECT 1 FROM stage_memberships s
-               WHERE s.group_id = membership_history.group_id
-                 AND s.identity_id = membership_history.identity_id
-                 AND s.role IS membership_history.role
-                 AND s.status IS membership_history.status)))""",
+       WHERE to_run IS NULL AND group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
+         SELECT 1 FROM stage_memberships s
+         WHERE s.group_id = membership_history.group_id
+           AND s.identity_id = membership_history.identity_id
+           AND s.role IS membership_history.role
+           AND s.status IS membership_history.status)""",
     # open a version for every staged membership without a current one
     """INSERT INTO membership_history (group_id, identity_id, role, status, valid_from, from_run)
        SELECT s.group_id, s.identity_id, s.role, s.status, :now, :run
@@ -72,10 +74,11 @@ _APPLY = (
          SELECT 1 FROM membership_history h
          WHERE h.group_id = s.group_id AND h.identity_id = s.identity_id AND h.to_run IS NULL)""",
     """DELETE FROM memberships
-       WHERE group_id IN (SELECT group_id FROM stage_gone)
-          OR (group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
-                SELECT 1 FROM stage_memberships s
-                WHERE s.group_id = memberships.group_id AND s.identity_id = memberships.identity_id))""",
+       WHERE group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
+         SELECT 1 FROM stage_memberships s
+         WHERE s.group_id = memberships.group_id AND s.identity_id = memberships.identity_id)""",
+    # new memberships, and changed ones rewritten; unchanged rows are left alone here
+    # (their last_seen is set by _APPLY_END)
     """INSERT INTO memberships (group_id, identity_id, username, role, status, status_reason,
            membership_fields, updated, first_seen, last_seen)
        SELECT group_id, identity_id, username, role, status, status_reason,
@@ -84,9 +87,15 @@ _APPLY = (
        ON CONFLICT (group_id, identity_id) DO UPDATE SET username = excluded.username,
            role = excluded.role, status = excluded.status, status_reason = excluded.status_reason,
            membership_fields = excluded.membership_fields, updated = excluded.updated,
-           last_seen = excluded.last_seen""",
-    # an identity met in several groups takes all its details from one membership,
-    # the most complete one (SQLite takes bare columns from the row holding the max)
+           last_seen = excluded.last_seen
+       WHERE memberships.username IS NOT excluded.username OR memberships.role IS NOT excluded.role
+          OR memberships.status IS NOT excluded.status
+          OR memberships.status_reason IS NOT excluded.status_reason
+          OR memberships.membership_fields IS NOT excluded.membership_fields
+          OR memberships.updated IS NOT excluded.updated""",
+    # an identity met in several groups takes its details from the most complete
+    # membership (SQLite takes bare columns from the row holding the max); a detail
+    # missing now keeps its earlier value
     """INSERT INTO identities (id, username, name, email, institution, first_seen, last_seen)
        SELECT identity_id, username, name, email, institution, :now, :now FROM (
          SELECT identity_id, username, name, email, institution,
@@ -96,7 +105,42 @@ _APPLY = (
            name = coalesce(excluded.name, identities.name),
            email = coalesce(excluded.email, identities.email),
            institution = coalesce(excluded.institution, identities.institution),
-           last_seen = excluded.last_seen""",
+           last_seen = excluded.last_seen
+       WHERE identities.username IS NOT excluded.username
+          OR (excluded.name IS NOT NULL AND excluded.name IS NOT identities.name)
+          OR (excluded.email IS NOT NULL AND excluded.email IS NOT identities.email)
+          OR (excluded.institution IS NOT NULL AND excluded.institution IS NOT identities.institution)""",
+    "INSERT OR REPLACE INTO stage_read SELECT * FROM stage_groups",
+    "INSERT OR IGNORE INTO stage_seen SELECT identity_id FROM stage_memberships",
+    "DELETE FROM stage_groups",
+    "DELETE FROM stage_memberships",
+)
+
+# Once every group has been read: groups no longer among the identity's groups, and
+# the groups read (their rows, and last_seen for everything the run saw). Groups that
+# were listed but failed to read are in neither stage_read nor stage_gone: untouched.
+_APPLY_END = (
+    """INSERT INTO stage_gone SELECT id FROM groups
+       WHERE removed_at IS NULL AND id NOT IN (SELECT group_id FROM stage_listed)""",
+    "UPDATE groups SET removed_at = :now WHERE id IN (SELECT group_id FROM stage_gone)",
+    """UPDATE membership_history SET valid_to = :now, to_run = :run
+       WHERE to_run IS NULL AND group_id IN (SELECT group_id FROM stage_gone)""",
+    "DELETE FROM memberships WHERE group_id IN (SELECT group_id FROM stage_gone)",
+    """INSERT INTO groups (id, name, description, parent_id, group_type, group_visibility,
+           group_members_visibility, members_visible, my_role, my_status, first_seen, last_seen)
+       SELECT id, name, description, parent_id, group_type, group_visibility,
+           group_members_visibility, members_visible, my_role, my_status, :now, :now
+       FROM stage_read WHERE true
+       ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description,
+           parent_id = excluded.parent_id, group_type = excluded.group_type,
+           group_visibility = excluded.group_visibility,
+           group_members_visibility = excluded.group_members_visibility,
+           members_visible = excluded.members_visible, my_role = excluded.my_role,
+           my_status = excluded.my_status, last_seen = excluded.last_seen, removed_at = NULL""",
+    """UPDATE memberships SET last_seen = :now
+       WHERE group_id IN (SELECT id FROM stage_read) AND last_seen IS NOT :now""",
+    """UPDATE identities SET last_seen = :now
+       WHERE id IN (SELECT identity_id FROM stage_seen) AND last_seen IS NOT :now""",
 )
 
 _COUNT_CHANGES = """
@@ -147,55 +191,77 @@ def start_run(db: sqlite_utils.Database) -> RunResult:
     return RunResult(run_id=run_id, started_at=now)
 
 
-def stage_listing(db: sqlite_utils.Database, listings: t.Iterable[GroupListing]) -> None:
-    """Remember which groups the identity belongs to now (gone ones get removed)."""
-    with db.atomic():
-        db.conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
+class Recorder:
+    """Records one run's reads: staged as they arrive, applied in batches, committed once.
 
-
-def stage_group(db: sqlite_utils.Database, read: GroupRead) -> None:
-    """Stage one group's document and memberships (TEMP tables only).
-
-    All of a run's staging is one transaction on the private TEMP tables, committed
-    by ``apply_run`` (or rolled back with a failed run): a commit per group wrote the
-    staging pages out each time and cost more than the inserts themselves.
+    Everything between ``listed`` and ``finish`` is one transaction on the run's
+    connection. If the run fails before ``finish``, rolling that transaction back
+    (``finish_without_changes`` does) leaves the database exactly as it was.
     """
-    conn = db.conn
-    if not conn.in_transaction:
+
+    def __init__(self, db: sqlite_utils.Database, run: RunResult, batch_rows: int = BATCH_ROWS) -> None:
+        self.db = db
+        self.run = run
+        self.batch_rows = batch_rows
+        self._params = {"now": run.started_at, "run": run.run_id}
+        self._staged = 0  # membership rows staged since the last batch was applied
+
+    def listed(self, listings: t.Iterable[GroupListing]) -> None:
+        """Open the run's transaction and note the groups the identity belongs to now."""
+        conn = self.db.conn
         conn.execute("BEGIN")
-    conn.execute(
-        "INSERT OR REPLACE INTO temp.stage_groups VALUES"
-        " (:id, :name, :description, :parent_id, :group_type, :group_visibility,"
-        " :group_members_visibility, :members_visible, :my_role, :my_status)",
-        read.group,
-    )
-    # a membership listed twice keeps its last occurrence
-    conn.executemany(
-        "INSERT OR REPLACE INTO temp.stage_memberships VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        read.memberships,
-    )
+        conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
 
+    def read(self, read: GroupRead) -> None:
+        """Stage one group's document and memberships; apply a batch once enough wait."""
+        conn = self.db.conn
+        conn.execute(
+            "INSERT OR REPLACE INTO temp.stage_groups VALUES"
+            " (:id, :name, :description, :parent_id, :group_type, :group_visibility,"
+            " :group_members_visibility, :members_visible, :my_role, :my_status)",
+            read.group,
+        )
+        # a membership listed twice keeps its last occurrence
+        conn.executemany(
+            "INSERT OR REPLACE INTO temp.stage_memberships VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            read.memberships,
+        )
+        self.run.groups_synced += 1
+        self._staged += len(read.memberships)
+        if self._staged >= self.batch_rows:
+            self._apply_batch()
 
-def apply_run(db: sqlite_utils.Database, run: RunResult) -> RunResult:
-    """Apply the staged reads and finish the run row, all in one transaction."""
-    params = {"now": run.started_at, "run": run.run_id}
-    run.status = "partial" if run.groups_failed else "ok"
-    run.exit_code = EXIT_PARTIAL if run.groups_failed else EXIT_OK
-    if db.conn.in_transaction:
-        db.conn.commit()  # the staging transaction (TEMP tables only, see stage_group)
-    with db.atomic():
-        for statement in _APPLY:
-            db.execute(statement, params)
-        run.memberships = db.execute("SELECT count(*) FROM temp.stage_memberships").fetchone()[0]
-        run.changes = db.execute(_COUNT_CHANGES, params).fetchone()[0]
-        _write_run_row(db, run)
-    return run
+    def _apply_batch(self) -> None:
+        conn = self.db.conn
+        self.run.memberships += conn.execute("SELECT count(*) FROM temp.stage_memberships").fetchone()[0]
+        for statement in _APPLY_BATCH:
+            conn.execute(statement, self._params)
+        self._staged = 0
+
+    def finish(self) -> RunResult:
+        """Apply what is left, write the run's row and commit: the run becomes visible."""
+        run = self.run
+        run.status = "partial" if run.groups_failed else "ok"
+        run.exit_code = EXIT_PARTIAL if run.groups_failed else EXIT_OK
+        self._apply_batch()
+        conn = self.db.conn
+        for statement in _APPLY_END:
+            conn.execute(statement, self._params)
+        run.changes = conn.execute(_COUNT_CHANGES, self._params).fetchone()[0]
+        _write_run_row(self.db, run)
+        conn.commit()
+        return run
 
 
 def finish_without_changes(
     db: sqlite_utils.Database, run: RunResult, status: str, error: str, exit_code: int
 ) -> None:
-    """End a run that records nothing but its own row (failed or aborted)."""
+    """End a run that records nothing but its own row (failed or aborted).
+
+    Whatever the run had staged or applied is rolled back first.
+    """
+    if db.conn.in_transaction:
+        db.conn.rollback()
     run.status, run.error, run.exit_code = status, error, exit_code
     with db.atomic():
         _write_run_row(db, run)

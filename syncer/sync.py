@@ -1,10 +1,10 @@
 """One snapshot run: lock, open, load tokens, read Globus, record.
 
 The order matters for the promises users rely on: the run row is committed first
-(so a crash leaves a ``running`` row the next run marks ``aborted``), reads are
-staged privately, and everything the run learnt is applied in one transaction at the
-end. Any failure before that transaction leaves the database as it was, plus the run
-row saying why.
+(so a crash leaves a ``running`` row the next run marks ``aborted``), then reads are
+staged and applied in batches inside one transaction that commits only once every
+group has been read. Any failure before that commit rolls it back and leaves the
+database as it was, plus the run row saying why.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from syncer.globus_groups import (
     pin_environment_proxies,
     read_groups,
 )
-from syncer.history import RunResult, apply_run, finish_without_changes, stage_group, stage_listing, start_run
+from syncer.history import Recorder, RunResult, finish_without_changes, start_run
 from syncer.lock import SyncLock
 from syncer.schema import open_database
 from syncer.token_store import TokenStore
@@ -99,11 +99,11 @@ def _read_and_record(
         missing = set(config.groups) - {g.id for g in listings}
         if missing:
             log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
-        stage_listing(db, listings)
+        recorder = Recorder(db, run)
+        recorder.listed(listings)
         for listing, outcome in read_groups(client, listings, limit, cancelled):
             if isinstance(outcome, GroupRead):
-                stage_group(db, outcome)
-                run.groups_synced += 1
+                recorder.read(outcome)
             else:
                 run.groups_failed += 1
                 run.failed_groups[listing.id] = str(outcome)
@@ -113,18 +113,16 @@ def _read_and_record(
         if cancelled.is_set():
             raise Cancelled("stopped before the run finished; nothing from it was recorded")
         fetched = time.monotonic()
-        apply_run(db, run)
-        log.debug("read %d groups in %.2fs, recorded in %.2fs", len(listings), fetched - began, time.monotonic() - fetched)
+        recorder.finish()
+        log.debug("read and staged %d groups in %.2fs, finished recording in %.2fs", len(listings), fetched - began, time.monotonic() - fetched)
 
 
 def _record_failure(db: t.Any, run: RunResult, err: BaseException) -> None:
-    """Write the run's final row for a failure; the diff was never applied."""
+    """Write the run's final row for a failure; what it had applied is rolled back."""
     status = "aborted" if isinstance(err, (Cancelled, KeyboardInterrupt)) else "failed"
     message = str(err) if isinstance(err, SyncerError) else f"{type(err).__name__}: {err}"
     exit_code = err.exit_code if isinstance(err, SyncerError) else EXIT_FAILED
     try:
-        if db.conn.in_transaction:
-            db.conn.rollback()
         finish_without_changes(db, run, status, message, exit_code)
     except sqlite3.Error as db_err:
         # the run row stays 'running' and the next run marks it aborted
