@@ -1,0 +1,182 @@
+"""Unit tests: a run records the same thing however its reads are cut into batches.
+
+``Recorder`` applies staged reads in batches while the run is still reading. The
+end-to-end tests use small worlds, which fit in one batch; here the same runs are
+recorded with one membership per batch and with everything in one batch, and the
+two databases must hold the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from syncer import schema
+from syncer.globus_groups import GroupListing, parse_group
+from syncer.history import Recorder, finish_without_changes, start_run
+
+Member = tuple[str, str, str]  # identity id, role, status
+
+
+def group_doc(name: str, members: list[Member]) -> dict[str, object]:
+    return {
+        "name": name,
+        "policies": {"group_visibility": "private", "group_members_visibility": "managers"},
+        "memberships": [
+            {
+                "identity_id": identity,
+                "username": f"{identity}@example.org",
+                "role": role,
+                "status": status,
+                "membership_fields": {"name": identity.title(), "email": f"{identity}@example.org"},
+            }
+            for identity, role, status in members
+        ],
+    }
+
+
+# Each run: the groups listed, and for each group read its members (None: the read failed).
+RUNS: list[dict[str, list[Member] | None]] = [
+    {
+        "g1": [("alice", "admin", "active"), ("bob", "member", "active"), ("carol", "member", "invited")],
+        "g2": [("alice", "member", "active"), ("dave", "member", "pending")],
+        "g3": [("erin", "member", "active")],
+    },
+    {
+        # bob promoted, carol joined, frank added; g2 fails to read; g3 is gone
+        "g1": [("alice", "admin", "active"), ("bob", "manager", "active"), ("carol", "member", "active"),
+               ("frank", "member", "active")],
+        "g2": None,
+    },
+    {
+        # alice left g1, g2 read again with dave gone, g3 back
+        "g1": [("bob", "manager", "active"), ("carol", "member", "active"), ("frank", "member", "active")],
+        "g2": [("alice", "member", "active")],
+        "g3": [("erin", "member", "active")],
+    },
+    {
+        # unchanged
+        "g1": [("bob", "manager", "active"), ("carol", "member", "active"), ("frank", "member", "active")],
+        "g2": [("alice", "member", "active")],
+        "g3": [("erin", "member", "active")],
+    },
+]
+
+
+def record(path: Path, runs: list[dict[str, list[Member] | None]], batch_rows: int) -> sqlite3.Connection:
+    db = schema.open_database(path)
+    for groups in runs:
+        run = start_run(db)
+        recorder = Recorder(db, run, batch_rows=batch_rows)
+        listings = [GroupListing(gid, gid.upper(), "admin", "active", "managers") for gid in groups]
+        recorder.listed(listings)
+        for listing in listings:
+            members = groups[listing.id]
+            if members is None:
+                run.groups_failed += 1
+                run.failed_groups[listing.id] = "HTTP 500"
+            else:
+                recorder.read(parse_group(listing, group_doc(listing.name or "", members)))
+        recorder.finish()
+    db.close()
+    return sqlite3.connect(path)
+
+
+def normalized(conn: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:
+    """Every table's rows, with each timestamp replaced by the id of the run that started then."""
+    run_of = {started: f"run {run_id}" for run_id, started in conn.execute("SELECT id, started_at FROM sync_runs")}
+    tables = {}
+    for table, order in [
+        ("sync_runs", "id"),
+        ("groups", "id"),
+        ("identities", "id"),
+        ("memberships", "group_id, identity_id"),
+        ("membership_history", "group_id, identity_id, from_run"),
+        ("membership_changes", "run_id, group_id, identity_id, change"),
+    ]:
+        cursor = conn.execute(f"SELECT * FROM {table} ORDER BY {order}")
+        columns = [d[0] for d in cursor.description]
+        rows = []
+        for row in cursor:
+            rows.append(tuple(
+                run_of.get(value, value) if column not in ("finished_at", "pid") else None
+                for column, value in zip(columns, row)
+            ))
+        tables[table] = rows
+    return tables
+
+
+def test_batches_of_one_record_what_one_batch_records(tmp_path: Path) -> None:
+    one = normalized(record(tmp_path / "one.db", RUNS, batch_rows=1))
+    whole = normalized(record(tmp_path / "whole.db", RUNS, batch_rows=10**9))
+    assert one == whole
+
+
+def test_what_the_runs_recorded(tmp_path: Path) -> None:
+    conn = record(tmp_path / "groups.db", RUNS, batch_rows=1)
+    runs = conn.execute("SELECT id, status, groups_synced, groups_failed, memberships, changes FROM sync_runs").fetchall()
+    assert runs == [
+        (1, "ok", 3, 0, 6, 6),
+        (2, "partial", 1, 1, 4, 4),  # bob changed, carol changed, frank added; g3 gone: erin removed
+        (3, "ok", 3, 0, 5, 3),  # alice left g1, dave gone from g2, erin back in g3
+        (4, "ok", 3, 0, 5, 0),
+    ]
+    changes = conn.execute(
+        "SELECT run_id, group_id, identity_id, change FROM membership_changes WHERE run_id > 1"
+        " ORDER BY run_id, group_id, identity_id"
+    ).fetchall()
+    assert changes == [
+        (2, "g1", "bob", "changed"),
+        (2, "g1", "carol", "changed"),
+        (2, "g1", "frank", "added"),
+        (2, "g3", "erin", "removed"),
+        (3, "g1", "alice", "removed"),
+        (3, "g2", "dave", "removed"),
+        (3, "g3", "erin", "added"),
+    ]
+    # g2 was not read in run 2: its rows kept run 1's last_seen, then run 3's
+    last_seen = dict(conn.execute(
+        "SELECT m.group_id || '/' || m.identity_id, r.id FROM memberships m JOIN sync_runs r ON r.started_at = m.last_seen"
+    ).fetchall())
+    assert last_seen == {"g1/bob": 4, "g1/carol": 4, "g1/frank": 4, "g2/alice": 4, "g3/erin": 4}
+    removed = conn.execute("SELECT id FROM groups WHERE removed_at IS NOT NULL").fetchall()
+    assert removed == []  # g3 came back
+    identity = conn.execute("SELECT name, email FROM identities WHERE id = 'alice'").fetchone()
+    assert identity == ("Alice", "alice@example.org")
+
+
+def test_a_failed_run_leaves_no_trace_but_its_row(tmp_path: Path) -> None:
+    db = schema.open_database(tmp_path / "groups.db")
+    run = start_run(db)
+    recorder = Recorder(db, run, batch_rows=1)
+    listings = [GroupListing(gid, gid, "admin", "active", "managers") for gid in RUNS[0]]
+    recorder.listed(listings)
+    for listing in listings[:2]:  # batches already applied inside the open transaction
+        recorder.read(parse_group(listing, group_doc(listing.id, RUNS[0][listing.id] or [])))
+    finish_without_changes(db, run, "aborted", "stopped", 1)
+    assert db.execute("SELECT count(*) FROM memberships").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM membership_history").fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM identities").fetchone()[0] == 0
+    assert db.execute("SELECT status, error FROM sync_runs").fetchall() == [("aborted", "stopped")]
+
+
+@pytest.mark.parametrize("batch_rows", [1, 3, 10**9])
+def test_identity_details_survive_a_membership_without_them(tmp_path: Path, batch_rows: int) -> None:
+    runs: list[dict[str, list[Member] | None]] = [{"g1": [("alice", "member", "active")]}]
+    conn = record(tmp_path / "groups.db", runs, batch_rows)
+    # a later run meets alice only in a group that shares no fields with syncer's identity
+    db = schema.open_database(tmp_path / "groups.db")
+    run = start_run(db)
+    recorder = Recorder(db, run, batch_rows=batch_rows)
+    listing = GroupListing("g1", "g1", "admin", "active", "managers")
+    recorder.listed([listing])
+    doc = group_doc("g1", [("alice", "member", "active")])
+    doc["memberships"][0]["membership_fields"] = {}  # type: ignore[index]
+    recorder.read(parse_group(listing, json.loads(json.dumps(doc))))
+    recorder.finish()
+    db.close()
+    assert conn.execute("SELECT name, email FROM identities WHERE id = 'alice'").fetchone() == (
+        "Alice", "alice@example.org")
