@@ -3,16 +3,19 @@
 A run's reads stream into TEMP staging tables (private to this connection, on disk,
 so memory does not grow with the number of memberships). Every few thousand staged
 memberships, a batch of set-based SQL statements applies the staged groups' diff to
-current state and history; the batch's staging rows are then dropped. All of it is
-one transaction, opened when the run starts staging and committed by ``Recorder.
-finish`` once every group has been read, so readers see all of a run or none of it.
+current state and history, and the batch's staging rows are dropped. Groups no longer
+among the identity's groups are removed as soon as the listing is known. All of it is
+one transaction, opened when the run starts staging and committed by
+``Recorder.finish`` once every group has been read, so readers see all of a run or
+none of it.
 
-Applying while the reads are still in flight keeps the database work off the run's
-critical path: SQLite runs each statement without holding the GIL, while the reader
-threads wait on the network. Batches write only what changed; ``last_seen`` of the
-groups, memberships and identities a run saw is set at the end, so an unchanged run
-holds no write lock while it reads, and a reader is only kept out while a run that
-changed many rows flushes them, or while the final statements commit.
+Applying while the reads are in flight keeps the database work off the run's
+critical path: SQLite runs each statement without holding the GIL while the reader
+threads wait on the network. Batches rewrite only rows that changed; ``last_seen`` of
+the rows a run saw unchanged is set at the end. So an unchanged run dirties almost no
+pages while it reads, and readers (who must wait while a writer flushes pages to the
+file) are kept out only briefly at its end; a run that changes many rows, like the
+first, may keep them out longer.
 """
 
 from __future__ import annotations
@@ -31,33 +34,59 @@ from syncer.schema import utc_now
 # Staged memberships per applied batch: large enough that a batch's fixed cost is
 # small, small enough that the last batch (the one left once all reads are done) is
 # quick and the staging tables stay small.
-BATCH_ROWS = 5000
+BATCH_ROWS = 2000
 
-_GROUP_COLUMNS = """(
+# stage_groups and stage_memberships hold the batch being staged. stage_known and
+# stage_seen remember which groups and identities the run read that earlier runs had
+# recorded: only their rows need last_seen set at the end (new rows already have it).
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_id TEXT PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS stage_groups (
     id TEXT PRIMARY KEY, name TEXT, description TEXT, parent_id TEXT, group_type TEXT,
     group_visibility TEXT, group_members_visibility TEXT, members_visible INTEGER,
-    my_role TEXT, my_status TEXT)"""
-# stage_groups and stage_memberships hold the batch being staged; stage_read the
-# documents of every group read so far, stage_seen every identity met so far.
-_STAGING = f"""
-CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
-CREATE TEMP TABLE IF NOT EXISTS stage_groups {_GROUP_COLUMNS};
-CREATE TEMP TABLE IF NOT EXISTS stage_read {_GROUP_COLUMNS};
+    my_role TEXT, my_status TEXT);
 CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
     group_id TEXT NOT NULL, identity_id TEXT NOT NULL, username TEXT, role TEXT,
     status TEXT, status_reason TEXT, membership_fields TEXT, updated TEXT,
     name TEXT, email TEXT, institution TEXT,
     PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS stage_known (group_id TEXT PRIMARY KEY);
 CREATE TEMP TABLE IF NOT EXISTS stage_seen (identity_id TEXT PRIMARY KEY);
-CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_id TEXT PRIMARY KEY);
 """
-_STAGING_TABLES = ("stage_listed", "stage_groups", "stage_memberships", "stage_read", "stage_seen", "stage_gone")
+_STAGING_TABLES = ("stage_listed", "stage_gone", "stage_groups", "stage_memberships", "stage_known", "stage_seen")
+
+# Once the identity's groups are listed: groups no longer among them are removed, with
+# their memberships, and their history closed. :now is the run's time, :run its id.
+_APPLY_LISTING = (
+    """INSERT INTO stage_gone SELECT id FROM groups
+       WHERE removed_at IS NULL AND id NOT IN (SELECT group_id FROM stage_listed)""",
+    "UPDATE groups SET removed_at = :now WHERE id IN (SELECT group_id FROM stage_gone)",
+    """UPDATE membership_history SET valid_to = :now, to_run = :run
+       WHERE to_run IS NULL AND group_id IN (SELECT group_id FROM stage_gone)""",
+    "DELETE FROM memberships WHERE group_id IN (SELECT group_id FROM stage_gone)",
+)
 
 # One batch: the groups in stage_groups were read in full and their memberships are
-# in stage_memberships. :now is the run's time, :run its id. Each statement is driven
-# by the batch's rows through an index, so a batch costs what it holds, not what the
-# database holds.
+# in stage_memberships. Groups that were listed but failed to read are never staged:
+# untouched. Each statement is driven by the batch's rows through an index, so a
+# batch costs what it holds, not what the database holds.
 _APPLY_BATCH = (
+    """INSERT OR IGNORE INTO stage_known SELECT id FROM stage_groups g WHERE EXISTS (
+         SELECT 1 FROM memberships m WHERE m.group_id = g.id AND m.last_seen IS NOT :now)""",
+    """INSERT OR IGNORE INTO stage_seen SELECT DISTINCT identity_id FROM stage_memberships s WHERE EXISTS (
+         SELECT 1 FROM identities i WHERE i.id = s.identity_id AND i.last_seen IS NOT :now)""",
+    """INSERT INTO groups (id, name, description, parent_id, group_type, group_visibility,
+           group_members_visibility, members_visible, my_role, my_status, first_seen, last_seen)
+       SELECT id, name, description, parent_id, group_type, group_visibility,
+           group_members_visibility, members_visible, my_role, my_status, :now, :now
+       FROM stage_groups WHERE true
+       ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description,
+           parent_id = excluded.parent_id, group_type = excluded.group_type,
+           group_visibility = excluded.group_visibility,
+           group_members_visibility = excluded.group_members_visibility,
+           members_visible = excluded.members_visible, my_role = excluded.my_role,
+           my_status = excluded.my_status, last_seen = excluded.last_seen, removed_at = NULL""",
     # close the versions that changed or vanished
     """UPDATE membership_history SET valid_to = :now, to_run = :run
        WHERE to_run IS NULL AND group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
@@ -110,35 +139,14 @@ _APPLY_BATCH = (
           OR (excluded.name IS NOT NULL AND excluded.name IS NOT identities.name)
           OR (excluded.email IS NOT NULL AND excluded.email IS NOT identities.email)
           OR (excluded.institution IS NOT NULL AND excluded.institution IS NOT identities.institution)""",
-    "INSERT OR REPLACE INTO stage_read SELECT * FROM stage_groups",
-    "INSERT OR IGNORE INTO stage_seen SELECT identity_id FROM stage_memberships",
     "DELETE FROM stage_groups",
     "DELETE FROM stage_memberships",
 )
 
-# Once every group has been read: groups no longer among the identity's groups, and
-# the groups read (their rows, and last_seen for everything the run saw). Groups that
-# were listed but failed to read are in neither stage_read nor stage_gone: untouched.
+# Once every group has been read: last_seen for the earlier runs' rows this run saw.
 _APPLY_END = (
-    """INSERT INTO stage_gone SELECT id FROM groups
-       WHERE removed_at IS NULL AND id NOT IN (SELECT group_id FROM stage_listed)""",
-    "UPDATE groups SET removed_at = :now WHERE id IN (SELECT group_id FROM stage_gone)",
-    """UPDATE membership_history SET valid_to = :now, to_run = :run
-       WHERE to_run IS NULL AND group_id IN (SELECT group_id FROM stage_gone)""",
-    "DELETE FROM memberships WHERE group_id IN (SELECT group_id FROM stage_gone)",
-    """INSERT INTO groups (id, name, description, parent_id, group_type, group_visibility,
-           group_members_visibility, members_visible, my_role, my_status, first_seen, last_seen)
-       SELECT id, name, description, parent_id, group_type, group_visibility,
-           group_members_visibility, members_visible, my_role, my_status, :now, :now
-       FROM stage_read WHERE true
-       ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description,
-           parent_id = excluded.parent_id, group_type = excluded.group_type,
-           group_visibility = excluded.group_visibility,
-           group_members_visibility = excluded.group_members_visibility,
-           members_visible = excluded.members_visible, my_role = excluded.my_role,
-           my_status = excluded.my_status, last_seen = excluded.last_seen, removed_at = NULL""",
     """UPDATE memberships SET last_seen = :now
-       WHERE group_id IN (SELECT id FROM stage_read) AND last_seen IS NOT :now""",
+       WHERE group_id IN (SELECT group_id FROM stage_known) AND last_seen IS NOT :now""",
     """UPDATE identities SET last_seen = :now
        WHERE id IN (SELECT identity_id FROM stage_seen) AND last_seen IS NOT :now""",
 )
@@ -207,10 +215,12 @@ class Recorder:
         self._staged = 0  # membership rows staged since the last batch was applied
 
     def listed(self, listings: t.Iterable[GroupListing]) -> None:
-        """Open the run's transaction and note the groups the identity belongs to now."""
+        """Open the run's transaction; remove the groups the identity no longer belongs to."""
         conn = self.db.conn
         conn.execute("BEGIN")
         conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
+        for statement in _APPLY_LISTING:
+            conn.execute(statement, self._params)
 
     def read(self, read: GroupRead) -> None:
         """Stage one group's document and memberships; apply a batch once enough wait."""
