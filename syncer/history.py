@@ -36,9 +36,9 @@ from syncer.schema import utc_now
 # quick and the staging tables stay small.
 BATCH_ROWS = 2000
 
-# stage_groups and stage_memberships hold the batch being staged. stage_known and
-# stage_seen remember which groups and identities the run read that earlier runs had
-# recorded: only their rows need last_seen set at the end (new rows already have it).
+# stage_groups and stage_memberships hold the batch being staged. stage_known
+# remembers the groups read whose memberships earlier runs recorded: only their rows
+# need last_seen set at the end (rows this run wrote already have it).
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
 CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_id TEXT PRIMARY KEY);
@@ -52,9 +52,8 @@ CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
     name TEXT, email TEXT, institution TEXT,
     PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
 CREATE TEMP TABLE IF NOT EXISTS stage_known (group_id TEXT PRIMARY KEY);
-CREATE TEMP TABLE IF NOT EXISTS stage_seen (identity_id TEXT PRIMARY KEY);
 """
-_STAGING_TABLES = ("stage_listed", "stage_gone", "stage_groups", "stage_memberships", "stage_known", "stage_seen")
+_STAGING_TABLES = ("stage_listed", "stage_gone", "stage_groups", "stage_memberships", "stage_known")
 
 # Once the identity's groups are listed: groups no longer among them are removed, with
 # their memberships, and their history closed. :now is the run's time, :run its id.
@@ -74,8 +73,6 @@ _APPLY_LISTING = (
 _APPLY_BATCH = (
     """INSERT OR IGNORE INTO stage_known SELECT id FROM stage_groups g WHERE EXISTS (
          SELECT 1 FROM memberships m WHERE m.group_id = g.id AND m.last_seen IS NOT :now)""",
-    """INSERT OR IGNORE INTO stage_seen SELECT DISTINCT identity_id FROM stage_memberships s WHERE EXISTS (
-         SELECT 1 FROM identities i WHERE i.id = s.identity_id AND i.last_seen IS NOT :now)""",
     """INSERT INTO groups (id, name, description, parent_id, group_type, group_visibility,
            group_members_visibility, members_visible, my_role, my_status, first_seen, last_seen)
        SELECT id, name, description, parent_id, group_type, group_visibility,
@@ -122,20 +119,18 @@ _APPLY_BATCH = (
           OR memberships.status_reason IS NOT excluded.status_reason
           OR memberships.membership_fields IS NOT excluded.membership_fields
           OR memberships.updated IS NOT excluded.updated""",
-    # an identity met in several groups takes its details from the most complete
-    # membership (SQLite takes bare columns from the row holding the max); a detail
-    # missing now keeps its earlier value
+    # identities: new ones, and known ones the first time this run meets them (for
+    # last_seen) or when a detail changed; a detail missing now keeps its earlier value
     """INSERT INTO identities (id, username, name, email, institution, first_seen, last_seen)
-       SELECT identity_id, username, name, email, institution, :now, :now FROM (
-         SELECT identity_id, username, name, email, institution,
-                max((name IS NOT NULL) + (email IS NOT NULL) + (institution IS NOT NULL))
-         FROM stage_memberships GROUP BY identity_id) WHERE true
+       SELECT identity_id, username, name, email, institution, :now, :now
+       FROM stage_memberships WHERE true ORDER BY identity_id
        ON CONFLICT (id) DO UPDATE SET username = excluded.username,
            name = coalesce(excluded.name, identities.name),
            email = coalesce(excluded.email, identities.email),
            institution = coalesce(excluded.institution, identities.institution),
            last_seen = excluded.last_seen
-       WHERE identities.username IS NOT excluded.username
+       WHERE identities.last_seen IS NOT excluded.last_seen
+          OR identities.username IS NOT excluded.username
           OR (excluded.name IS NOT NULL AND excluded.name IS NOT identities.name)
           OR (excluded.email IS NOT NULL AND excluded.email IS NOT identities.email)
           OR (excluded.institution IS NOT NULL AND excluded.institution IS NOT identities.institution)""",
@@ -143,12 +138,11 @@ _APPLY_BATCH = (
     "DELETE FROM stage_memberships",
 )
 
-# Once every group has been read: last_seen for the earlier runs' rows this run saw.
+# Once every group has been read: last_seen of the earlier runs' memberships this run
+# saw unchanged (the batches leave those rows alone).
 _APPLY_END = (
     """UPDATE memberships SET last_seen = :now
        WHERE group_id IN (SELECT group_id FROM stage_known) AND last_seen IS NOT :now""",
-    """UPDATE identities SET last_seen = :now
-       WHERE id IN (SELECT identity_id FROM stage_seen) AND last_seen IS NOT :now""",
 )
 
 _COUNT_CHANGES = """

@@ -101,6 +101,9 @@ def _read_and_record(
             log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
         recorder = Recorder(db, run)
         recorder.listed(listings)
+        # read in group id order: each batch then lands after the previous one in the
+        # (group_id, ...) indexes, which SQLite appends to far faster than it inserts
+        listings.sort(key=lambda listing: listing.id)
         for listing, outcome in read_groups(client, listings, limit, cancelled):
             if isinstance(outcome, GroupRead):
                 recorder.read(outcome)
