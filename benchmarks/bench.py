@@ -571,7 +571,7 @@ def print_profile(p: dict[str, t.Any]) -> None:
           f" {1000 * p['profiled_cpu'] / g:.2f} CPU ms/group; wall {p['profiled_wall']:.2f} s."
           " cProfile's per-call overhead inflates code with many small calls (parse_group most):")
     for key, value in sorted(p["parts"].items(), key=lambda kv: -kv[1]):
-        print(f"    {key:<40} {value:6.2f} s  {1000 * value / g:6.3f} ms/group")
+        print(f"    {key:<52} {value:6.2f} s  {1000 * value / g:6.3f} ms/group")
     print()
     print("\n".join("  " + line for line in p["text"].strip().splitlines() if line.strip()))
 
