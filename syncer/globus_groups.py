@@ -242,16 +242,17 @@ def read_groups(
 ) -> t.Iterator[Outcome]:
     """Read every listed group concurrently, yielding each outcome as it completes.
 
-    At most ``limit.limit`` requests are in flight and at most a few finished results
-    wait for the caller, so memory does not grow with the number of groups. Workers
-    only fetch; bodies are parsed here, by the caller's thread, so a worker sends its
-    next request as soon as an answer arrives and the requests in flight stay full. Stops
-    early when ``cancelled`` is set. ``LoginRequired`` (refresh token refused) ends
+    At most ``limit.limit`` requests are in flight and at most ``8 * limit.maximum``
+    finished results wait for the caller, so memory does not grow with the number of
+    groups. Workers only fetch; bodies are parsed here, by the caller's thread, so a
+    worker sends its next request as soon as an answer arrives and the requests in
+    flight stay full. Stops early when ``cancelled`` is set. ``LoginRequired`` (refresh token refused) ends
     all reads and is raised here.
     """
     todo: queue.SimpleQueue[GroupListing] = queue.SimpleQueue()
     for listing in listings:
         todo.put(listing)
+    # room for the answers that arrive while the caller applies a batch to the database
     results: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=limit.maximum * 8)
     done = threading.Event()  # the consumer left early: workers stop too
 
