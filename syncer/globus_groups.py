@@ -246,8 +246,8 @@ def read_groups(
     finished results wait for the caller, so memory does not grow with the number of
     groups. Workers only fetch; bodies are parsed here, by the caller's thread, so a
     worker sends its next request as soon as an answer arrives and the requests in
-    flight stay full. Stops early when ``cancelled`` is set. ``LoginRequired`` (refresh token refused) ends
-    all reads and is raised here.
+    flight stay full. Stops early when ``cancelled`` is set. ``LoginRequired``
+    (refresh token refused) ends all reads and is raised here.
     """
     todo: queue.SimpleQueue[GroupListing] = queue.SimpleQueue()
     for listing in listings:
