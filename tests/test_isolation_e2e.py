@@ -28,8 +28,9 @@ def world() -> World:
 
 def snapshot(env: Env) -> tuple[object, ...]:
     """What a reader sees: current memberships, the history's shape, the finished runs."""
-    conn = sqlite3.connect(f"file:{env.database}?mode=ro", uri=True, timeout=30)
+    conn = sqlite3.connect(f"file:{env.database}?mode=ro", uri=True, timeout=30, isolation_level=None)
     try:
+        conn.execute("BEGIN")  # one read transaction: the three queries see the same commit
         memberships = tuple(conn.execute(
             "SELECT group_id, identity_id, role, status, last_seen FROM memberships ORDER BY 1, 2"
         ))
@@ -63,7 +64,11 @@ def test_readers_see_the_last_whole_run_while_batches_are_applied(logged_in: Env
 
     assert after != before
     assert current_state(env) == expected_state(env.world)
-    assert all(view in (before, after) for _, view in seen), "a reader saw part of a run"
+    mixed = [
+        [("before" if part == b else "after" if part == a else "neither") for part, b, a in zip(view, before, after)]
+        for _, view in seen if view not in (before, after)
+    ]
+    assert not mixed, f"a reader saw part of a run (memberships, history, runs): {mixed}"
     # late in the run, with batches already applied, readers still saw the last run
     late = [view for reads, view in seen if reads >= groups * 3 // 4]
     assert late and late[0] == before
