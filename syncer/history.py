@@ -201,15 +201,23 @@ class Recorder:
     (``finish_without_changes`` does) leaves the database exactly as it was.
     """
 
-    def __init__(self, db: sqlite_utils.Database, run: RunResult, batch_rows: int = BATCH_ROWS) -> None:
+    def __init__(
+        self, db: sqlite_utils.Database, run: RunResult, batch_rows: int = BATCH_ROWS, in_flight: int = 0
+    ) -> None:
+        """``in_flight``: how many reads may be outstanding at once. Once no more groups
+        than that are left unread, each read is applied as it arrives, so what is left
+        to do after the last read is that one group, not a whole batch."""
         self.db = db
         self.run = run
         self.batch_rows = batch_rows
+        self.in_flight = in_flight
         self._params = {"now": run.started_at, "run": run.run_id}
         self._staged = 0  # membership rows staged since the last batch was applied
+        self._unread = 0  # listed groups neither read nor failed yet
 
-    def listed(self, listings: t.Iterable[GroupListing]) -> None:
+    def listed(self, listings: t.Collection[GroupListing]) -> None:
         """Open the run's transaction; remove the groups the identity no longer belongs to."""
+        self._unread = len(listings)
         conn = self.db.conn
         conn.execute("BEGIN")
         conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
@@ -232,8 +240,15 @@ class Recorder:
         )
         self.run.groups_synced += 1
         self._staged += len(read.memberships)
-        if self._staged >= self.batch_rows:
+        self._unread -= 1
+        if self._staged >= self.batch_rows or self._unread <= self.in_flight:
             self._apply_batch()
+
+    def failed(self, group_id: str, reason: str) -> None:
+        """Note a listed group that could not be read: it is left as it was."""
+        self.run.groups_failed += 1
+        self.run.failed_groups[group_id] = reason
+        self._unread -= 1
 
     def _apply_batch(self) -> None:
         conn = self.db.conn

@@ -99,7 +99,7 @@ def _read_and_record(
         missing = set(config.groups) - {g.id for g in listings}
         if missing:
             log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
-        recorder = Recorder(db, run)
+        recorder = Recorder(db, run, in_flight=config.concurrency)
         recorder.listed(listings)
         # read in group id order: each batch then lands after the previous one in the
         # (group_id, ...) indexes, which SQLite appends to far faster than it inserts
@@ -108,8 +108,7 @@ def _read_and_record(
             if isinstance(outcome, GroupRead):
                 recorder.read(outcome)
             else:
-                run.groups_failed += 1
-                run.failed_groups[listing.id] = str(outcome)
+                recorder.failed(listing.id, str(outcome))
                 log.warning("group %s (%s) not read: %s", listing.id, listing.name, outcome)
             if progress:
                 progress(run.groups_synced + run.groups_failed, len(listings))

@@ -65,18 +65,19 @@ RUNS: list[dict[str, list[Member] | None]] = [
 ]
 
 
-def record(path: Path, runs: list[dict[str, list[Member] | None]], batch_rows: int) -> sqlite3.Connection:
+def record(
+    path: Path, runs: list[dict[str, list[Member] | None]], batch_rows: int, in_flight: int = 0
+) -> sqlite3.Connection:
     db = schema.open_database(path)
     for groups in runs:
         run = start_run(db)
-        recorder = Recorder(db, run, batch_rows=batch_rows)
+        recorder = Recorder(db, run, batch_rows=batch_rows, in_flight=in_flight)
         listings = [GroupListing(gid, gid.upper(), "admin", "active", "managers") for gid in groups]
         recorder.listed(listings)
         for listing in listings:
             members = groups[listing.id]
             if members is None:
-                run.groups_failed += 1
-                run.failed_groups[listing.id] = "HTTP 500"
+                recorder.failed(listing.id, "HTTP 500")
             else:
                 recorder.read(parse_group(listing, group_doc(listing.name or "", members)))
         recorder.finish()
@@ -112,6 +113,9 @@ def test_batches_of_one_record_what_one_batch_records(tmp_path: Path) -> None:
     one = normalized(record(tmp_path / "one.db", RUNS, batch_rows=1))
     whole = normalized(record(tmp_path / "whole.db", RUNS, batch_rows=10**9))
     assert one == whole
+    # with every group in the tail of reads still in flight, each group is its own batch
+    per_group = normalized(record(tmp_path / "per_group.db", RUNS, batch_rows=10**9, in_flight=3))
+    assert per_group == whole
 
 
 def test_what_the_runs_recorded(tmp_path: Path) -> None:
@@ -179,3 +183,23 @@ def test_identity_details_survive_a_membership_without_them(tmp_path: Path, batc
     db.close()
     assert conn.execute("SELECT name, email FROM identities WHERE id = 'alice'").fetchone() == (
         "Alice", "alice@example.org")
+
+
+def test_reads_in_the_tail_are_applied_as_they_arrive(tmp_path: Path) -> None:
+    db = schema.open_database(tmp_path / "groups.db")
+    run = start_run(db)
+    recorder = Recorder(db, run, batch_rows=10**9, in_flight=1)
+    listings = [GroupListing(gid, gid, "admin", "active", "managers") for gid in RUNS[0]]
+    recorder.listed(listings)
+
+    def applied() -> int:
+        return db.execute("SELECT count(*) FROM memberships").fetchone()[0]
+
+    first, second, third = listings
+    recorder.read(parse_group(first, group_doc(first.id, RUNS[0][first.id] or [])))
+    assert applied() == 0  # two groups unread, one may be in flight: keep staging
+    recorder.failed(second.id, "HTTP 500")
+    assert applied() == 0
+    recorder.read(parse_group(third, group_doc(third.id, RUNS[0][third.id] or [])))
+    assert applied() == 4  # the last read: applied at once, with what was staged before it
+    assert recorder.finish().groups_failed == 1
