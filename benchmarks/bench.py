@@ -37,6 +37,11 @@ FULL_WORLDS = ((100, 50), (1_000, 100), (10_000, 100))
 QUICK_WORLDS = ((100, 50), (1_000, 100))
 LATENCIES_MS = (0, 25)
 CHURN = 0.01  # share of memberships changed between the unchanged and the churn re-sync
+# Cold syncs per world and latency, each on a new database; the row shows the median.
+# A few-second run is at the mercy of a noisy neighbour for a moment; the 1M world's
+# runs are long enough to average that out, so it gets one.
+COLD_RUNS = 3
+COLD_RUNS_ABOVE_200K = 1
 CONCURRENCY = 8
 SEED = 1
 MIB = 1024 * 1024
@@ -264,14 +269,24 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
                         growth=base.db.stat().st_size - size1, rows_added=base.rows() - rows1))
     shutil.rmtree(base.folder)
 
-    # syncer: cold, unchanged twice, then 1% churn
-    sync = Syncer(folder / "syncer", sim)
-    log(f"{tag}: syncer cold sync")
-    cold = sync.run()
+    # syncer: cold (each time on a new database), unchanged twice, then 1% churn
+    repeats = COLD_RUNS if rows1 <= 200_000 else COLD_RUNS_ABOVE_200K
+    colds: list[Child] = []
+    for i in range(repeats):
+        if i:
+            shutil.rmtree(sync.folder)
+        sync = Syncer(folder / "syncer", sim)
+        log(f"{tag}: syncer cold sync {i + 1}/{repeats}")
+        colds.append(sync.run())
     run = sync.last_run()
     size = sync.db.stat().st_size
-    rows.append(Row(label, latency, "syncer", "cold", cold.wall, cold.requests, cold.rss, cold.cpu,
-                    groups=run["groups_synced"], db_size=size, rows_added=sync.history_rows(), changes=run["changes"], memberships=run["memberships"]))
+    walls = [c.wall for c in colds]
+    rows.append(Row(
+        label, latency, "syncer", "cold", statistics.median(walls), max(c.requests for c in colds),
+        max(c.rss for c in colds), statistics.median(c.cpu for c in colds),
+        groups=run["groups_synced"], db_size=size, rows_added=sync.history_rows(), changes=run["changes"], memberships=run["memberships"],
+        note=f"median of {repeats} runs ({', '.join(f'{w:.2f}' for w in walls)} s)" if repeats > 1 else "",
+    ))
     unchanged = []
     for i in range(2):
         log(f"{tag}: syncer unchanged re-sync {i + 1}/2")
@@ -336,7 +351,8 @@ def table(rows: list[Row]) -> str:
                      f" DB {'==' if r.correct else '!='} world; {r.note}")
         elif r.phase == "cold" and r.memberships is not None:
             notes = f"{r.memberships:,} memberships" + (f", {r.groups:,} groups" if r.groups else "")
-        groups = r.groups or (None if r.client == "syncer" else None)
+            notes += f"; {r.note}" if r.note else ""
+        groups = r.groups
         lines.append((
             r.world, f"{r.latency_ms} ms", r.client, r.phase, f"{r.wall:.2f}",
             "1.0" if r.client == "baseline" and r.phase == "cold" else f"{r.ratio:.1f}",
@@ -367,8 +383,8 @@ def targets(rows: list[Row]) -> list[tuple[bool | None, str]]:
     cold = pick("1,000x100", 25, "syncer", "cold")
     if cold:
         r = cold[0]
-        found.append((r.ratio >= 8, f"1,000x100 @ 25 ms cold sync >= 8x faster than baseline: {r.ratio:.1f}x"
-                                    f" ({r.wall:.2f} s vs {r.wall * r.ratio:.2f} s)"))
+        found.append((r.ratio >= 8, f"1,000x100 @ 25 ms cold sync >= 8x faster than baseline: {r.ratio:.2f}x"
+                                    f" ({r.wall:.2f} s vs {r.wall * r.ratio:.2f} s; {r.note or 'one run'})"))
     else:
         found.append((None, "1,000x100 @ 25 ms cold sync >= 8x faster than baseline: not measured"))
     unchanged = [r for r in rows if r.client == "syncer" and r.phase == "unchanged"]
@@ -451,6 +467,7 @@ def timed_child(config: str) -> None:
     import syncer.globus_groups as groups_mod
     import syncer.sync as sync_mod
     from syncer.config import load_config
+    from syncer.history import Recorder
 
     parts: dict[str, float] = {}
     lock = threading.Lock()
@@ -472,7 +489,7 @@ def timed_child(config: str) -> None:
                     parts[name] = parts.get(name, 0.0) + own
         return wrapper
 
-    recorder = sync_mod.Recorder
+    recorder = Recorder
     recorder.read = timed("stage", recorder.read)  # type: ignore[method-assign]
     recorder._apply_batch = timed("batches", recorder._apply_batch)  # type: ignore[method-assign]
     recorder.finish = timed("finish", recorder.finish)  # type: ignore[method-assign]
@@ -657,6 +674,8 @@ def main() -> None:
               " the baseline re-reads and re-appends everything each run.")
         print("growth/run: bytes the run added to the database file. rows added: history rows (syncer),"
               " snapshot rows (baseline). unchanged: mean of two runs, worst growth.")
+        print(f"syncer cold: median of {COLD_RUNS} runs, each on a new database"
+              f" ({COLD_RUNS_ABOVE_200K} run above 200k memberships).")
         print()
         print("Targets:")
         for ok, text in targets(rows):

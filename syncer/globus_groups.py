@@ -1,6 +1,6 @@
 """Reading groups and memberships from the Globus Groups API.
 
-``list_my_groups`` asks which groups the identity belongs to; ``read_groups`` then
+``list_my_groups`` asks which groups the identity belongs to; ``GroupReader`` then
 fetches each group with ``include=memberships`` from a few worker threads at once
 (each read is one latency-bound HTTP request; Globus does not paginate memberships)
 and yields results as they arrive, so a caller can store them without holding them
@@ -230,76 +230,62 @@ class AdaptiveLimit:
         return RetryCheckResult.no_decision
 
 
-Outcome = tuple[GroupListing, t.Union[GroupRead, GroupReadError]]
-_Fetched = tuple[GroupListing, t.Union[str, GroupReadError]]
+Outcome = tuple[GroupListing, GroupRead | GroupReadError]
+_Fetched = tuple[GroupListing, str | GroupReadError]
 
 
-def read_groups(
-    client: globus_sdk.GroupsClient,
-    listings: t.Sequence[GroupListing],
-    limit: AdaptiveLimit,
-    cancelled: threading.Event,
-) -> t.Iterator[Outcome]:
-    """Read every listed group concurrently, yielding each outcome as it completes.
+class GroupReader:
+    """Reads every listed group concurrently, from the moment it is made.
 
-    At most ``limit.limit`` requests are in flight and at most ``8 * limit.maximum``
-    finished results wait for the caller, so memory does not grow with the number of
-    groups. Workers only fetch; bodies are parsed here, by the caller's thread, so a
-    worker sends its next request as soon as an answer arrives and the requests in
-    flight stay full. Stops early when ``cancelled`` is set. ``LoginRequired``
-    (refresh token refused) ends all reads and is raised here.
+    Iterating yields each outcome as it completes. At most ``limit.limit`` requests
+    are in flight and at most ``8 * limit.maximum`` finished results wait for the
+    caller, so memory does not grow with the number of groups. Workers only fetch;
+    bodies are parsed by the iterating thread, so a worker sends its next request as
+    soon as an answer arrives and the requests in flight stay full. Because the reads
+    start at once, the caller can prepare to store them meanwhile. Stops early when
+    ``cancelled`` is set or the reader is closed. ``LoginRequired`` (refresh token
+    refused) ends all reads and is raised by the iteration.
     """
-    todo: queue.SimpleQueue[GroupListing] = queue.SimpleQueue()
-    for listing in listings:
-        todo.put(listing)
-    # room for the answers that arrive while the caller applies a batch to the database
-    results: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=limit.maximum * 8)
-    done = threading.Event()  # the consumer left early: workers stop too
 
-    def stopping() -> bool:
-        return done.is_set() or cancelled.is_set()
+    def __init__(
+        self,
+        client: globus_sdk.GroupsClient,
+        listings: t.Sequence[GroupListing],
+        limit: AdaptiveLimit,
+        cancelled: threading.Event,
+    ) -> None:
+        self._client = client
+        self._limit = limit
+        self._cancelled = cancelled
+        self._todo: queue.SimpleQueue[GroupListing] = queue.SimpleQueue()
+        for listing in listings:
+            self._todo.put(listing)
+        # room for the answers that arrive while the caller applies a batch to the database
+        self._results: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=limit.maximum * 8)
+        self._done = threading.Event()  # the caller left early: workers stop too
+        self._workers = [
+            threading.Thread(target=self._work, name=f"groups-reader-{i}", daemon=True)
+            for i in range(min(limit.maximum, len(listings)))
+        ]
+        for worker in self._workers:
+            worker.start()
 
-    def offer(item: _Fetched | BaseException | None) -> None:
-        # never block forever: once the consumer has gone, results are dropped
-        while not done.is_set():
+    def __enter__(self) -> t.Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop sending requests. Workers still waiting on a slow request finish it
+        (bounded by the HTTP timeout) and exit on their own; nothing waits for them."""
+        self._done.set()
+
+    def __iter__(self) -> t.Iterator[Outcome]:
+        finished = 0
+        while finished < len(self._workers) and not self._cancelled.is_set():
             try:
-                results.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def work() -> None:
-        try:
-            while not stopping():
-                try:
-                    listing = todo.get_nowait()
-                except queue.Empty:
-                    return
-                if not limit.acquire(stopping):
-                    return
-                ok = False
-                try:
-                    fetched: _Fetched = (listing, _fetch_one(client, listing))
-                    ok = isinstance(fetched[1], str)
-                finally:
-                    limit.release(ok)
-                offer(fetched)
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer to raise
-            offer(err)
-        finally:
-            offer(None)
-
-    workers = [
-        threading.Thread(target=work, name=f"groups-reader-{i}", daemon=True)
-        for i in range(min(limit.maximum, len(listings)))
-    ]
-    for worker in workers:
-        worker.start()
-    finished = 0
-    try:
-        while finished < len(workers) and not cancelled.is_set():
-            try:
-                item = results.get(timeout=0.2)
+                item = self._results.get(timeout=0.2)
             except queue.Empty:
                 continue
             if item is None:
@@ -309,10 +295,39 @@ def read_groups(
             else:
                 listing, body = item
                 yield listing, _parse_body(listing, body) if isinstance(body, str) else body
-    finally:
-        # workers still waiting on a slow request finish it (bounded by the HTTP
-        # timeout) and exit on their own; nothing waits for them here
-        done.set()
+
+    def _stopping(self) -> bool:
+        return self._done.is_set() or self._cancelled.is_set()
+
+    def _offer(self, item: _Fetched | BaseException | None) -> None:
+        # never block forever: once the caller has gone, results are dropped
+        while not self._done.is_set():
+            try:
+                self._results.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _work(self) -> None:
+        try:
+            while not self._stopping():
+                try:
+                    listing = self._todo.get_nowait()
+                except queue.Empty:
+                    return
+                if not self._limit.acquire(self._stopping):
+                    return
+                ok = False
+                try:
+                    fetched: _Fetched = (listing, _fetch_one(self._client, listing))
+                    ok = isinstance(fetched[1], str)
+                finally:
+                    self._limit.release(ok)
+                self._offer(fetched)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller to raise
+            self._offer(err)
+        finally:
+            self._offer(None)
 
 
 _R = t.TypeVar("_R")

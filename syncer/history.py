@@ -169,12 +169,14 @@ class RunResult:
     failed_groups: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def start_run(db: sqlite_utils.Database) -> RunResult:
+def start_run(db: sqlite_utils.Database, started_at: str | None = None) -> RunResult:
     """Mark runs left ``running`` by a crash as ``aborted`` and record a new run.
 
-    Only called while holding the sync lock, so any ``running`` row is a dead run.
+    ``started_at`` (default: now) is when the run began: it is also the time its
+    changes are recorded at. Only called while holding the sync lock, so any
+    ``running`` row is a dead run.
     """
-    now = utc_now()
+    now = started_at or utc_now()
     with db.atomic():
         db.execute(
             "UPDATE sync_runs SET status = 'aborted', finished_at = coalesce(finished_at, ?),"

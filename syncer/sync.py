@@ -1,14 +1,19 @@
-"""One snapshot run: lock, open, load tokens, read Globus, record.
+"""One snapshot run: lock, load tokens, list and read Globus groups, record.
 
-The order matters for the promises users rely on: the run row is committed first
-(so a crash leaves a ``running`` row the next run marks ``aborted``), then reads are
-staged and applied in batches inside one transaction that commits only once every
-group has been read. Any failure before that commit rolls it back and leaves the
-database as it was, plus the run row saying why.
+The order matters for the promises users rely on. The run's row is committed
+before anything is recorded (so a crash leaves a ``running`` row the next run marks
+``aborted``); reads are then staged and applied in batches inside one transaction
+that commits only once every group has been read. Any failure before that commit
+rolls it back and leaves the database as it was, plus the run's row saying why.
+
+Globus comes first: group reads are bound by network latency, so they start as soon
+as the groups are listed, and the database is opened while the first answers are on
+their way. A run that fails before it opened the database still gets its row.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import sqlite3
 import threading
@@ -22,16 +27,20 @@ from syncer.config import Config
 from syncer.errors import EXIT_FAILED, StorageError, SyncerError
 from syncer.globus_groups import (
     AdaptiveLimit,
+    GroupListing,
     GroupRead,
+    GroupReader,
     GroupReadError,
     list_my_groups,
     pin_environment_proxies,
-    read_groups,
 )
-from syncer.history import Recorder, RunResult, finish_without_changes, start_run
 from syncer.lock import SyncLock
-from syncer.schema import open_database
 from syncer.token_store import TokenStore
+
+if t.TYPE_CHECKING:
+    import sqlite_utils
+
+    from syncer.history import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,46 @@ Progress = t.Callable[[int, int], None]
 
 class Cancelled(SyncerError):
     """The run was asked to stop (SIGTERM/SIGINT) before it finished."""
+
+
+class _Recording:
+    """The output database and this run's row, once the run has something to record."""
+
+    def __init__(self, config: Config, started_at: dt.datetime) -> None:
+        # Imported here rather than at the top: sqlite-utils takes ~30 ms to import,
+        # which a run spends while its first group reads are in flight.
+        from syncer.history import start_run
+        from syncer.schema import format_time, open_database
+
+        self.db: sqlite_utils.Database = open_database(config.database, config.busy_timeout)
+        try:
+            self.run: RunResult = start_run(self.db, format_time(started_at))
+        except BaseException:
+            self.db.close()
+            raise
+
+    @classmethod
+    def opened_for_failure(cls, config: Config, started_at: dt.datetime) -> _Recording | None:
+        """Open the database to record a run that failed before it got that far;
+        None if the database cannot be opened (that is then the error to report)."""
+        try:
+            return cls(config, started_at)
+        except (StorageError, sqlite3.Error) as err:
+            log.debug("could not open the database to record the failed run: %s", err)
+            return None
+
+    def fail(self, err: BaseException) -> None:
+        """Write the run's final row for a failure; what it had applied is rolled back."""
+        from syncer.history import finish_without_changes
+
+        status = "aborted" if isinstance(err, (Cancelled, KeyboardInterrupt)) else "failed"
+        message = str(err) if isinstance(err, SyncerError) else f"{type(err).__name__}: {err}"
+        exit_code = err.exit_code if isinstance(err, SyncerError) else EXIT_FAILED
+        try:
+            finish_without_changes(self.db, self.run, status, message, exit_code)
+        except sqlite3.Error as db_err:
+            # the row stays 'running' and the next run marks it aborted
+            log.error("could not record the failed run: %s", db_err)
 
 
 def run_sync(
@@ -54,18 +103,31 @@ def run_sync(
     cancelled = cancelled or threading.Event()
     began = time.monotonic()
     with SyncLock(config.lock_path):
-        db = open_database(config.database, config.busy_timeout)
+        # the run's time: before any read, although its row is written after the first
+        started_at = dt.datetime.now(dt.timezone.utc)
+        recording: _Recording | None = None
         try:
-            run = start_run(db)
             try:
-                _read_and_record(config, db, run, cancelled, progress)
+                # tokens are read fresh each run, so a new `syncer login` applies without restarts
+                with TokenStore(config.token_storage) as store:
+                    client, limit = _groups_client(config, store)
+                    listings = _list_groups(config, client)
+                    with GroupReader(client, listings, limit, cancelled) as reads:
+                        recording = _Recording(config, started_at)
+                        _record(recording, listings, reads, config.concurrency, cancelled, progress)
             except BaseException as err:
-                _record_failure(db, run, err)
+                if recording is None:
+                    recording = _Recording.opened_for_failure(config, started_at)
+                if recording is not None:
+                    recording.fail(err)
                 raise
+            finally:
+                if recording is not None:
+                    recording.db.close()
         except sqlite3.Error as err:
             raise StorageError(f"{config.database}: database error: {err}") from None
-        finally:
-            db.close()
+    assert recording is not None  # the block above completed, so the run was recorded
+    run = recording.run
     log.info(
         "run %d %s: %d groups read, %d failed, %d memberships, %d changes, %.1fs",
         run.run_id, run.status, run.groups_synced, run.groups_failed,
@@ -74,58 +136,59 @@ def run_sync(
     return run
 
 
-def _read_and_record(
-    config: Config,
-    db: t.Any,
-    run: RunResult,
+def _groups_client(config: Config, store: TokenStore) -> tuple[globus_sdk.GroupsClient, AdaptiveLimit]:
+    authorizer = authorizer_from_store(config, store)
+    limit = AdaptiveLimit(config.concurrency)
+    client = globus_sdk.GroupsClient(
+        authorizer=authorizer, **client_options(config, checks=[limit.retry_check])
+    )
+    pin_environment_proxies(client)
+    return client, limit
+
+
+def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> list[GroupListing]:
+    """The groups to read, in group id order.
+
+    In id order, each batch lands after the previous one in the ``(group_id, ...)``
+    indexes, which SQLite appends to far faster than it inserts.
+    """
+    try:
+        listings = list_my_groups(client, config.my_statuses, config.groups)
+    except globus_sdk.GlobusAPIError as err:
+        raise SyncerError(f"could not list your groups: {describe_api_error(err)}") from None
+    except (globus_sdk.NetworkError, GroupReadError) as err:
+        raise SyncerError(f"could not list your groups: {err}") from None
+    missing = set(config.groups) - {g.id for g in listings}
+    if missing:
+        log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
+    listings.sort(key=lambda listing: listing.id)
+    return listings
+
+
+def _record(
+    recording: _Recording,
+    listings: list[GroupListing],
+    reads: GroupReader,
+    in_flight: int,
     cancelled: threading.Event,
     progress: Progress | None,
 ) -> None:
+    from syncer.history import Recorder
+
     began = time.monotonic()
-    # tokens are read fresh each run, so a new `syncer login` applies without restarts
-    with TokenStore(config.token_storage) as store:
-        authorizer = authorizer_from_store(config, store)
-        limit = AdaptiveLimit(config.concurrency)
-        client = globus_sdk.GroupsClient(
-            authorizer=authorizer, **client_options(config, checks=[limit.retry_check])
-        )
-        pin_environment_proxies(client)
-        try:
-            listings = list_my_groups(client, config.my_statuses, config.groups)
-        except globus_sdk.GlobusAPIError as err:
-            raise SyncerError(f"could not list your groups: {describe_api_error(err)}") from None
-        except (globus_sdk.NetworkError, GroupReadError) as err:
-            raise SyncerError(f"could not list your groups: {err}") from None
-        missing = set(config.groups) - {g.id for g in listings}
-        if missing:
-            log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
-        recorder = Recorder(db, run, in_flight=config.concurrency)
-        recorder.listed(listings)
-        # read in group id order: each batch then lands after the previous one in the
-        # (group_id, ...) indexes, which SQLite appends to far faster than it inserts
-        listings.sort(key=lambda listing: listing.id)
-        for listing, outcome in read_groups(client, listings, limit, cancelled):
-            if isinstance(outcome, GroupRead):
-                recorder.read(outcome)
-            else:
-                recorder.failed(listing.id, str(outcome))
-                log.warning("group %s (%s) not read: %s", listing.id, listing.name, outcome)
-            if progress:
-                progress(run.groups_synced + run.groups_failed, len(listings))
-        if cancelled.is_set():
-            raise Cancelled("stopped before the run finished; nothing from it was recorded")
-        fetched = time.monotonic()
-        recorder.finish()
-        log.debug("read and staged %d groups in %.2fs, finished recording in %.2fs", len(listings), fetched - began, time.monotonic() - fetched)
-
-
-def _record_failure(db: t.Any, run: RunResult, err: BaseException) -> None:
-    """Write the run's final row for a failure; what it had applied is rolled back."""
-    status = "aborted" if isinstance(err, (Cancelled, KeyboardInterrupt)) else "failed"
-    message = str(err) if isinstance(err, SyncerError) else f"{type(err).__name__}: {err}"
-    exit_code = err.exit_code if isinstance(err, SyncerError) else EXIT_FAILED
-    try:
-        finish_without_changes(db, run, status, message, exit_code)
-    except sqlite3.Error as db_err:
-        # the run row stays 'running' and the next run marks it aborted
-        log.error("could not record the failed run: %s", db_err)
+    run = recording.run
+    recorder = Recorder(recording.db, run, in_flight=in_flight)
+    recorder.listed(listings)
+    for listing, outcome in reads:
+        if isinstance(outcome, GroupRead):
+            recorder.read(outcome)
+        else:
+            recorder.failed(listing.id, str(outcome))
+            log.warning("group %s (%s) not read: %s", listing.id, listing.name, outcome)
+        if progress:
+            progress(run.groups_synced + run.groups_failed, len(listings))
+    if cancelled.is_set():
+        raise Cancelled("stopped before the run finished; nothing from it was recorded")
+    fetched = time.monotonic()
+    recorder.finish()
+    log.debug("read and staged %d groups in %.2fs, finished recording in %.2fs", len(listings), fetched - began, time.monotonic() - fetched)
