@@ -192,6 +192,9 @@ def test_first_release_database_is_upgraded_in_place(tmp_path: Path, monkeypatch
     db = schema.open_database(path)
     try:
         assert "note" in db["groups"].columns_dict
+        indexes = {i.name for i in db["membership_history"].indexes}
+        assert "idx_history_valid_from" not in indexes  # dropped by 0002
+        assert indexes == {name for name, sql in schema.INDEXES.items() if "ON membership_history" in sql}
         assert db.execute("SELECT * FROM membership_history ORDER BY id").fetchall() == history_before
         assert db.execute("SELECT * FROM sync_runs ORDER BY id").fetchall() == runs_before
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
