@@ -221,6 +221,6 @@ def main() -> None:
     finally:
         # The process ends next. Interpreter shutdown runs full garbage collections
         # over every object the SDK, requests and sqlite-utils created; frozen objects
-        # are skipped, which saves ~40 ms a run. Nothing here needs a collector's
+        # are skipped, which saves ~40 ms at every exit. Nothing here needs a collector's
         # finalizer: the database and token store are closed, logs are flushed at exit.
         gc.freeze()

@@ -2,7 +2,8 @@
 
 A run's reads stream into TEMP staging tables (private to this connection, on disk,
 so memory does not grow with the number of memberships). Every few thousand staged
-memberships, a batch of set-based SQL statements applies the staged groups' diff to
+memberships, and after each of the last reads (those still in flight when the rest
+are done), a batch of set-based SQL statements applies the staged groups' diff to
 current state and history, and the batch's staging rows are dropped. Groups no longer
 among the identity's groups are removed as soon as the listing is known. All of it is
 one transaction, opened when the run starts staging and committed by
