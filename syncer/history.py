@@ -216,11 +216,11 @@ class Recorder:
         self.in_flight = in_flight
         self._params = {"now": run.started_at, "run": run.run_id}
         self._staged = 0  # membership rows staged since the last batch was applied
-        self._unread = 0  # listed groups neither read nor failed yet
+        self._listed = 0
 
     def listed(self, listings: t.Collection[GroupListing]) -> None:
         """Open the run's transaction; remove the groups the identity no longer belongs to."""
-        self._unread = len(listings)
+        self._listed = len(listings)
         conn = self.db.conn
         conn.execute("BEGIN")
         conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
@@ -243,15 +243,14 @@ class Recorder:
         )
         self.run.groups_synced += 1
         self._staged += len(read.memberships)
-        self._unread -= 1
-        if self._staged >= self.batch_rows or self._unread <= self.in_flight:
+        unread = self._listed - self.run.groups_synced - self.run.groups_failed
+        if self._staged >= self.batch_rows or unread <= self.in_flight:
             self._apply_batch()
 
     def failed(self, group_id: str, reason: str) -> None:
         """Note a listed group that could not be read: it is left as it was."""
         self.run.groups_failed += 1
         self.run.failed_groups[group_id] = reason
-        self._unread -= 1
 
     def _apply_batch(self) -> None:
         conn = self.db.conn

@@ -109,8 +109,9 @@ def _drop_valid_from_index(db: sqlite_utils.Database) -> None:
 
 
 # name -> CREATE statement. ensure_schema creates and replaces these; an index taken
-# out of this list needs a migration that drops it (as 0002 does). One open history row per membership is enforced by the
-# unique partial index, which is also what the diff looks current versions up by.
+# out of this list needs a migration that drops it (as 0002 does). One open history
+# row per membership is enforced by the unique partial index, which is also what the
+# diff looks current versions up by.
 INDEXES: dict[str, str] = {
     "idx_history_current": "CREATE UNIQUE INDEX idx_history_current"
     " ON membership_history(group_id, identity_id) WHERE to_run IS NULL",

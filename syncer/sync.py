@@ -106,6 +106,7 @@ def run_sync(
         # the run's time: before any read, although its row is written after the first
         started_at = dt.datetime.now(dt.timezone.utc)
         recording: _Recording | None = None
+        opening = False  # whether the database open was reached (then its error is final)
         try:
             try:
                 # tokens are read fresh each run, so a new `syncer login` applies without restarts
@@ -113,10 +114,11 @@ def run_sync(
                     client, limit = _groups_client(config, store)
                     listings = _list_groups(config, client)
                     with GroupReader(client, listings, limit, cancelled) as reads:
+                        opening = True
                         recording = _Recording(config, started_at)
                         _record(recording, listings, reads, config.concurrency, cancelled, progress)
             except BaseException as err:
-                if recording is None:
+                if not opening:
                     recording = _Recording.opened_for_failure(config, started_at)
                 if recording is not None:
                     recording.fail(err)

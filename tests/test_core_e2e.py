@@ -7,7 +7,9 @@ import sqlite3
 import stat
 
 from conftest import Env
-from helpers import admin_groups, current_state, expected_state, has_running_run, my_active_groups, state_as_of, wait_for
+from helpers import (
+    admin_groups, current_state, expected_state, has_running_run, my_active_groups, others, state_as_of, wait_for,
+)
 
 
 def test_login_stores_tokens_privately_and_names_the_identity(env: Env) -> None:
@@ -82,11 +84,12 @@ def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
 
     managed = admin_groups(world)
     g1, g2, g3 = managed[:3]
-    others = [i for i in world.groups[g1]["memberships"] if i != world.me]
+    g1_others = others(world, g1)
+    g2_member = others(world, g2)[0]
     added = world.add_member(g1, role="member", status="active")
-    world.remove_member(g1, others[0])
-    world.set_role(g1, others[1], "manager")
-    world.set_status(g2, [i for i in world.groups[g2]["memberships"] if i != world.me][0], "removed")
+    world.remove_member(g1, g1_others[0])
+    world.set_role(g1, g1_others[1], "manager")
+    world.set_status(g2, g2_member, "removed")
     world.rename_group(g3, "Renamed group")
     left = [gid for gid in my_active_groups(world) if gid not in managed][0]
     left_members = {k for k in before if k[0] == left}
@@ -103,11 +106,10 @@ def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
         (r["change"], r["group_id"], r["identity_id"], r["old_role"], r["new_role"], r["old_status"], r["new_status"])
         for r in env.query("SELECT * FROM membership_changes WHERE run_id = 2")
     }
-    g2_member = [i for i in world.groups[g2]["memberships"] if i != world.me][0]
     expected = {
         ("added", g1, added, None, "member", None, "active"),
-        ("removed", g1, others[0], *_removed(before[(g1, others[0])])),
-        ("changed", g1, others[1], before[(g1, others[1])][0], "manager", before[(g1, others[1])][1], before[(g1, others[1])][1]),
+        ("removed", g1, g1_others[0], *_removed(before[(g1, g1_others[0])])),
+        ("changed", g1, g1_others[1], before[(g1, g1_others[1])][0], "manager", before[(g1, g1_others[1])][1], before[(g1, g1_others[1])][1]),
         ("changed", g2, g2_member, before[(g2, g2_member)][0], before[(g2, g2_member)][0], before[(g2, g2_member)][1], "removed"),
     } | {("removed", left, i, *_removed(before[(left, i)])) for (_, i) in left_members}
     assert changes == expected
@@ -177,7 +179,7 @@ def test_failing_group_exits_3_and_keeps_its_rows(logged_in: Env) -> None:
     before = current_state(env)
     broken, fine = admin_groups(env.world)[:2]
     env.sim.faults.set_group_error(broken, 500)
-    victim = [i for i in env.world.groups[broken]["memberships"] if i != env.world.me][0]
+    victim = others(env.world, broken)[0]
     env.world.remove_member(broken, victim)  # not seen: the group cannot be read
     newcomer = env.world.add_member(fine)
     result = env.run("sync")
