@@ -56,15 +56,34 @@ CREATE TEMP TABLE IF NOT EXISTS stage_known (group_id TEXT PRIMARY KEY);
 """
 _STAGING_TABLES = ("stage_listed", "stage_gone", "stage_groups", "stage_memberships", "stage_known")
 
+# Statements named because the run's changes are counted from what they do: each new
+# history version is one change ('added' or 'changed'), and each membership deleted
+# from current state is one 'removed' (its version closed with no successor), exactly
+# as membership_changes shows them. :now is the run's time, :run its id.
+_OPEN_VERSIONS = """
+INSERT INTO membership_history (group_id, identity_id, role, status, valid_from, from_run)
+SELECT s.group_id, s.identity_id, s.role, s.status, :now, :run
+FROM stage_memberships s
+WHERE NOT EXISTS (
+  SELECT 1 FROM membership_history h
+  WHERE h.group_id = s.group_id AND h.identity_id = s.identity_id AND h.to_run IS NULL)"""
+_REMOVE_UNLISTED_MEMBERSHIPS = """
+DELETE FROM memberships
+WHERE group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
+  SELECT 1 FROM stage_memberships s
+  WHERE s.group_id = memberships.group_id AND s.identity_id = memberships.identity_id)"""
+_REMOVE_GONE_GROUPS_MEMBERSHIPS = "DELETE FROM memberships WHERE group_id IN (SELECT group_id FROM stage_gone)"
+_CHANGES = frozenset((_OPEN_VERSIONS, _REMOVE_UNLISTED_MEMBERSHIPS, _REMOVE_GONE_GROUPS_MEMBERSHIPS))
+
 # Once the identity's groups are listed: groups no longer among them are removed, with
-# their memberships, and their history closed. :now is the run's time, :run its id.
+# their memberships, and their history closed.
 _APPLY_LISTING = (
     """INSERT INTO stage_gone SELECT id FROM groups
        WHERE removed_at IS NULL AND id NOT IN (SELECT group_id FROM stage_listed)""",
     "UPDATE groups SET removed_at = :now WHERE id IN (SELECT group_id FROM stage_gone)",
     """UPDATE membership_history SET valid_to = :now, to_run = :run
        WHERE to_run IS NULL AND group_id IN (SELECT group_id FROM stage_gone)""",
-    "DELETE FROM memberships WHERE group_id IN (SELECT group_id FROM stage_gone)",
+    _REMOVE_GONE_GROUPS_MEMBERSHIPS,
 )
 
 # One batch: the groups in stage_groups were read in full and their memberships are
@@ -94,16 +113,9 @@ _APPLY_BATCH = (
            AND s.role IS membership_history.role
            AND s.status IS membership_history.status)""",
     # open a version for every staged membership without a current one
-    """INSERT INTO membership_history (group_id, identity_id, role, status, valid_from, from_run)
-       SELECT s.group_id, s.identity_id, s.role, s.status, :now, :run
-       FROM stage_memberships s
-       WHERE NOT EXISTS (
-         SELECT 1 FROM membership_history h
-         WHERE h.group_id = s.group_id AND h.identity_id = s.identity_id AND h.to_run IS NULL)""",
-    """DELETE FROM memberships
-       WHERE group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
-         SELECT 1 FROM stage_memberships s
-         WHERE s.group_id = memberships.group_id AND s.identity_id = memberships.identity_id)""",
+    _OPEN_VERSIONS,
+    # memberships the read no longer lists
+    _REMOVE_UNLISTED_MEMBERSHIPS,
     # new memberships, and changed ones rewritten; unchanged rows are left alone here
     # (their last_seen is set by _APPLY_END)
     """INSERT INTO memberships (group_id, identity_id, username, role, status, status_reason,
@@ -145,13 +157,6 @@ _APPLY_END = (
     """UPDATE memberships SET last_seen = :now
        WHERE group_id IN (SELECT group_id FROM stage_known) AND last_seen IS NOT :now""",
 )
-
-_COUNT_CHANGES = """
-SELECT (SELECT count(*) FROM membership_history WHERE from_run = :run)
-     + (SELECT count(*) FROM membership_history o WHERE o.to_run = :run AND NOT EXISTS (
-          SELECT 1 FROM membership_history n
-          WHERE n.group_id = o.group_id AND n.identity_id = o.identity_id AND n.from_run = :run))
-"""
 
 
 @dataclasses.dataclass
@@ -224,8 +229,7 @@ class Recorder:
         conn = self.db.conn
         conn.execute("BEGIN")
         conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
-        for statement in _APPLY_LISTING:
-            conn.execute(statement, self._params)
+        self._execute(_APPLY_LISTING)
 
     def read(self, read: GroupRead) -> None:
         """Stage one group's document and memberships; apply a batch once enough wait."""
@@ -255,9 +259,15 @@ class Recorder:
     def _apply_batch(self) -> None:
         conn = self.db.conn
         self.run.memberships += conn.execute("SELECT count(*) FROM temp.stage_memberships").fetchone()[0]
-        for statement in _APPLY_BATCH:
-            conn.execute(statement, self._params)
+        self._execute(_APPLY_BATCH)
         self._staged = 0
+
+    def _execute(self, statements: t.Iterable[str]) -> None:
+        conn = self.db.conn
+        for statement in statements:
+            cursor = conn.execute(statement, self._params)
+            if statement in _CHANGES:
+                self.run.changes += cursor.rowcount
 
     def finish(self) -> RunResult:
         """Apply what is left, write the run's row and commit: the run becomes visible."""
@@ -265,12 +275,9 @@ class Recorder:
         run.status = "partial" if run.groups_failed else "ok"
         run.exit_code = EXIT_PARTIAL if run.groups_failed else EXIT_OK
         self._apply_batch()
-        conn = self.db.conn
-        for statement in _APPLY_END:
-            conn.execute(statement, self._params)
-        run.changes = conn.execute(_COUNT_CHANGES, self._params).fetchone()[0]
+        self._execute(_APPLY_END)
         _write_run_row(self.db, run)
-        conn.commit()
+        self.db.conn.commit()
         return run
 
 
@@ -284,6 +291,7 @@ def finish_without_changes(
     if db.conn.in_transaction:
         db.conn.rollback()
     run.status, run.error, run.exit_code = status, error, exit_code
+    run.changes = 0  # the rollback undid whatever the batches had changed
     with db.atomic():
         _write_run_row(db, run)
 

@@ -140,6 +140,9 @@ def test_what_the_runs_recorded(tmp_path: Path) -> None:
         (3, "g2", "dave", "removed"),
         (3, "g3", "erin", "added"),
     ]
+    # a run counts its changes as it applies them; the count is what the view shows
+    shown = dict(conn.execute("SELECT run_id, count(*) FROM membership_changes GROUP BY run_id").fetchall())
+    assert {run_id: changes for run_id, *_, changes in runs if changes} == shown
     # g2 was not read in run 2: its rows kept run 1's last_seen, then run 3's
     last_seen = dict(conn.execute(
         "SELECT m.group_id || '/' || m.identity_id, r.id FROM memberships m JOIN sync_runs r ON r.started_at = m.last_seen"
@@ -163,7 +166,7 @@ def test_a_failed_run_leaves_no_trace_but_its_row(tmp_path: Path) -> None:
     assert db.execute("SELECT count(*) FROM memberships").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM membership_history").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM identities").fetchone()[0] == 0
-    assert db.execute("SELECT status, error FROM sync_runs").fetchall() == [("aborted", "stopped")]
+    assert db.execute("SELECT status, error, changes FROM sync_runs").fetchall() == [("aborted", "stopped", 0)]
 
 
 @pytest.mark.parametrize("batch_rows", [1, 3, 10**9])

@@ -699,6 +699,20 @@ def test_json_round_trip(world: World, tmp_path: Path) -> None:
     assert p2.read_bytes() == p.read_bytes()
 
 
+def test_prerender_fills_the_render_cache_when_the_world_fits(world: World) -> None:
+    mine = [gid for gid, g in world.groups.items() if world.me in g["memberships"]]
+    key = (world.me, True)
+    assert all(world._render.get(gid, key) is None for gid in mine)
+    assert world.prerender() is True
+    assert all(world._render.get(gid, key) is not None for gid in mine)
+    # a cache too small for the world: nothing is rendered beyond the first group
+    body, _ = world.render_group(mine[0]) or (b"", [])
+    world.invalidate_caches()
+    world._render.max_bytes = len(body) * 2
+    assert world.prerender() is False
+    assert all(world._render.get(gid, key) is None for gid in mine[1:])
+
+
 def test_generate_10k_x_100() -> None:
     t0 = time.perf_counter()
     big = World.generate(groups=10_000, members=100, seed=1)
