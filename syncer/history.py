@@ -263,6 +263,7 @@ class Recorder:
         self._staged = 0
 
     def _execute(self, statements: t.Iterable[str]) -> None:
+        """Run statements with the run's parameters, adding the changes they make to its count."""
         conn = self.db.conn
         for statement in statements:
             cursor = conn.execute(statement, self._params)
