@@ -277,11 +277,11 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
                 rerun_row = Row(label, latency, "baseline", "rerun", again.wall, again.requests, again.rss, again.cpu,
                                 growth=base.db.stat().st_size - size1, rows_added=base.rows() - rows1)
         shutil.rmtree(base.folder)
-        if i:
-            shutil.rmtree(sync.folder)
-        sync = Syncer(folder / "syncer", sim)
+        sync = Syncer(folder / f"syncer{i}", sim)
         log(f"{tag}: syncer cold sync {i + 1}/{repeats}")
         colds.append(sync.run())
+        if i < repeats - 1:
+            shutil.rmtree(sync.folder)  # the last one goes on to the re-syncs
     base_wall = statistics.median(c.wall for c in firsts)
     rows.append(Row(
         label, latency, "baseline", "cold", base_wall, max(c.requests for c in firsts), max(c.rss for c in firsts),
