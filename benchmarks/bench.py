@@ -304,12 +304,11 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
         hist, before = sync.history_rows(), sync.db.stat().st_size
         child = sync.run()
         unchanged.append((child, sync.db.stat().st_size - before, sync.history_rows() - hist, sync.last_run()))
-    walls = [u[0].wall for u in unchanged]
     rows.append(Row(
-        label, latency, "syncer", "unchanged", statistics.mean(walls),
+        label, latency, "syncer", "unchanged", statistics.mean(u[0].wall for u in unchanged),
         max(u[0].requests for u in unchanged), max(u[0].rss for u in unchanged), statistics.mean(u[0].cpu for u in unchanged),
         groups=unchanged[-1][3]["groups_synced"], growth=max(u[1] for u in unchanged), rows_added=max(u[2] for u in unchanged),
-        changes=max(u[3]["changes"] for u in unchanged), note=f"mean of 2 runs ({', '.join(f'{w:.2f}' for w in walls)} s)",
+        changes=max(u[3]["changes"] for u in unchanged), note=runs_note([u[0] for u in unchanged], "mean"),
     ))
 
     n = max(1, round(CHURN * run["memberships"]))
@@ -338,9 +337,10 @@ def world_memberships(world: t.Any) -> int:
         return sum(len(g["memberships"]) for g in world.groups.values())
 
 
-def runs_note(children: list[Child]) -> str:
+def runs_note(children: list[Child], statistic: str = "median") -> str:
+    """Which runs a row's time summarizes, e.g. "median of 3 runs (3.67, 3.69, 3.72 s)"."""
     walls = [c.wall for c in children]
-    return f"median of {len(walls)} runs ({', '.join(f'{w:.2f}' for w in walls)} s)" if len(walls) > 1 else ""
+    return f"{statistic} of {len(walls)} runs ({', '.join(f'{w:.2f}' for w in walls)} s)" if len(walls) > 1 else ""
 
 
 # ----------------------------------------------------------------- the report
