@@ -61,7 +61,7 @@ def snapshot(auth_client, token_path, db_path):
         on_refresh=on_refresh,
     )
     groups_client = globus_sdk.GroupsClient(authorizer=authorizer)
-    run_at = datetime.datetime.now(datetime.timezone.utc).isoformat()
+    run_at = datetime.datetime.now(datetime.UTC).isoformat()
 
     def rows():
         for group in groups_client.get_my_groups():

@@ -176,11 +176,11 @@ class Syncer:
         return count(self.db, "SELECT count(*) FROM membership_history")
 
     def last_run(self) -> sqlite3.Row:
-        with readonly(self.db) as conn:
+        with ReadOnly(self.db) as conn:
             return conn.execute("SELECT * FROM sync_runs ORDER BY id DESC LIMIT 1").fetchone()
 
     def memberships(self, groups: t.Collection[str]) -> dict[tuple[str, str], tuple[str, str]]:
-        with readonly(self.db) as conn:
+        with ReadOnly(self.db) as conn:
             conn.execute("CREATE TEMP TABLE wanted (id TEXT PRIMARY KEY)")
             conn.executemany("INSERT OR IGNORE INTO wanted VALUES (?)", ((g,) for g in groups))
             rows = conn.execute(
@@ -189,7 +189,7 @@ class Syncer:
             return {(row[0], row[1]): (row[2], row[3]) for row in rows}
 
 
-class readonly:
+class ReadOnly:
     def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         self.conn.row_factory = sqlite3.Row
@@ -202,7 +202,7 @@ class readonly:
 
 
 def count(path: Path, sql: str) -> int:
-    with readonly(path) as conn:
+    with ReadOnly(path) as conn:
         return int(conn.execute(sql).fetchone()[0])
 
 
@@ -295,7 +295,8 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
     rows.append(Row(
         label, latency, "syncer", "cold", statistics.median(c.wall for c in colds), max(c.requests for c in colds),
         max(c.rss for c in colds), statistics.median(c.cpu for c in colds),
-        groups=run["groups_synced"], db_size=size, rows_added=sync.history_rows(), changes=run["changes"], memberships=run["memberships"],
+        groups=run["groups_synced"], db_size=size, rows_added=sync.history_rows(), changes=run["changes"],
+        memberships=run["memberships"],
         note=runs_note(colds),
     ))
     unchanged = []
@@ -381,8 +382,8 @@ def table(rows: list[Row]) -> str:
             f"{r.rss / MIB:.0f} MiB", f"{r.cpu:.2f}",
             f"{1000 * r.cpu / groups:.2f}" if groups else "", notes,
         ))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths)).rstrip()]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
+    out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths, strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths))
     previous = None
     for line in lines:
@@ -390,7 +391,7 @@ def table(rows: list[Row]) -> str:
         if previous is not None and key != previous:
             out.append("")
         previous = key
-        out.append("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+        out.append("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
     return "\n".join(out)
 
 
@@ -412,7 +413,8 @@ def targets(rows: list[Row]) -> list[tuple[bool | None, str]]:
     unchanged = [r for r in rows if r.client == "syncer" and r.phase == "unchanged"]
     worst = max(unchanged, key=lambda r: r.growth or 0)
     found.append((all((r.growth or 0) <= 8 * 1024 for r in unchanged),
-                  f"unchanged re-sync growth <= 8 KiB/run: worst {fmt_bytes(worst.growth)} ({worst.world} @ {worst.latency_ms} ms)"))
+                  f"unchanged re-sync growth <= 8 KiB/run: worst {fmt_bytes(worst.growth)}"
+                  f" ({worst.world} @ {worst.latency_ms} ms)"))
     found.append((all(r.rows_added == 0 for r in unchanged),
                   f"unchanged re-sync adds 0 history rows: max {max(r.rows_added or 0 for r in unchanged)}"))
     for world, limit in (("1,000x100", 150), ("10,000x100", 250)):
@@ -428,15 +430,15 @@ def targets(rows: list[Row]) -> list[tuple[bool | None, str]]:
     exact = all(r.correct and r.changes == r.expected_changes for r in churns)
     found.append((exact, "1% churn re-sync records exactly the changes (changes == expected, DB == world): "
                          + ", ".join(f"{r.world}@{r.latency_ms}ms {r.changes}/{r.expected_changes}" for r in churns)))
-    slow = []
+    slow, pairs = [], []
     for r in churns:
         base = pick(r.world, r.latency_ms, "syncer", "unchanged")[0]
+        pairs.append(f"{r.world}@{r.latency_ms}ms {r.wall:.2f}/{base.wall:.2f}s")
         # "about the unchanged time": within 25%, plus 1 s for a shared machine's hiccups
         if r.wall > base.wall * 1.25 + 1.0:
             slow.append(f"{r.world}@{r.latency_ms}ms {r.wall:.2f}s vs {base.wall:.2f}s")
     found.append((not slow, "1% churn re-sync time ~ unchanged (<= 1.25x + 1 s): "
-                            + ("; ".join(slow) if slow else "all within")
-                            + " [" + ", ".join(f"{r.world}@{r.latency_ms}ms {r.wall:.2f}/{pick(r.world, r.latency_ms, 'syncer', 'unchanged')[0].wall:.2f}s" for r in churns) + "]"))
+                            + ("; ".join(slow) if slow else "all within") + " [" + ", ".join(pairs) + "]"))
     return found
 
 
@@ -551,8 +553,8 @@ def profile(sim: t.Any, folder: Path) -> dict[str, t.Any]:
     profiled = Syncer(folder / "profiled", sim)
     out = folder / "sync.prof"
     log("profile: cold sync under cProfile (all threads, thread CPU time)")
-    run = run_child([sys.executable, str(Path(__file__).resolve()), "--profile-child", str(profiled.folder / "syncer.toml"), str(out)],
-                    sim=sim, cwd=profiled.folder)
+    command = [sys.executable, str(Path(__file__).resolve()), "--profile-child", str(profiled.folder / "syncer.toml"), str(out)]
+    run = run_child(command, sim=sim, cwd=profiled.folder)
     info = json.loads(run.stdout.strip().splitlines()[-1])
     text = io.StringIO()
     stats = pstats.Stats(str(out), stream=text)

@@ -8,6 +8,7 @@ to share between the threads that read groups concurrently.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import typing as t
@@ -175,10 +176,8 @@ def login(
     else:
         say("Opening your browser to log in to Globus. If it does not open, visit:")
         say(url)
-        try:
+        with contextlib.suppress(webbrowser.Error):
             webbrowser.open(url, new=1)
-        except webbrowser.Error:
-            pass
     code = get_code(url).strip()
     if not code:
         raise SyncerError("no authorization code given; nothing changed")

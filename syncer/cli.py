@@ -52,7 +52,7 @@ class SyncerGroup(click.Group):
             ctx.exit(130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
-        except Exception as err:  # noqa: BLE001 - last resort: one line, not a traceback
+        except Exception as err:  # last resort: one line, not a traceback
             log.debug("unexpected error", exc_info=True)
             click.echo(f"syncer: internal error: {type(err).__name__}: {redact(str(err))} (run with -vv for details)", err=True)
             ctx.exit(EXIT_FAILED)

@@ -55,7 +55,7 @@ class Daemon:
         self.stopping = threading.Event()
         self.idle = threading.Event()
         self.idle.set()
-        self.scheduler = BlockingScheduler(timezone=dt.timezone.utc)
+        self.scheduler = BlockingScheduler(timezone=dt.UTC)
 
     def run(self) -> int:
         """Schedule, block until stopped, return the exit code."""
@@ -63,9 +63,9 @@ class Daemon:
         try:
             self.scheduler.add_job(
                 self._snapshot,
-                IntervalTrigger(seconds=self.interval, jitter=self.config.jitter or None, timezone=dt.timezone.utc),
+                IntervalTrigger(seconds=self.interval, jitter=self.config.jitter or None, timezone=dt.UTC),
                 id="snapshot",
-                next_run_time=dt.datetime.now(dt.timezone.utc),
+                next_run_time=dt.datetime.now(dt.UTC),
                 coalesce=True,
                 max_instances=1,
                 misfire_grace_time=max(1, int(self.interval)),
@@ -74,7 +74,7 @@ class Daemon:
             if ping:
                 # run by the scheduler itself: pings stop if the scheduler stops working
                 self.scheduler.add_job(
-                    self._watchdog, IntervalTrigger(seconds=ping, timezone=dt.timezone.utc),
+                    self._watchdog, IntervalTrigger(seconds=ping, timezone=dt.UTC),
                     id="watchdog", coalesce=True, max_instances=1, misfire_grace_time=max(1, int(ping)),
                 )
             self.scheduler.add_listener(self._on_started, EVENT_SCHEDULER_STARTED)
@@ -126,7 +126,7 @@ class Daemon:
             self.stop(err.exit_code)
         except SyncerError as err:
             self._failed(str(err))
-        except Exception as err:  # noqa: BLE001 - the daemon must outlive any one run
+        except Exception as err:  # the daemon must outlive any one run
             log.exception("snapshot failed unexpectedly")
             self._failed(f"{type(err).__name__}: {err}")
         else:

@@ -163,15 +163,15 @@ WHERE m.status = 'active'""",
 
 def utc_now() -> str:
     """Now as fixed-width UTC ISO 8601 text, so that text order is time order."""
-    return format_time(dt.datetime.now(dt.timezone.utc))
+    return format_time(dt.datetime.now(dt.UTC))
 
 
 def format_time(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: str) -> dt.datetime:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
 
 
 def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite_utils.Database:

@@ -42,7 +42,7 @@ def token_state(config: Config) -> dict[str, t.Any]:
         state["error"] = f"{path}: not readable by this user"
         return state
     if tokens is not None:
-        expires = dt.datetime.fromtimestamp(tokens.expires_at_seconds, dt.timezone.utc)
+        expires = dt.datetime.fromtimestamp(tokens.expires_at_seconds, dt.UTC)
         state.update(
             logged_in=bool(tokens.refresh_token),
             refresh_token=bool(tokens.refresh_token),
@@ -105,7 +105,7 @@ def assess(config: Config, tokens: dict[str, t.Any], database: dict[str, t.Any])
         return Health(EXIT_FAILED, "no run recorded yet")
     last_ok = database.get("last_success_at")
     if last_ok:
-        age = (dt.datetime.now(dt.timezone.utc) - parse_time(last_ok)).total_seconds()
+        age = (dt.datetime.now(dt.UTC) - parse_time(last_ok)).total_seconds()
         if age > 3 * config.interval:
             return Health(EXIT_FAILED, f"stale: last successful run was {_ago(age)} ago (interval {_ago(config.interval)})")
     if latest["status"] == "running":
@@ -139,7 +139,10 @@ def render_text(data: dict[str, t.Any]) -> str:
     if tokens.get("error"):
         lines.append(f"tokens: {tokens['error']}")
     elif tokens.get("logged_in"):
-        expiry = "expired (renews on next run)" if tokens["access_token_expired"] else f"until {tokens['access_token_expires_at']}"
+        if tokens["access_token_expired"]:
+            expiry = "expired (renews on next run)"
+        else:
+            expiry = f"until {tokens['access_token_expires_at']}"
         lines.append(f"tokens: refresh token present; access token valid {expiry} ({tokens['path']})")
     else:
         lines.append(f"tokens: none ({tokens['path']})")

@@ -104,7 +104,7 @@ def run_sync(
     began = time.monotonic()
     with SyncLock(config.lock_path):
         # the run's time: before any read, although its row is written after the first
-        started_at = dt.datetime.now(dt.timezone.utc)
+        started_at = dt.datetime.now(dt.UTC)
         recording: _Recording | None = None
         opening = False  # whether the database open was reached (then its error is final)
         try:
@@ -193,4 +193,7 @@ def _record(
         raise Cancelled("stopped before the run finished; nothing from it was recorded")
     fetched = time.monotonic()
     recorder.finish()
-    log.debug("read and staged %d groups in %.2fs, finished recording in %.2fs", len(listings), fetched - began, time.monotonic() - fetched)
+    log.debug(
+        "read and staged %d groups in %.2fs, finished recording in %.2fs",
+        len(listings), fetched - began, time.monotonic() - fetched,
+    )

@@ -77,7 +77,7 @@ class Env:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
         )
 
-    def run(self, *args: str, input: str | None = None, timeout: float = 120) -> Result:
+    def run(self, *args: str, input: str | None = None, timeout: float = 120) -> Result:  # noqa: A002 - subprocess.run's name
         proc = subprocess.run(
             [sys.executable, "-m", "syncer", *args],
             env=self.vars, cwd=self.tmp, text=True, input=input,
@@ -127,7 +127,9 @@ def sim(world: World) -> t.Iterator[Simulator]:
 def env(tmp_path: Path, sim: Simulator, world: World) -> Env:
     variables = {
         key: value for key, value in os.environ.items()
-        if not key.startswith(("SYNCER_", "GLOBUS_", "STATE_DIRECTORY", "CONFIGURATION_DIRECTORY", "NOTIFY_SOCKET", "JOURNAL_STREAM"))
+        if not key.startswith(
+            ("SYNCER_", "GLOBUS_", "STATE_DIRECTORY", "CONFIGURATION_DIRECTORY", "NOTIFY_SOCKET", "JOURNAL_STREAM")
+        )
     }
     variables.update(sim.env)
     variables["HOME"] = str(tmp_path / "home")

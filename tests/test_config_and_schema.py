@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import sqlite_utils
-
 from conftest import Env
+
 from syncer import schema
 from syncer.config import GROUPS_SCOPE, TUTORIAL_CLIENT_ID, load_config, parse_duration
 from syncer.errors import ConfigError

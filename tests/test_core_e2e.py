@@ -8,7 +8,14 @@ import stat
 
 from conftest import Env
 from helpers import (
-    admin_groups, current_state, expected_state, has_running_run, my_active_groups, others, state_as_of, wait_for,
+    admin_groups,
+    current_state,
+    expected_state,
+    has_running_run,
+    my_active_groups,
+    others,
+    state_as_of,
+    wait_for,
 )
 
 
@@ -91,7 +98,7 @@ def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
     world.set_role(g1, g1_others[1], "manager")
     world.set_status(g2, g2_member, "removed")
     world.rename_group(g3, "Renamed group")
-    left = [gid for gid in my_active_groups(world) if gid not in managed][0]
+    left = next(gid for gid in my_active_groups(world) if gid not in managed)
     left_members = {k for k in before if k[0] == left}
     world.set_status(left, world.me, "left")
 
@@ -109,7 +116,8 @@ def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
     expected = {
         ("added", g1, added, None, "member", None, "active"),
         ("removed", g1, g1_others[0], *_removed(before[(g1, g1_others[0])])),
-        ("changed", g1, g1_others[1], before[(g1, g1_others[1])][0], "manager", before[(g1, g1_others[1])][1], before[(g1, g1_others[1])][1]),
+        ("changed", g1, g1_others[1], before[(g1, g1_others[1])][0], "manager",
+         before[(g1, g1_others[1])][1], before[(g1, g1_others[1])][1]),
         ("changed", g2, g2_member, before[(g2, g2_member)][0], before[(g2, g2_member)][0], before[(g2, g2_member)][1], "removed"),
     } | {("removed", left, i, *_removed(before[(left, i)])) for (_, i) in left_members}
     assert changes == expected
@@ -128,7 +136,8 @@ def _removed(old: tuple[str, str]) -> tuple[str, None, str, None]:
 def test_unchanged_sync_adds_only_its_run_row(logged_in: Env) -> None:
     env = logged_in
     assert env.run("sync").returncode == 0
-    counts = lambda: [env.query(f"SELECT count(*) FROM {t}")[0][0] for t in ("membership_history", "memberships", "identities", "groups")]  # noqa: E731
+    tables = ("membership_history", "memberships", "identities", "groups")
+    counts = lambda: [env.query(f"SELECT count(*) FROM {t}")[0][0] for t in tables]  # noqa: E731
     before = counts()
     assert env.run("sync").returncode == 0
     assert counts() == before

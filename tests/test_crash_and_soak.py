@@ -26,9 +26,9 @@ import typing as t
 from pathlib import Path
 
 import pytest
-
 from conftest import Env, record
 from helpers import current_state, expected_state, state_as_of
+
 from syncer.simulator import World
 from syncer.token_store import TokenStore
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import globus_sdk
 import pytest
-
 from conftest import Env, record
 from helpers import current_state, expected_state, wait_for
 
@@ -58,7 +58,7 @@ def test_run_snapshots_repeatedly_and_picks_up_changes(logged_in: Env) -> None:
         wait_for(lambda: finished_runs(env) >= 1, what="first run")
         newcomer = env.world.add_member(next(iter(env.world.groups)))
         wait_for(lambda: finished_runs(env) >= 3, timeout=30, what="three runs")
-        code, out, err, elapsed = stop(daemon)
+        code, _out, err, elapsed = stop(daemon)
     finally:
         if daemon.poll() is None:
             daemon.kill()
@@ -80,7 +80,7 @@ def test_sigterm_while_idle_exits_0_quickly(logged_in: Env) -> None:
     daemon = env.popen("run", "--interval", "1h")
     wait_for(lambda: finished_runs(env) >= 1, what="first run")
     time.sleep(0.3)
-    code, out, err, elapsed = stop(daemon)
+    code, _out, err, elapsed = stop(daemon)
     assert code == 0, err
     assert elapsed < 10
     assert [r["status"] for r in runs(env)] == ["ok"]
@@ -98,7 +98,7 @@ def test_stop_during_a_slow_run_leaves_no_half_run(logged_in: Env, sig: int) -> 
     daemon = env.popen("run", "--interval", "1h")
     wait_for(lambda: any(r["status"] == "running" for r in runs(env)), what="the slow run to start")
     time.sleep(1.0)
-    code, out, err, elapsed = stop(daemon, sig)
+    code, _out, err, elapsed = stop(daemon, sig)
     assert code == 0, err
     assert elapsed < 10
     assert [r["status"] for r in runs(env)] == ["ok", "aborted"]
@@ -119,7 +119,7 @@ def test_manual_sync_beside_the_daemon_gets_75(logged_in: Env) -> None:
         assert time.monotonic() - began < 5
         wait_for(lambda: finished_runs(env) >= 1, what="the daemon's run to finish")
     finally:
-        code, out, err, _ = stop(daemon)
+        code, _out, err, _ = stop(daemon)
     assert code == 0, err
     assert len(runs(env)) == 1
 
@@ -131,10 +131,10 @@ def test_daemon_skips_a_tick_while_a_manual_sync_runs(logged_in: Env) -> None:
     manual = env.popen("sync")
     wait_for(lambda: any(r["status"] == "running" for r in runs(env)), what="the manual run")
     daemon = env.popen("run", "--interval", "1h")
-    out, err = manual.communicate(timeout=60)
+    _out, err = manual.communicate(timeout=60)
     assert manual.returncode == 0, err
     time.sleep(0.5)
-    code, dout, derr, _ = stop(daemon)
+    code, _dout, derr, _ = stop(daemon)
     assert code == 0
     assert "another sync holds the lock" in derr
     assert len(runs(env)) == 1
@@ -175,7 +175,7 @@ def test_relogin_while_running_is_picked_up(logged_in: Env) -> None:
         wait_for(lambda: finished_runs(env) >= done + 2, what="runs after re-login")
         assert daemon.poll() is None
     finally:
-        code, out, err, _ = stop(daemon)
+        code, _out, err, _ = stop(daemon)
     assert code == 0, err
     assert _stored_refresh_token(env.tokens) == new_refresh
 
@@ -202,16 +202,14 @@ def test_systemd_notify_messages(logged_in: Env, tmp_path: Path) -> None:
     def collect_until(pred: t.Callable[[], bool], timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not pred():
-            try:
+            with contextlib.suppress(TimeoutError):
                 messages.append(listener.recv(4096).decode())
-            except socket.timeout:
-                pass
 
     daemon = env.popen("run", "--interval", "1h")
     try:
         collect_until(lambda: sum("WATCHDOG=1" in m for m in messages) >= 2 and any("STATUS=last run" in m for m in messages))
     finally:
-        code, out, err, _ = stop(daemon)
+        code, _out, err, _ = stop(daemon)
         collect_until(lambda: any("STOPPING=1" in m for m in messages), timeout=2)
         listener.close()
     assert code == 0, err

@@ -19,12 +19,12 @@ import typing as t
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
-from globus_sdk.transport import RetryCheckResult
-
 import conftest
+import pytest
 from conftest import Env, Result
+from globus_sdk.transport import RetryCheckResult
 from helpers import admin_groups, current_state, expected_state, my_active_groups, others, state_as_of
+
 from syncer.auth import MAX_RETRIES, MAX_RETRY_SLEEP, authorizer_from_store
 from syncer.config import load_config
 from syncer.errors import LoginRequired

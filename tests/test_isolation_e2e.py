@@ -13,9 +13,9 @@ import sqlite3
 import time
 
 import pytest
-
 from conftest import Env
 from helpers import current_state, expected_state
+
 from syncer.history import BATCH_ROWS
 from syncer.simulator import World
 
@@ -65,7 +65,7 @@ def test_readers_see_the_last_whole_run_while_batches_are_applied(logged_in: Env
     assert after != before
     assert current_state(env) == expected_state(env.world)
     mixed = [
-        [("before" if part == b else "after" if part == a else "neither") for part, b, a in zip(view, before, after)]
+        [("before" if part == b else "after" if part == a else "neither") for part, b, a in zip(view, before, after, strict=True)]
         for _, view in seen if view not in (before, after)
     ]
     assert not mixed, f"a reader saw part of a run (memberships, history, runs): {mixed}"

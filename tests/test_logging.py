@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from conftest import Env, record
+
 from syncer import logs
 
 

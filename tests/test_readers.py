@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import Env
 from helpers import wait_for
 from test_daemon_e2e import stop

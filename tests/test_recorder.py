@@ -103,7 +103,7 @@ def normalized(conn: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:
         for row in cursor:
             rows.append(tuple(
                 run_of.get(value, value) if column not in ("finished_at", "pid") else None
-                for column, value in zip(columns, row)
+                for column, value in zip(columns, row, strict=True)
             ))
         tables[table] = rows
     return tables

@@ -18,10 +18,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import globus_sdk
 import pytest
@@ -160,7 +161,7 @@ def test_authorize_redirects_to_app_callback(sim: Simulator) -> None:
     received: list[str] = []
 
     class Callback(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             received.append(self.path)
             self.send_response(200)
             self.send_header("Content-Length", "0")

@@ -13,13 +13,13 @@ from .server import MALFORMED_KINDS, Faults, Simulator, serve, serve_cli
 from .world import ROLES, STATUSES, Membership, World
 
 __all__ = [
-    "World",
-    "Membership",
-    "Simulator",
-    "Faults",
-    "serve",
-    "serve_cli",
+    "MALFORMED_KINDS",
     "ROLES",
     "STATUSES",
-    "MALFORMED_KINDS",
+    "Faults",
+    "Membership",
+    "Simulator",
+    "World",
+    "serve",
+    "serve_cli",
 ]

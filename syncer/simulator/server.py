@@ -17,6 +17,7 @@ Token values are never logged.
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import hashlib
 import html
@@ -35,9 +36,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .world import GROUPS_RESOURCE_SERVER, STATUSES, World
 
@@ -315,10 +317,8 @@ class _HTTPServer(ThreadingHTTPServer):
         with self._sock_lock:
             socks = list(self.open_sockets)
         for s in socks:
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -337,19 +337,19 @@ class _Handler(BaseHTTPRequestHandler):
         # plus delayed ACKs add ~40 ms to every keep-alive response.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+    def do_GET(self) -> None:
         self.server.sim._dispatch(self, "GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.server.sim._dispatch(self, "POST")
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         self.server.sim._dispatch(self, "PUT")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self.server.sim._dispatch(self, "DELETE")
 
-    def do_PATCH(self) -> None:  # noqa: N802
+    def do_PATCH(self) -> None:
         self.server.sim._dispatch(self, "PATCH")
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -1093,7 +1093,10 @@ class Simulator:
             return self._too_many(1)
         if status in _GATEWAY_STATUSES:
             reason = {502: "Bad Gateway", 504: "Gateway Time-out"}[status]
-            page = f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n<center><h1>{status} {reason}</h1></center>\r\n</body>\r\n</html>\r\n"
+            page = (
+                f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n"
+                f"<center><h1>{status} {reason}</h1></center>\r\n</body>\r\n</html>\r\n"
+            )
             return self._send(status, page.encode(), "text/html")
         detail = {
             403: "You do not have access to this group.",

@@ -23,15 +23,16 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
-    "World",
-    "Membership",
+    "FORMAT_NAME",
+    "GROUPS_RESOURCE_SERVER",
     "ROLES",
     "STATUSES",
-    "GROUPS_RESOURCE_SERVER",
-    "FORMAT_NAME",
+    "Membership",
+    "World",
 ]
 
 ROLES: tuple[str, ...] = ("member", "manager", "admin")
@@ -117,7 +118,7 @@ _FOLD = str.maketrans({"Ł": "L", "ł": "l", "ø": "o", "Ø": "O", "ß": "ss", "
 def iso_z(ts: float) -> str:
     """Format an epoch timestamp as ISO 8601 UTC with microseconds and ``Z``."""
     return (
-        _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc)
+        _dt.datetime.fromtimestamp(ts, tz=_dt.UTC)
         .strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     )
 
@@ -145,7 +146,7 @@ class Membership:
     mutators, which also invalidate caches and write the change log.
     """
 
-    __slots__ = ("role", "status", "updated", "extra")
+    __slots__ = ("extra", "role", "status", "updated")
 
     _KEYS = (
         "role", "status", "updated", "status_reason",
@@ -324,8 +325,8 @@ class World:
         others = ids[1:]
 
         stamps = [iso_z(_GEN_EPOCH - rng.random() * _GEN_SPAN) for _ in range(_TS_POOL_SIZE)]
-        statuses, status_w = zip(*_STATUS_WEIGHTS)
-        roles, role_w = zip(*_ROLE_WEIGHTS)
+        statuses, status_w = zip(*_STATUS_WEIGHTS, strict=True)
+        roles, role_w = zip(*_ROLE_WEIGHTS, strict=True)
         # Cumulative weights let rng.choices skip re-summing for each group.
         status_cw = _cumulative(status_w)
         role_cw = _cumulative(role_w)
@@ -355,7 +356,7 @@ class World:
                 st = rng.choices(statuses, cum_weights=status_cw, k=k)
                 ro = rng.choices(roles, cum_weights=role_cw, k=k)
                 ts = rng.choices(stamps, k=k)
-                for iid, s, r_, t in zip(picked, st, ro, ts):
+                for iid, s, r_, t in zip(picked, st, ro, ts, strict=True):
                     extra = None
                     if s == "invited":
                         extra = {
@@ -907,7 +908,7 @@ class World:
                 # JSON: ~10x cheaper than json.dumps over fresh dicts.
                 gid_json = json.dumps(group_id)
                 frags = [self._membership_json(gid_json, i, m) for i, m in items]
-                body = f'{head[:-1]},"memberships":[{",".join(frags)}]}}'.encode("utf-8")
+                body = f'{head[:-1]},"memberships":[{",".join(frags)}]}}'.encode()
                 state = sorted((i, m.role, m.status) for i, m in items)
             else:
                 body = head.encode("utf-8")
