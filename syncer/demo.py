@@ -38,7 +38,9 @@ def _world_changes(world: World) -> list[str]:
     others = [i for i in world.groups[first]["memberships"] if i not in (me, newcomer)]
     world.set_role(first, others[0], "manager")
     done.append(f"{world.identities[others[0]]['username']} became a manager of {world.groups[first]['name']!r}")
-    leaving = [i for i in world.groups[second]["memberships"] if i != me][-1]
+    # an active member, so the change reads as someone losing access
+    members = world.groups[second]["memberships"]
+    leaving = [i for i, m in members.items() if i != me and m.status == "active"][-1]
     world.remove_member(second, leaving)
     done.append(f"{world.identities[leaving]['username']} was removed from {world.groups[second]['name']!r}")
     invited = world.add_member(second, status="invited")
