@@ -59,6 +59,7 @@ class Child:
     wall: float
     rss: int  # bytes, the child's own peak resident set
     cpu: float  # user + system seconds of the child
+    written: int  # bytes the child caused to be written to storage (Linux block I/O accounting)
     requests: int  # HTTP requests the simulator served while it ran
     stdout: str
     stderr: str
@@ -116,6 +117,7 @@ def run_child(cmd: list[str], *, sim: t.Any, cwd: Path, timeout: float = 3600) -
             wall=wall,
             rss=int(reported) if reported else usage.ru_maxrss * 1024,  # KiB on Linux
             cpu=usage.ru_utime + usage.ru_stime,
+            written=usage.ru_oublock * 512,
             requests=requests,
             stdout=out.read(),
             stderr=err.read(),
@@ -238,6 +240,7 @@ class Row:
     requests: int
     rss: int
     cpu: float
+    written: int
     groups: int | None = None
     db_size: int | None = None  # after the first run
     growth: int | None = None  # bytes added to the database by this run
@@ -275,7 +278,7 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
                 log(f"{tag}: baseline second run (unchanged world)")
                 again = base.run()
                 rerun_row = Row(label, latency, "baseline", "rerun", again.wall, again.requests, again.rss, again.cpu,
-                                growth=base.db.stat().st_size - size1, rows_added=base.rows() - rows1)
+                                again.written, growth=base.db.stat().st_size - size1, rows_added=base.rows() - rows1)
         shutil.rmtree(base.folder)
         sync = Syncer(folder / f"syncer{i}", sim)
         log(f"{tag}: syncer cold sync {i + 1}/{repeats}")
@@ -285,7 +288,8 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
     base_wall = statistics.median(c.wall for c in firsts)
     rows.append(Row(
         label, latency, "baseline", "cold", base_wall, max(c.requests for c in firsts), max(c.rss for c in firsts),
-        statistics.median(c.cpu for c in firsts), db_size=size1, rows_added=rows1, memberships=rows1,
+        statistics.median(c.cpu for c in firsts), statistics.median(c.written for c in firsts),
+        db_size=size1, rows_added=rows1, memberships=rows1,
         note=runs_note(firsts),
     ))
     if baseline_rerun:
@@ -294,7 +298,7 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
     size = sync.db.stat().st_size
     rows.append(Row(
         label, latency, "syncer", "cold", statistics.median(c.wall for c in colds), max(c.requests for c in colds),
-        max(c.rss for c in colds), statistics.median(c.cpu for c in colds),
+        max(c.rss for c in colds), statistics.median(c.cpu for c in colds), statistics.median(c.written for c in colds),
         groups=run["groups_synced"], db_size=size, rows_added=sync.history_rows(), changes=run["changes"],
         memberships=run["memberships"],
         note=runs_note(colds),
@@ -308,7 +312,8 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
     rows.append(Row(
         label, latency, "syncer", "unchanged", statistics.mean(u[0].wall for u in unchanged),
         max(u[0].requests for u in unchanged), max(u[0].rss for u in unchanged), statistics.mean(u[0].cpu for u in unchanged),
-        groups=unchanged[-1][3]["groups_synced"], growth=max(u[1] for u in unchanged), rows_added=max(u[2] for u in unchanged),
+        statistics.mean(u[0].written for u in unchanged), groups=unchanged[-1][3]["groups_synced"],
+        growth=max(u[1] for u in unchanged), rows_added=max(u[2] for u in unchanged),
         changes=max(u[3]["changes"] for u in unchanged), note=runs_note([u[0] for u in unchanged], "mean"),
     ))
 
@@ -322,7 +327,7 @@ def scenario(world: t.Any, sim: t.Any, label: str, latency: int, folder: Path, b
     after_run = sync.last_run()
     truth = visible_state(world, touched)
     rows.append(Row(
-        label, latency, "syncer", "churn", churn.wall, churn.requests, churn.rss, churn.cpu,
+        label, latency, "syncer", "churn", churn.wall, churn.requests, churn.rss, churn.cpu, churn.written,
         groups=after_run["groups_synced"], growth=sync.db.stat().st_size - before, rows_added=sync.history_rows() - hist,
         changes=after_run["changes"], expected_changes=diff_count(before_state, truth),
         correct=sync.memberships(touched) == truth, note=f"{len(changes)} world changes in {len(touched)} groups",
@@ -358,7 +363,7 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ("world", "lat", "client", "run", "wall s", "x base", "req/s", "DB after 1st", "growth/run",
+    head = ("world", "lat", "client", "run", "wall s", "x base", "req/s", "DB after 1st", "growth/run", "written",
             "rows added", "peak RSS", "CPU s", "CPU ms/grp", "notes")
     lines = []
     for r in rows:
@@ -378,7 +383,7 @@ def table(rows: list[Row]) -> str:
         lines.append((
             r.world, f"{r.latency_ms} ms", r.client, r.phase, f"{r.wall:.2f}",
             "1.0" if r.client == "baseline" and r.phase == "cold" else f"{r.ratio:.1f}",
-            f"{r.requests / r.wall:,.0f}", fmt_bytes(r.db_size), fmt_bytes(r.growth), rows_added,
+            f"{r.requests / r.wall:,.0f}", fmt_bytes(r.db_size), fmt_bytes(r.growth), fmt_bytes(round(r.written)), rows_added,
             f"{r.rss / MIB:.0f} MiB", f"{r.cpu:.2f}",
             f"{1000 * r.cpu / groups:.2f}" if groups else "", notes,
         ))
@@ -698,8 +703,9 @@ def main() -> None:
               " the baseline re-reads and re-appends everything each run.")
         print("The simulator's render cache is filled before every measured run (where the world fits in it),"
               " so no client pays for rendering that another gets for free.")
-        print("growth/run: bytes the run added to the database file. rows added: history rows (syncer),"
-              " snapshot rows (baseline). unchanged: mean of two runs, worst growth.")
+        print("growth/run: bytes the run added to the database file. written: bytes the client process wrote to"
+              " storage (block I/O accounting; 0 on tmpfs), journal included.")
+        print("rows added: history rows (syncer), snapshot rows (baseline). unchanged: mean of two runs, worst growth.")
         print(f"baseline first run and syncer cold: median of {COLD_RUNS} runs each, alternating, each on a new"
               f" database ({COLD_RUNS_ABOVE_200K} run above 200k memberships).")
         print()
