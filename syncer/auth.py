@@ -91,26 +91,33 @@ class SharedRefreshTokenAuthorizer(globus_sdk.RefreshTokenAuthorizer):
     would both refresh. Here one lock covers checking, refreshing and the
     ``on_refresh`` write, and a 401 only invalidates the token if it is the one the
     failing thread was given (another thread may already have renewed it), so a burst
-    of 401s costs one refresh, never several. A refused refresh token is remembered:
-    every later caller gets the same ``LoginRequired`` without asking Globus again.
+    of 401s costs one refresh, never several. A failed refresh ends the run: it is
+    remembered, and every later caller gets the same error without asking Globus
+    again (``LoginRequired`` for a refused refresh token). Otherwise each group read
+    would retry the refresh in turn and fail as if the group were at fault.
     """
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         self._lock = threading.RLock()
         self._given = threading.local()
-        self._login_required: LoginRequired | None = None
+        self._refresh_failed: SyncerError | None = None
         super().__init__(*args, **kwargs)
 
     def _get_new_access_token(self) -> None:
-        if self._login_required is not None:
-            raise self._login_required
+        if self._refresh_failed is not None:
+            raise self._refresh_failed
         try:
             super()._get_new_access_token()
         except globus_sdk.AuthAPIError as err:
             if is_invalid_grant(err):
-                self._login_required = LoginRequired("Globus Auth rejected the stored refresh token")
-                raise self._login_required from None
-            raise
+                self._refresh_failed = LoginRequired("Globus Auth rejected the stored refresh token")
+            else:
+                self._refresh_failed = SyncerError(f"could not renew the access token: {describe_api_error(err)}")
+            raise self._refresh_failed from None
+        except globus_sdk.NetworkError as err:
+            reason = type(err.underlying_exception).__name__
+            self._refresh_failed = SyncerError(f"could not renew the access token: network error: {reason}")
+            raise self._refresh_failed from None
 
     def get_authorization_header(self) -> str:
         with self._lock:

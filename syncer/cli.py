@@ -58,15 +58,22 @@ class SyncerGroup(click.Group):
             ctx.exit(EXIT_FAILED)
 
 
+class _BadValue(click.BadParameter):
+    """A bad option value: one line on stderr and exit 2, like every other error here."""
+
+    def show(self, file: t.IO[t.Any] | None = None) -> None:
+        click.echo(f"syncer: error: {self.format_message()}", err=True)
+
+
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
     try:
         seconds = parse_duration(value)
     except ValueError as err:
-        raise click.BadParameter(str(err)) from None
+        raise _BadValue(str(err)) from None
     if seconds <= 0:
-        raise click.BadParameter("must be greater than zero")
+        raise _BadValue("must be greater than zero")
     return seconds
 
 

@@ -2,14 +2,16 @@
 
 Search order: ``--config``, ``$SYNCER_CONFIG``, ``$CONFIGURATION_DIRECTORY/syncer.toml``
 (systemd), ``~/.config/syncer/syncer.toml`` if present, else built-in defaults. Every
-key can be overridden by ``SYNCER_<KEY>``. Relative paths resolve against the folder of
-the file they were written in (the working directory for environment variables).
+key can be overridden by ``SYNCER_<KEY>`` (text; lists comma-separated). Relative paths
+resolve against the folder of the file they were written in (the working directory for
+environment variables).
 Unknown keys and wrong types are errors that name the file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -26,16 +28,21 @@ GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_m
 MEMBERSHIP_STATUSES = ("active", "invited", "pending", "rejected", "removed", "left", "declined")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_BARE_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+#: the longest duration accepted: far beyond any sensible interval, far below what
+#: overflows the scheduler's datetime arithmetic (year 9999)
+MAX_DURATION_S = 365 * 86400.0
+#: SQLite takes its busy timeout in milliseconds as a C int (up to ~24.8 days); beyond, it silently becomes 0
+_SQLITE_MAX_BUSY_S = 24 * 86400
 
 
 def parse_duration(text: str) -> float:
-    """Parse ``"15m"``, ``"90s"``, ``"1h30m"`` or a bare number of seconds."""
+    """Parse ``"15m"``, ``"90s"``, ``"1h30m"`` or a bare number of seconds, up to 365 days."""
     text = text.strip().lower()
-    try:
-        return float(text)
-    except ValueError:
-        pass
+    # not float(): it also takes "inf", "nan", "1e400" and "1_000"
+    if _BARE_SECONDS.fullmatch(text):
+        return _bounded_seconds(float(text), repr(text))
     pos, total = 0, 0.0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos:
@@ -44,7 +51,16 @@ def parse_duration(text: str) -> float:
         pos = match.end()
     if pos != len(text) or not text:
         raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 1h)")
-    return total
+    return _bounded_seconds(total, repr(text))
+
+
+def _bounded_seconds(seconds: float, shown: str) -> float:
+    """Return ``seconds`` if it is a number no longer than MAX_DURATION_S, else raise ValueError."""
+    if math.isnan(seconds):
+        raise ValueError(f"not a duration: {shown}")
+    if seconds > MAX_DURATION_S:  # also inf, which float() makes of a long run of digits
+        raise ValueError(f"too long: {shown} (at most 365d)")
+    return seconds
 
 
 def _state_dir() -> Path:
@@ -107,14 +123,20 @@ _KEYS: dict[str, _Key] = {
     "groups": _Key("uuidlist"),
     "my_statuses": _Key("statuslist", lambda v: None if v else "must list at least one status"),
     "http_timeout": _Key("duration", _positive),
-    "busy_timeout": _Key("duration", _not_negative),
+    "busy_timeout": _Key(
+        "duration", lambda v: _not_negative(v) or (None if v <= _SQLITE_MAX_BUSY_S else "must be at most 24d (SQLite's limit)")
+    ),
 }
 
 
-def _convert(kind: str, value: t.Any, base: Path) -> t.Any:
-    """Turn a TOML (or environment) value into the field's type, or raise ValueError."""
+def _convert(kind: str, value: t.Any, base: Path, from_text: bool) -> t.Any:
+    """Turn a TOML value, or an environment variable's text, into the field's type; else raise ValueError.
+
+    Only text (``from_text``) is read as a number or a comma-separated list: a TOML
+    file has types of its own, and a wrong one there is an error.
+    """
     if kind in ("strlist", "uuidlist", "statuslist"):
-        if isinstance(value, str):
+        if from_text:
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError("must be a list of strings")
@@ -126,11 +148,13 @@ def _convert(kind: str, value: t.Any, base: Path) -> t.Any:
                 raise ValueError(f"unknown status {bad[0]!r} (one of {', '.join(MEMBERSHIP_STATUSES)})")
         return tuple(value)
     if kind == "duration":
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError("must be a duration such as \"30s\", \"15m\" or \"1h\"")
-        return parse_duration(str(value))
-    if kind == "int":
         if isinstance(value, str):
+            return parse_duration(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a duration such as \"30s\", \"15m\" or \"1h\"")
+        return _bounded_seconds(float(value), str(value))  # a TOML number: seconds
+    if kind == "int":
+        if from_text:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("must be a whole number")
@@ -183,18 +207,18 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
             spec = _KEYS.get(key)
             if spec is None:
                 raise ConfigError(f"{path}: unknown key {key!r} (known keys: {', '.join(_KEYS)})")
-            values[key] = _checked(spec, raw, path.parent, f"{path}: key {key!r}")
+            values[key] = _checked(spec, raw, path.parent, f"{path}: key {key!r}", from_text=False)
     for key, spec in _KEYS.items():
         env_name = f"SYNCER_{key.upper()}"
         if env_name in os.environ:
             where = f"environment variable {env_name}"
-            values[key] = _checked(spec, os.environ[env_name], Path.cwd(), where)
+            values[key] = _checked(spec, os.environ[env_name], Path.cwd(), where, from_text=True)
     return Config(source=path, **values)
 
 
-def _checked(spec: _Key, raw: t.Any, base: Path, where: str) -> t.Any:
+def _checked(spec: _Key, raw: t.Any, base: Path, where: str, *, from_text: bool) -> t.Any:
     try:
-        value = _convert(spec.kind, raw, base)
+        value = _convert(spec.kind, raw, base, from_text)
     except ValueError as err:
         reason = str(err) if spec.kind not in ("uuid", "uuidlist", "int") else _type_hint(spec.kind)
         raise ConfigError(f"{where}: {reason}") from None

@@ -11,12 +11,14 @@ lets them grow back slowly.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import queue
 import threading
 import time
 import typing as t
+from email.utils import parsedate_to_datetime
 
 import globus_sdk
 import requests
@@ -94,22 +96,19 @@ def pin_environment_proxies(client: globus_sdk.BaseClient) -> None:
     session.trust_env = False
 
 
-def list_my_groups(
-    client: globus_sdk.GroupsClient, statuses: t.Sequence[str], only: t.Sequence[str] = ()
-) -> list[GroupListing]:
+def list_my_groups(client: globus_sdk.GroupsClient, statuses: t.Sequence[str]) -> list[GroupListing]:
     """The groups in which the identity has a membership in one of ``statuses``."""
     response = renewing(lambda: client.get_my_groups(statuses=list(statuses)))
     data = response.data
     if not isinstance(data, list):
         raise GroupReadError("my_groups did not return a list")
-    wanted = set(only)
     seen: set[str] = set()
     listings = []
     for doc in data:
         if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
             log.warning("skipping a my_groups entry without an id")
             continue
-        if (wanted and doc["id"] not in wanted) or doc["id"] in seen:
+        if doc["id"] in seen:
             continue
         seen.add(doc["id"])
         mine = [m for m in doc.get("my_memberships") or [] if isinstance(m, dict)]
@@ -179,6 +178,8 @@ class AdaptiveLimit:
 
     After a 429 every worker also waits until the ``Retry-After`` moment before
     sending again, so the service sees the whole client back off, not one thread.
+    The limit halves once per such pause, as TCP halves its window once per round
+    trip: the 429s answered to reads already in flight report the same congestion.
     """
 
     RECOVER_AFTER = 20  # successful reads per step back up
@@ -214,20 +215,40 @@ class AdaptiveLimit:
             self._cond.notify_all()
 
     def throttled(self, retry_after: float) -> None:
+        """A 429: pause every worker ``retry_after`` seconds and halve the limit, unless
+        still paused for an earlier 429, which only a longer ``retry_after`` extends."""
         with self._cond:
             self.rate_limited += 1
-            self.limit = max(1, self.limit // 2)
             self._streak = 0
-            self._resume_at = max(self._resume_at, time.monotonic() + retry_after)
-            log.info("Globus asked to slow down (429); %d read(s) in flight now", self.limit)
+            now = time.monotonic()
+            if now >= self._resume_at:
+                self.limit = max(1, self.limit // 2)
+                log.info("Globus asked to slow down (429); %d read(s) in flight now", self.limit)
+            self._resume_at = max(self._resume_at, now + retry_after)
 
     def retry_check(self, ctx: RetryContext) -> RetryCheckResult:
         """An SDK retry check that only observes: it tells the limit about 429s."""
         if ctx.response is not None and ctx.response.status_code == 429:
-            header = ctx.response.headers.get("Retry-After", "")
-            # the SDK sleeps at most MAX_RETRY_SLEEP before retrying: pause no longer than that
-            self.throttled(min(float(header), MAX_RETRY_SLEEP) if header.isdigit() else 1.0)
+            self.throttled(self._retry_after(ctx.response.headers.get("Retry-After", "")))
         return RetryCheckResult.no_decision
+
+    @staticmethod
+    def _retry_after(header: str) -> float:
+        """Seconds to pause for a ``Retry-After`` value, delay-seconds or an HTTP-date
+        (RFC 9110); 1 if absent or unreadable. At most MAX_RETRY_SLEEP: the SDK sleeps
+        no longer than that before its retry, so a longer pause would only idle the others."""
+        header = header.strip()
+        if header.isascii() and header.isdigit():  # isdigit alone accepts "²", which float() refuses
+            seconds = float(header)
+        else:
+            try:
+                when = parsedate_to_datetime(header)
+            except (ValueError, OverflowError):
+                return 1.0
+            if when.tzinfo is None:  # the obsolete asctime form names no zone; HTTP dates are GMT
+                when = when.replace(tzinfo=dt.UTC)
+            seconds = when.timestamp() - time.time()
+        return min(max(seconds, 0.0), MAX_RETRY_SLEEP)
 
 
 Outcome = tuple[GroupListing, GroupRead | GroupReadError]

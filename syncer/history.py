@@ -12,11 +12,12 @@ none of it.
 
 Applying while the reads are in flight keeps the database work off the run's
 critical path: SQLite runs each statement without holding the GIL while the reader
-threads wait on the network. Batches rewrite only rows that changed; ``last_seen`` of
-the rows a run saw unchanged is set at the end. So an unchanged run dirties almost no
-pages while it reads, and readers (who must wait while a writer flushes pages to the
-file) are kept out only briefly at its end; a run that changes many rows, like the
-first, may keep them out longer.
+threads wait on the network. Batches write only what changed: current state lives in
+``membership_state`` and ``identity_state``, and the ``memberships`` and ``identities``
+views derive ``last_seen`` from each group's last read (``groups.last_seen``). So an
+unchanged run writes its run row and the ``groups`` rows, and readers (who must wait
+while a writer flushes pages to the file) are kept out only briefly at its end; a run
+that changes many rows, like the first, may keep them out longer.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from syncer.schema import utc_now
 # quick and the staging tables stay small.
 BATCH_ROWS = 2000
 
-# stage_groups and stage_memberships hold the batch being staged. stage_known
-# remembers the groups read whose memberships earlier runs recorded: only their rows
-# need last_seen set at the end (rows this run wrote already have it).
+# stage_groups and stage_memberships hold the batch being staged; stage_ended the
+# memberships of current state that end (gone from their group's list, or their group
+# gone), about to be removed.
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
 CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_id TEXT PRIMARY KEY);
@@ -52,12 +53,14 @@ CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
     status TEXT, status_reason TEXT, membership_fields TEXT, updated TEXT,
     name TEXT, email TEXT, institution TEXT,
     PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
-CREATE TEMP TABLE IF NOT EXISTS stage_known (group_id TEXT PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS stage_ended (
+    group_id TEXT NOT NULL, identity_id TEXT NOT NULL,
+    PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
 """
-_STAGING_TABLES = ("stage_listed", "stage_gone", "stage_groups", "stage_memberships", "stage_known")
+_STAGING_TABLES = ("stage_listed", "stage_gone", "stage_groups", "stage_memberships", "stage_ended")
 
 # Statements named because the run's changes are counted from what they do: each new
-# history version is one change ('added' or 'changed'), and each membership deleted
+# history version is one change ('added' or 'changed'), and each membership removed
 # from current state is one 'removed' (its version closed with no successor), exactly
 # as membership_changes shows them. :now is the run's time, :run its id.
 _OPEN_VERSIONS = """
@@ -67,13 +70,22 @@ FROM stage_memberships s
 WHERE NOT EXISTS (
   SELECT 1 FROM membership_history h
   WHERE h.group_id = s.group_id AND h.identity_id = s.identity_id AND h.to_run IS NULL)"""
-_REMOVE_UNLISTED_MEMBERSHIPS = """
-DELETE FROM memberships
-WHERE group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
-  SELECT 1 FROM stage_memberships s
-  WHERE s.group_id = memberships.group_id AND s.identity_id = memberships.identity_id)"""
-_REMOVE_GONE_GROUPS_MEMBERSHIPS = "DELETE FROM memberships WHERE group_id IN (SELECT group_id FROM stage_gone)"
-_CHANGES = frozenset((_OPEN_VERSIONS, _REMOVE_UNLISTED_MEMBERSHIPS, _REMOVE_GONE_GROUPS_MEMBERSHIPS))
+_REMOVE_ENDED = """
+DELETE FROM membership_state
+WHERE (group_id, identity_id) IN (SELECT group_id, identity_id FROM stage_ended)"""
+_CHANGES = frozenset((_OPEN_VERSIONS, _REMOVE_ENDED))
+
+# Ending the memberships in stage_ended. Each identity keeps when it was last seen in
+# a membership that ended: its group's last read, taken before this run's reads move
+# it (the identities view adds the groups it is still in).
+_END_MEMBERSHIPS = (
+    """UPDATE identity_state SET last_seen_ended = max(last_seen_ended, (
+         SELECT max(g.last_seen) FROM stage_ended e JOIN groups g ON g.id = e.group_id
+         WHERE e.identity_id = identity_state.id))
+       WHERE id IN (SELECT identity_id FROM stage_ended)""",
+    _REMOVE_ENDED,
+    "DELETE FROM stage_ended",
+)
 
 # Once the identity's groups are listed: groups no longer among them are removed, with
 # their memberships, and their history closed.
@@ -83,16 +95,33 @@ _APPLY_LISTING = (
     "UPDATE groups SET removed_at = :now WHERE id IN (SELECT group_id FROM stage_gone)",
     """UPDATE membership_history SET valid_to = :now, to_run = :run
        WHERE to_run IS NULL AND group_id IN (SELECT group_id FROM stage_gone)""",
-    _REMOVE_GONE_GROUPS_MEMBERSHIPS,
+    """INSERT INTO stage_ended SELECT group_id, identity_id FROM membership_state
+       WHERE group_id IN (SELECT group_id FROM stage_gone)""",
+    *_END_MEMBERSHIPS,
 )
 
 # One batch: the groups in stage_groups were read in full and their memberships are
 # in stage_memberships. Groups that were listed but failed to read are never staged:
 # untouched. Each statement is driven by the batch's rows through an index, so a
-# batch costs what it holds, not what the database holds.
+# batch costs what it holds, not what the database holds. Only what changed is
+# written: an unchanged group costs its groups row (last_seen) and nothing else.
 _APPLY_BATCH = (
-    """INSERT OR IGNORE INTO stage_known SELECT id FROM stage_groups g WHERE EXISTS (
-         SELECT 1 FROM memberships m WHERE m.group_id = g.id AND m.last_seen IS NOT :now)""",
+    # close the versions that changed or vanished
+    """UPDATE membership_history SET valid_to = :now, to_run = :run
+       WHERE to_run IS NULL AND group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
+         SELECT 1 FROM stage_memberships s
+         WHERE s.group_id = membership_history.group_id
+           AND s.identity_id = membership_history.identity_id
+           AND s.role IS membership_history.role
+           AND s.status IS membership_history.status)""",
+    # open a version for every staged membership without a current one
+    _OPEN_VERSIONS,
+    # memberships the read no longer lists end, before the groups' last_seen moves
+    """INSERT INTO stage_ended SELECT m.group_id, m.identity_id FROM membership_state m
+       WHERE m.group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
+         SELECT 1 FROM stage_memberships s
+         WHERE s.group_id = m.group_id AND s.identity_id = m.identity_id)""",
+    *_END_MEMBERSHIPS,
     """INSERT INTO groups (id, name, description, parent_id, group_type, group_visibility,
            group_members_visibility, members_visible, my_role, my_status, first_seen, last_seen)
        SELECT id, name, description, parent_id, group_type, group_visibility,
@@ -104,58 +133,36 @@ _APPLY_BATCH = (
            group_members_visibility = excluded.group_members_visibility,
            members_visible = excluded.members_visible, my_role = excluded.my_role,
            my_status = excluded.my_status, last_seen = excluded.last_seen, removed_at = NULL""",
-    # close the versions that changed or vanished
-    """UPDATE membership_history SET valid_to = :now, to_run = :run
-       WHERE to_run IS NULL AND group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
-         SELECT 1 FROM stage_memberships s
-         WHERE s.group_id = membership_history.group_id
-           AND s.identity_id = membership_history.identity_id
-           AND s.role IS membership_history.role
-           AND s.status IS membership_history.status)""",
-    # open a version for every staged membership without a current one
-    _OPEN_VERSIONS,
-    # memberships the read no longer lists
-    _REMOVE_UNLISTED_MEMBERSHIPS,
-    # new memberships, and changed ones rewritten; unchanged rows are left alone here
-    # (their last_seen is set by _APPLY_END)
-    """INSERT INTO memberships (group_id, identity_id, username, role, status, status_reason,
-           membership_fields, updated, first_seen, last_seen)
+    # new memberships, and changed ones rewritten; unchanged rows are left alone
+    """INSERT INTO membership_state (group_id, identity_id, username, role, status, status_reason,
+           membership_fields, updated, first_seen)
        SELECT group_id, identity_id, username, role, status, status_reason,
-           membership_fields, updated, :now, :now
+           membership_fields, updated, :now
        FROM stage_memberships WHERE true
        ON CONFLICT (group_id, identity_id) DO UPDATE SET username = excluded.username,
            role = excluded.role, status = excluded.status, status_reason = excluded.status_reason,
-           membership_fields = excluded.membership_fields, updated = excluded.updated,
-           last_seen = excluded.last_seen
-       WHERE memberships.username IS NOT excluded.username OR memberships.role IS NOT excluded.role
-          OR memberships.status IS NOT excluded.status
-          OR memberships.status_reason IS NOT excluded.status_reason
-          OR memberships.membership_fields IS NOT excluded.membership_fields
-          OR memberships.updated IS NOT excluded.updated""",
-    # identities: new ones, and known ones the first time this run meets them (for
-    # last_seen) or when a detail changed; a detail missing now keeps its earlier value
-    """INSERT INTO identities (id, username, name, email, institution, first_seen, last_seen)
+           membership_fields = excluded.membership_fields, updated = excluded.updated
+       WHERE membership_state.username IS NOT excluded.username
+          OR membership_state.role IS NOT excluded.role
+          OR membership_state.status IS NOT excluded.status
+          OR membership_state.status_reason IS NOT excluded.status_reason
+          OR membership_state.membership_fields IS NOT excluded.membership_fields
+          OR membership_state.updated IS NOT excluded.updated""",
+    # identities: new ones, and known ones whose details changed; a detail missing now
+    # keeps its earlier value
+    """INSERT INTO identity_state (id, username, name, email, institution, first_seen, last_seen_ended)
        SELECT identity_id, username, name, email, institution, :now, :now
        FROM stage_memberships WHERE true ORDER BY identity_id
        ON CONFLICT (id) DO UPDATE SET username = excluded.username,
-           name = coalesce(excluded.name, identities.name),
-           email = coalesce(excluded.email, identities.email),
-           institution = coalesce(excluded.institution, identities.institution),
-           last_seen = excluded.last_seen
-       WHERE identities.last_seen IS NOT excluded.last_seen
-          OR identities.username IS NOT excluded.username
-          OR (excluded.name IS NOT NULL AND excluded.name IS NOT identities.name)
-          OR (excluded.email IS NOT NULL AND excluded.email IS NOT identities.email)
-          OR (excluded.institution IS NOT NULL AND excluded.institution IS NOT identities.institution)""",
+           name = coalesce(excluded.name, identity_state.name),
+           email = coalesce(excluded.email, identity_state.email),
+           institution = coalesce(excluded.institution, identity_state.institution)
+       WHERE identity_state.username IS NOT excluded.username
+          OR (excluded.name IS NOT NULL AND excluded.name IS NOT identity_state.name)
+          OR (excluded.email IS NOT NULL AND excluded.email IS NOT identity_state.email)
+          OR (excluded.institution IS NOT NULL AND excluded.institution IS NOT identity_state.institution)""",
     "DELETE FROM stage_groups",
     "DELETE FROM stage_memberships",
-)
-
-# Once every group has been read: last_seen of the earlier runs' memberships this run
-# saw unchanged (the batches leave those rows alone).
-_APPLY_END = (
-    """UPDATE memberships SET last_seen = :now
-       WHERE group_id IN (SELECT group_id FROM stage_known) AND last_seen IS NOT :now""",
 )
 
 
@@ -221,11 +228,15 @@ class Recorder:
         self.in_flight = in_flight
         self._params = {"now": run.started_at, "run": run.run_id}
         self._staged = 0  # membership rows staged since the last batch was applied
-        self._listed = 0
+        self._to_read = 0
 
-    def listed(self, listings: t.Collection[GroupListing]) -> None:
-        """Open the run's transaction; remove the groups the identity no longer belongs to."""
-        self._listed = len(listings)
+    def listed(self, listings: t.Collection[GroupListing], to_read: int | None = None) -> None:
+        """Open the run's transaction; remove the groups the identity no longer belongs to.
+
+        ``listings`` are all the identity's groups; ``to_read``: how many of them this
+        run reads (default: all).
+        """
+        self._to_read = len(listings) if to_read is None else to_read
         conn = self.db.conn
         conn.execute("BEGIN")
         conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
@@ -247,7 +258,7 @@ class Recorder:
         )
         self.run.groups_synced += 1
         self._staged += len(read.memberships)
-        unread = self._listed - self.run.groups_synced - self.run.groups_failed
+        unread = self._to_read - self.run.groups_synced - self.run.groups_failed
         if self._staged >= self.batch_rows or unread <= self.in_flight:
             self._apply_batch()
 
@@ -276,7 +287,6 @@ class Recorder:
         run.status = "partial" if run.groups_failed else "ok"
         run.exit_code = EXIT_PARTIAL if run.groups_failed else EXIT_OK
         self._apply_batch()
-        self._execute(_APPLY_END)
         _write_run_row(self.db, run)
         self.db.conn.commit()
         return run

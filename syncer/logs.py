@@ -2,9 +2,12 @@
 
 Under systemd (stderr connected to the journal, per ``$JOURNAL_STREAM``) lines carry
 no timestamp of their own, since journald adds one, and start with a ``<N>`` syslog
-priority prefix so ``journalctl -p warning`` works. A redacting filter replaces any
-known token value with ``[redacted]`` as a last line of defence: syncer never logs
-tokens on purpose, but a library's debug output could carry one.
+priority prefix so ``journalctl -p warning`` works. Messages carry text from Globus
+(group names, set by any group admin), so no format lets a line break in one start
+what reads as a record of its own: every journald line carries the record's prefix,
+text continuation lines are indented, and JSON escapes every line break. A redacting
+filter replaces any known token value with ``[redacted]`` as a last line of defence:
+syncer never logs tokens on purpose, but a library's debug output could carry one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ _SECRETS_LOCK = threading.Lock()
 
 # syslog priorities for the journald prefix
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+# characters per journald line: even at 6 bytes each (a surrogate escaped as \udcxx)
+# a chunk stays under journald's default LineMax, beyond which it cuts a line itself
+_JOURNAL_CHUNK = 4096
+# line breaks json.dumps leaves as they are when ensure_ascii is off (str.splitlines honours them)
+_JSON_RAW_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def register_secret(value: str | None) -> None:
@@ -56,9 +64,29 @@ class _RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-class JournalFormatter(_RedactingFormatter):
+class TextFormatter(_RedactingFormatter):
+    """Continuation lines (a traceback, a line break in a message) are indented, so only
+    a record's first line starts at the margin with its timestamp."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITY.get(record.levelno, 6)}>{super().format(record)}"
+        return "\n  ".join(super().format(record).splitlines())
+
+
+class JournalFormatter(_RedactingFormatter):
+    """Every line carries the record's ``<N>`` priority: journald makes each line an
+    entry of its own and reads a prefix at its start, so an unprefixed continuation
+    line would take the default priority, or a ``<0>`` within a message its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in _journal_lines(super().format(record)))
+
+
+def _journal_lines(text: str) -> list[str]:
+    """``text`` cut wherever journald would end an entry: at a line break, at NUL, and
+    within a line too long for its LineMax (48K bytes by default)."""
+    lines = [piece for line in text.splitlines() for piece in line.split("\0")] or [""]
+    return [line[i : i + _JOURNAL_CHUNK] for line in lines for i in range(0, max(len(line), 1), _JOURNAL_CHUNK)]
 
 
 class JSONFormatter(logging.Formatter):
@@ -75,7 +103,7 @@ class JSONFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, ensure_ascii=False))
+        return redact(json.dumps(entry, ensure_ascii=False)).translate(_JSON_RAW_BREAKS)
 
 
 def configure(verbosity: int, log_format: str) -> None:
@@ -86,7 +114,7 @@ def configure(verbosity: int, log_format: str) -> None:
     elif stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:
-        formatter = _RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+        formatter = TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%SZ")
         formatter.converter = time.gmtime
         handler.setFormatter(formatter)
     root = logging.getLogger()
@@ -96,3 +124,6 @@ def configure(verbosity: int, log_format: str) -> None:
     logging.getLogger("syncer").setLevel(ours)
     # APScheduler logs every job start and finish at INFO: keep it to warnings
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    # the SDK warns of each request that ran out of retries; syncer reports what that
+    # request was for (the group, the listing, the renewal) itself, so show it with -v
+    logging.getLogger("globus_sdk").setLevel({2: logging.DEBUG, 1: logging.WARNING}.get(min(verbosity, 2), logging.ERROR))

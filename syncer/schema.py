@@ -108,6 +108,47 @@ def _drop_valid_from_index(db: sqlite_utils.Database) -> None:
     db.execute("DROP INDEX IF EXISTS idx_history_valid_from")
 
 
+@migrations(name="0003_current_state_tables")
+def _current_state_tables(db: sqlite_utils.Database) -> None:
+    # memberships and identities become views over these tables. Their last_seen is
+    # derived from the group's last read, so an unchanged run no longer rewrites every
+    # row (and, with the rollback journal, every page twice) just to move it.
+    db.executescript(
+        """
+        DROP VIEW IF EXISTS active_members;
+        DROP VIEW IF EXISTS membership_changes;
+        CREATE TABLE membership_state (
+            group_id TEXT NOT NULL,
+            identity_id TEXT NOT NULL,
+            username TEXT,
+            role TEXT,
+            status TEXT,
+            status_reason TEXT,
+            membership_fields TEXT,
+            updated TEXT,
+            first_seen TEXT NOT NULL,
+            PRIMARY KEY (group_id, identity_id)
+        ) WITHOUT ROWID;
+        INSERT INTO membership_state
+        SELECT group_id, identity_id, username, role, status, status_reason, membership_fields, updated, first_seen
+        FROM memberships ORDER BY group_id, identity_id;
+        DROP TABLE memberships;
+        CREATE TABLE identity_state (
+            id TEXT PRIMARY KEY,
+            username TEXT,
+            name TEXT,
+            email TEXT,
+            institution TEXT,
+            first_seen TEXT NOT NULL,
+            last_seen_ended TEXT NOT NULL
+        );
+        INSERT INTO identity_state
+        SELECT id, username, name, email, institution, first_seen, last_seen FROM identities ORDER BY id;
+        DROP TABLE identities;
+        """
+    )
+
+
 # name -> CREATE statement. ensure_schema creates and replaces these; an index taken
 # out of this list needs a migration that drops it (as 0002 does). One open history
 # row per membership is enforced by the unique partial index, which is also what the
@@ -122,11 +163,28 @@ INDEXES: dict[str, str] = {
     "idx_history_from_run": "CREATE INDEX idx_history_from_run ON membership_history(from_run)",
     "idx_history_to_run": "CREATE INDEX idx_history_to_run"
     " ON membership_history(to_run) WHERE to_run IS NOT NULL",
-    "idx_memberships_identity": "CREATE INDEX idx_memberships_identity ON memberships(identity_id)",
+    "idx_membership_state_identity": "CREATE INDEX idx_membership_state_identity ON membership_state(identity_id)",
     "idx_sync_runs_started": "CREATE INDEX idx_sync_runs_started ON sync_runs(started_at)",
 }
 
 VIEWS: dict[str, str] = {
+    # The current state. A membership was last seen when its group was last read
+    # (groups.last_seen), so that is not stored per row.
+    "memberships": """
+CREATE VIEW memberships AS
+SELECT m.group_id, m.identity_id, m.username, m.role, m.status, m.status_reason,
+       m.membership_fields, m.updated, m.first_seen, g.last_seen
+FROM membership_state m
+JOIN groups g ON g.id = m.group_id""",
+    # An identity was last seen at the latest read of a group it is still in, or when
+    # it was last seen in a membership that has since ended, whichever is later.
+    "identities": """
+CREATE VIEW identities AS
+SELECT i.id, i.username, i.name, i.email, i.institution, i.first_seen,
+       max(i.last_seen_ended, coalesce((
+         SELECT max(g.last_seen) FROM membership_state m JOIN groups g ON g.id = m.group_id
+         WHERE m.identity_id = i.id), i.last_seen_ended)) AS last_seen
+FROM identity_state i""",
     # A version that began in run R is 'added' unless an older version ended in R
     # ('changed'); a version that ended in R with no successor is 'removed'.
     "membership_changes": """
@@ -140,14 +198,14 @@ JOIN sync_runs r ON r.id = n.from_run
 LEFT JOIN membership_history o
   ON o.group_id = n.group_id AND o.identity_id = n.identity_id AND o.to_run = n.from_run
 LEFT JOIN groups g ON g.id = n.group_id
-LEFT JOIN identities i ON i.id = n.identity_id
+LEFT JOIN identity_state i ON i.id = n.identity_id
 UNION ALL
 SELECT r.started_at, r.id, o.group_id, g.name, o.identity_id, i.username, 'removed',
        o.role, NULL, o.status, NULL
 FROM membership_history o
 JOIN sync_runs r ON r.id = o.to_run
 LEFT JOIN groups g ON g.id = o.group_id
-LEFT JOIN identities i ON i.id = o.identity_id
+LEFT JOIN identity_state i ON i.id = o.identity_id
 WHERE NOT EXISTS (
   SELECT 1 FROM membership_history n
   WHERE n.group_id = o.group_id AND n.identity_id = o.identity_id AND n.from_run = o.to_run
@@ -155,7 +213,7 @@ WHERE NOT EXISTS (
     "active_members": """
 CREATE VIEW active_members AS
 SELECT m.group_id, g.name AS group_name, m.identity_id, m.username, m.role
-FROM memberships m
+FROM membership_state m
 JOIN groups g ON g.id = m.group_id
 WHERE m.status = 'active'""",
 }

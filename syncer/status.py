@@ -14,6 +14,7 @@ import typing as t
 
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, EXIT_LOGIN_REQUIRED, EXIT_OK, EXIT_PARTIAL, StorageError
+from syncer.lock import is_held
 from syncer.schema import connect, parse_time
 from syncer.token_store import TokenStore
 
@@ -71,10 +72,10 @@ def database_state(config: Config) -> dict[str, t.Any]:
             "history_rows": _scalar(db, "SELECT count(*) FROM membership_history"),
             "runs": _scalar(db, "SELECT count(*) FROM sync_runs"),
         }
-        state["recent_runs"] = list(
+        runs = state["recent_runs"] = list(
             db.query(
                 "SELECT id, started_at, finished_at, status, groups_synced, groups_failed,"
-                " memberships, changes, error, exit_code FROM sync_runs ORDER BY id DESC LIMIT ?",
+                " memberships, changes, error, exit_code, pid FROM sync_runs ORDER BY id DESC LIMIT ?",
                 [RECENT_RUNS],
             )
         )
@@ -86,7 +87,17 @@ def database_state(config: Config) -> dict[str, t.Any]:
         raise StorageError(f"{path}: cannot read database: {err}") from None
     finally:
         db.close()
+    state["sync_in_progress"] = bool(runs) and runs[0]["status"] == "running" and _sync_running(config)
     return state
+
+
+def _sync_running(config: Config) -> bool:
+    """Whether a sync is running on the database: it holds the sync lock. A ``running``
+    row alone does not tell: a killed run leaves one, which the next sync marks ``aborted``."""
+    try:
+        return is_held(config.lock_path)
+    except OSError:
+        return True  # the lock is not readable by this user: cannot tell, so do not call the run dead
 
 
 def _scalar(db: t.Any, sql: str) -> int:
@@ -94,22 +105,33 @@ def _scalar(db: t.Any, sql: str) -> int:
 
 
 def assess(config: Config, tokens: dict[str, t.Any], database: dict[str, t.Any]) -> Health:
-    """Turn the state into the documented exit code and a one-line verdict."""
+    """Turn the state into the documented exit code and a one-line verdict.
+
+    A sync in progress does not hide the verdict: the latest finished run is judged.
+    """
     runs = database.get("recent_runs") or []
+    if runs and runs[0]["status"] == "running" and database.get("sync_in_progress"):
+        health = _judge(config, tokens, database, runs[1:])
+        health.verdict += f"; run {runs[0]['id']} is in progress"
+        return health
+    return _judge(config, tokens, database, runs)
+
+
+def _judge(config: Config, tokens: dict[str, t.Any], database: dict[str, t.Any], runs: list[dict[str, t.Any]]) -> Health:
     latest = runs[0] if runs else None
     if not tokens.get("logged_in") and "error" not in tokens:
         return Health(EXIT_LOGIN_REQUIRED, "login required: no usable tokens; run `syncer login`")
     if latest and latest["exit_code"] == EXIT_LOGIN_REQUIRED:
         return Health(EXIT_LOGIN_REQUIRED, "login required: Globus rejected the refresh token; run `syncer login`")
     if latest is None:
-        return Health(EXIT_FAILED, "no run recorded yet")
+        return Health(EXIT_FAILED, "no finished run yet")
     last_ok = database.get("last_success_at")
     if last_ok:
         age = (dt.datetime.now(dt.UTC) - parse_time(last_ok)).total_seconds()
         if age > 3 * config.interval:
             return Health(EXIT_FAILED, f"stale: last successful run was {_ago(age)} ago (interval {_ago(config.interval)})")
-    if latest["status"] == "running":
-        return Health(EXIT_OK if last_ok else EXIT_FAILED, f"run {latest['id']} is running")
+    if latest["status"] == "running":  # and no sync holds the lock: its process ended without finishing
+        return Health(EXIT_FAILED, f"aborted: run {latest['id']} ended without finishing (the next sync marks it aborted)")
     if latest["status"] == "ok":
         return Health(EXIT_OK, f"ok: run {latest['id']} at {latest['started_at']}")
     if latest["status"] == "partial":

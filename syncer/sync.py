@@ -112,11 +112,11 @@ def run_sync(
                 # tokens are read fresh each run, so a new `syncer login` applies without restarts
                 with TokenStore(config.token_storage) as store:
                     client, limit = _groups_client(config, store)
-                    listings = _list_groups(config, client)
-                    with GroupReader(client, listings, limit, cancelled) as reads:
+                    mine, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
+                    with GroupReader(client, to_read, limit, cancelled) as reads:
                         opening = True
                         recording = _Recording(config, started_at)
-                        _record(recording, listings, reads, config.concurrency, cancelled, progress)
+                        _record(recording, mine, to_read, reads, config.concurrency, cancelled, progress)
             except BaseException as err:
                 if not opening:
                     recording = _Recording.opened_for_failure(config, started_at)
@@ -138,6 +138,37 @@ def run_sync(
     return run
 
 
+_T = t.TypeVar("_T")
+
+
+def _unless_cancelled(work: t.Callable[[], _T], cancelled: threading.Event) -> _T:
+    """``work()``, in a thread, unless the run is cancelled first.
+
+    Listing the groups is one request whose retries and timeouts can take minutes
+    when Globus stalls; a stop asked for meanwhile (SIGTERM, whose grace under
+    systemd is shorter) must not wait for it. The abandoned request ends with its
+    timeout in a daemon thread that nothing waits for.
+    """
+    done = threading.Event()
+    outcome: list[t.Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as err:  # noqa: BLE001 - raised again in the caller's thread
+            outcome.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="syncer-listing", daemon=True).start()
+    while not done.wait(0.1):
+        if cancelled.is_set():
+            raise Cancelled("stopped while listing the groups; nothing was recorded")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return t.cast(_T, outcome[0])
+
+
 def _groups_client(config: Config, store: TokenStore) -> tuple[globus_sdk.GroupsClient, AdaptiveLimit]:
     authorizer = authorizer_from_store(config, store)
     limit = AdaptiveLimit(config.concurrency)
@@ -148,28 +179,36 @@ def _groups_client(config: Config, store: TokenStore) -> tuple[globus_sdk.Groups
     return client, limit
 
 
-def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> list[GroupListing]:
-    """The groups to read, in group id order.
+def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[list[GroupListing], list[GroupListing]]:
+    """The identity's groups, and those of them to read (``groups`` in the config, or
+    all), each in group id order.
 
-    In id order, each batch lands after the previous one in the ``(group_id, ...)``
+    A group is gone only when it is no longer among the identity's groups: one left
+    out of ``groups`` is not read and stays as it was, never recorded as removed. In
+    id order, each batch lands after the previous one in the ``(group_id, ...)``
     indexes, which SQLite appends to far faster than it inserts.
     """
     try:
-        listings = list_my_groups(client, config.my_statuses, config.groups)
+        mine = list_my_groups(client, config.my_statuses)
     except globus_sdk.GlobusAPIError as err:
         raise SyncerError(f"could not list your groups: {describe_api_error(err)}") from None
     except (globus_sdk.NetworkError, GroupReadError) as err:
         raise SyncerError(f"could not list your groups: {err}") from None
-    missing = set(config.groups) - {g.id for g in listings}
+    mine.sort(key=lambda listing: listing.id)
+    if not config.groups:
+        return mine, mine
+    wanted = set(config.groups)
+    to_read = [listing for listing in mine if listing.id in wanted]
+    missing = wanted - {listing.id for listing in to_read}
     if missing:
         log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
-    listings.sort(key=lambda listing: listing.id)
-    return listings
+    return mine, to_read
 
 
 def _record(
     recording: _Recording,
-    listings: list[GroupListing],
+    mine: list[GroupListing],
+    to_read: list[GroupListing],
     reads: GroupReader,
     in_flight: int,
     cancelled: threading.Event,
@@ -180,7 +219,7 @@ def _record(
     began = time.monotonic()
     run = recording.run
     recorder = Recorder(recording.db, run, in_flight=in_flight)
-    recorder.listed(listings)
+    recorder.listed(mine, to_read=len(to_read))
     for listing, outcome in reads:
         if isinstance(outcome, GroupRead):
             recorder.read(outcome)
@@ -188,12 +227,12 @@ def _record(
             recorder.failed(listing.id, str(outcome))
             log.warning("group %s (%s) not read: %s", listing.id, listing.name, outcome)
         if progress:
-            progress(run.groups_synced + run.groups_failed, len(listings))
+            progress(run.groups_synced + run.groups_failed, len(to_read))
     if cancelled.is_set():
         raise Cancelled("stopped before the run finished; nothing from it was recorded")
     fetched = time.monotonic()
     recorder.finish()
     log.debug(
         "read and staged %d groups in %.2fs, finished recording in %.2fs",
-        len(listings), fetched - began, time.monotonic() - fetched,
+        len(to_read), fetched - began, time.monotonic() - fetched,
     )

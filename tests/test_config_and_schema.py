@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,9 @@ from syncer.config import GROUPS_SCOPE, TUTORIAL_CLIENT_ID, load_config, parse_d
 from syncer.errors import ConfigError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "groups-0.1.0.db"
+MEMBERSHIP_COLUMNS = ("group_id, identity_id, username, role, status, status_reason, membership_fields, updated,"
+                      " first_seen, last_seen")
+IDENTITY_COLUMNS = "id, username, name, email, institution, first_seen, last_seen"
 
 
 @pytest.fixture(autouse=True)
@@ -33,7 +39,9 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "m", "15x", "1h 30m", "-5s", "15m3"])
+@pytest.mark.parametrize(
+    "text", ["", "m", "15x", "1h 30m", "-5s", "15m3", "inf", "nan", "1e400", "1_000", "366d", "9" * 400 + "s"]
+)
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
@@ -109,31 +117,71 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ('interval = "soon"', "interval"),
         ("interval = 0", "interval"),
         ('client_id = "not-a-uuid"', "client_id"),
-        ('scopes = "one"', None),  # a string is a one-element list: allowed
+        ('scopes = "one"', "scopes"),
         ("scopes = []", "scopes"),
         ('my_statuses = ["asleep"]', "my_statuses"),
         ('groups = ["nope"]', "groups"),
         ("database = 3", "database"),
         ("jitter = -1", "jitter"),
         ('surprise = "key"', "surprise"),
+        # text an environment variable would be read from is not a number or a list in a file
+        ('concurrency = "8"', "concurrency"),
+        ('groups = "d3974728-6458-11e4-b72d-123139141556"', "groups"),
+        ('my_statuses = "active"', "my_statuses"),
+        # no infinite or absurdly long durations: they overflowed the scheduler's arithmetic
+        ('interval = "inf"', "interval"),
+        ('interval = "1e400"', "interval"),
+        ('interval = "nan"', "interval"),
+        ("interval = inf", "interval"),
+        ("interval = nan", "interval"),
+        ("interval = 1e400", "interval"),
+        ('interval = "1000000d"', "interval"),
+        ('jitter = "inf"', "jitter"),
+        ("jitter = inf", "jitter"),
+        ('busy_timeout = "30d"', "busy_timeout"),  # SQLite would silently wait not at all
     ],
 )
-def test_invalid_values_name_file_and_key(tmp_path: Path, body: str, key: str | None) -> None:
+def test_invalid_values_name_file_and_key(tmp_path: Path, body: str, key: str) -> None:
     conf = tmp_path / "syncer.toml"
     conf.write_text(body + "\n")
-    if key is None:
-        load_config(conf)
-        return
     with pytest.raises(ConfigError) as caught:
         load_config(conf)
     assert str(conf) in str(caught.value) and f"'{key}'" in str(caught.value)
     assert caught.value.exit_code == 78
 
 
-def test_invalid_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SYNCER_CONCURRENCY", "lots")
-    with pytest.raises(ConfigError, match="SYNCER_CONCURRENCY"):
+def test_file_values_keep_their_toml_types(tmp_path: Path) -> None:
+    conf = tmp_path / "syncer.toml"
+    conf.write_text(
+        'interval = 90\njitter = 1.5\nhttp_timeout = "10s"\nconcurrency = 8\nscopes = ["a"]\n'
+        'groups = ["d3974728-6458-11e4-b72d-123139141556"]\nmy_statuses = ["active", "invited"]\n'
+    )
+    config = load_config(conf)
+    assert (config.interval, config.jitter, config.http_timeout, config.concurrency) == (90, 1.5, 10, 8)
+    assert config.scopes == ("a",) and config.my_statuses == ("active", "invited")
+    assert config.groups == ("d3974728-6458-11e4-b72d-123139141556",)
+
+
+@pytest.mark.parametrize(
+    "name, value", [("SYNCER_CONCURRENCY", "lots"), ("SYNCER_INTERVAL", "inf"), ("SYNCER_JITTER", "nan")]
+)
+def test_invalid_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
         load_config()
+
+
+@pytest.mark.parametrize("interval", ["inf", "nan", "1e400", "366d"])
+def test_run_interval_option_is_a_usage_error(tmp_path: Path, interval: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
+    env["SYNCER_CONFIG"] = str(tmp_path / "absent.toml")  # never read: the option is checked first
+    result = subprocess.run(
+        [sys.executable, "-m", "syncer", "run", "--interval", interval],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("syncer: error: ")
+    assert "'--interval'" in result.stderr and repr(interval) in result.stderr
 
 
 def test_missing_and_unreadable_files(tmp_path: Path) -> None:
@@ -161,11 +209,11 @@ def test_changed_view_definition_is_replaced(tmp_path: Path) -> None:
     db = schema.open_database(tmp_path / "g.db")
     db.execute("DROP VIEW active_members")
     db.execute("CREATE VIEW active_members AS SELECT 1 AS stale")
-    db.execute("DROP INDEX idx_memberships_identity")
+    db.execute("DROP INDEX idx_membership_state_identity")
     db.close()
     db = schema.open_database(tmp_path / "g.db")
     assert "group_name" in db["active_members"].columns_dict
-    assert "idx_memberships_identity" in {i.name for i in db["memberships"].indexes}
+    assert "idx_membership_state_identity" in {i.name for i in db["membership_state"].indexes}
     db.close()
 
 
@@ -176,8 +224,10 @@ def test_first_release_database_is_upgraded_in_place(tmp_path: Path, monkeypatch
     old = sqlite3.connect(path)
     history_before = old.execute("SELECT * FROM membership_history ORDER BY id").fetchall()
     runs_before = old.execute("SELECT * FROM sync_runs ORDER BY id").fetchall()
+    memberships_before = old.execute(f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships ORDER BY 1, 2").fetchall()
+    identities_before = old.execute(f"SELECT {IDENTITY_COLUMNS} FROM identities ORDER BY 1").fetchall()
     old.close()
-    assert history_before and runs_before
+    assert history_before and runs_before and memberships_before and identities_before
 
     # a later release's migration, as the next version would add it
     later = sqlite_utils.Migrations("syncer")
@@ -197,6 +247,11 @@ def test_first_release_database_is_upgraded_in_place(tmp_path: Path, monkeypatch
         assert indexes == {name for name, sql in schema.INDEXES.items() if "ON membership_history" in sql}
         assert db.execute("SELECT * FROM membership_history ORDER BY id").fetchall() == history_before
         assert db.execute("SELECT * FROM sync_runs ORDER BY id").fetchall() == runs_before
+        # 0003: the tables became views over membership_state and identity_state, with
+        # the same rows and the same last_seen, now derived
+        assert db.execute(f"SELECT {MEMBERSHIP_COLUMNS} FROM memberships ORDER BY 1, 2").fetchall() == memberships_before
+        assert db.execute(f"SELECT {IDENTITY_COLUMNS} FROM identities ORDER BY 1").fetchall() == identities_before
+        assert set(db.view_names()) >= {"memberships", "identities"}
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         db.close()

@@ -106,6 +106,23 @@ def test_stop_during_a_slow_run_leaves_no_half_run(logged_in: Env, sig: int) -> 
     assert_no_half_run(env)
 
 
+@pytest.mark.parametrize("command", [("run", "--interval", "1h"), ("sync",)])
+def test_stop_while_listing_the_groups_does_not_wait_for_globus(logged_in: Env, command: tuple[str, ...]) -> None:
+    """A stalled my_groups request must not hold a stop past systemd's grace."""
+    env = logged_in
+    env.write_config(http_timeout="60s")
+    env.sim.latency_ms = 20_000  # every request, my_groups included, answers after 20 s
+    proc = env.popen(*command)
+    wait_for(lambda: env.sim.stats["in_flight_requests"] >= 1, what="the my_groups request")
+    code, _out, err, elapsed = stop(proc)
+    assert elapsed < 5, err
+    assert "Traceback" not in err
+    assert code == (0 if command[0] == "run" else 1), err
+    assert [(r["status"], r["error"]) for r in runs(env)] == [
+        ("aborted", "stopped while listing the groups; nothing was recorded")
+    ]
+
+
 def test_manual_sync_beside_the_daemon_gets_75(logged_in: Env) -> None:
     env = logged_in
     env.write_config(concurrency=1)

@@ -372,8 +372,9 @@ def test_adaptive_limit_retry_check_only_observes() -> None:
     assert limit.retry_check(Ctx(Resp(429, {"Retry-After": "2"}))) is RetryCheckResult.no_decision  # type: ignore[arg-type]
     assert (limit.limit, limit.rate_limited) == (4, 1)
     assert limit._resume_at - began == pytest.approx(2, abs=0.1)
+    # a second 429 during that pause is the same congestion: no second halving
     limit.retry_check(Ctx(Resp(429, {"Retry-After": "soon"})))  # type: ignore[arg-type]
-    assert limit.limit == 2
+    assert (limit.limit, limit.rate_limited) == (4, 2)
     # a huge Retry-After pauses the workers no longer than the SDK sleeps before its retry
     fresh = AdaptiveLimit(8)
     began = time.monotonic()
@@ -498,6 +499,37 @@ def test_refused_refresh_token_is_asked_about_once(logged_in: Env, shared_author
         with pytest.raises(LoginRequired, match="syncer login"):
             worker(authorizer.get_authorization_header)
     assert env.sim.stats["refresh_grants_failed"] == 1
+
+
+@pytest.mark.parametrize("world", [(16, 4)], indirect=True)
+@pytest.mark.parametrize("when", ["at start", "mid-run"])
+def test_globus_auth_down_when_the_token_needs_renewing_fails_the_run_once(logged_in: Env, when: str) -> None:
+    """Auth answering 502 is one failure of the run (exit 1), not one per group read."""
+    env, world = logged_in, logged_in.world
+    assert env.run("sync").returncode == 0
+    before = dump(env, exclude={"sync_runs"})
+    world.add_member(admin_groups(world)[0])  # a change that must not be recorded
+    env.sim.faults.token_error = 502
+    env.sim.reset_stats()
+    if when == "at start":
+        env.sim.expire_access_tokens()
+        result = env.run("sync")
+    else:
+        env.sim.latency_ms = 300
+        proc = env.popen("sync")
+        deadline = time.monotonic() + 30
+        while env.sim.stats["in_flight_group_reads"] < 8 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        env.sim.expire_access_tokens()
+        out, err = proc.communicate(timeout=120)
+        conftest.record(out, err)
+        result = Result(proc.returncode, out, err)
+    assert_clean_failure(result, 1, "could not renew the access token", "HTTP 502")
+    # one refresh, with the SDK's own retries; not one per group
+    assert 1 <= env.sim.stats["requests"]["token"] <= 5
+    assert dump(env, exclude={"sync_runs"}) == before
+    run = last_run(env)
+    assert run["status"] == "failed" and "could not renew the access token" in run["error"]
 
 
 # ------------------------------------------------------ 6. refresh token revoked

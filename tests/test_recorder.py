@@ -148,10 +148,47 @@ def test_what_the_runs_recorded(tmp_path: Path) -> None:
         "SELECT m.group_id || '/' || m.identity_id, r.id FROM memberships m JOIN sync_runs r ON r.started_at = m.last_seen"
     ).fetchall())
     assert last_seen == {"g1/bob": 4, "g1/carol": 4, "g1/frank": 4, "g2/alice": 4, "g3/erin": 4}
+    # dave was last seen in g2 in run 1: run 2 could not read it, run 3 no longer listed him
+    assert last_seen_runs(conn) == {"alice": 4, "bob": 4, "carol": 4, "dave": 1, "erin": 4, "frank": 4}
     removed = conn.execute("SELECT id FROM groups WHERE removed_at IS NOT NULL").fetchall()
     assert removed == []  # g3 came back
     identity = conn.execute("SELECT name, email FROM identities WHERE id = 'alice'").fetchone()
     assert identity == ("Alice", "alice@example.org")
+
+
+def last_seen_runs(conn: sqlite3.Connection) -> dict[str, int]:
+    """Each identity's last_seen, as the id of the run that started then."""
+    return dict(conn.execute(
+        "SELECT i.id, r.id FROM identities i JOIN sync_runs r ON r.started_at = i.last_seen"
+    ).fetchall())
+
+
+def test_identities_last_seen_keeps_when_memberships_ended(tmp_path: Path) -> None:
+    conn = record(tmp_path / "groups.db", RUNS[:2], batch_rows=1)
+    # run 2: g3 gone (erin was only there), g2 not read (dave only there; alice also in g1)
+    assert last_seen_runs(conn) == {"alice": 2, "bob": 2, "carol": 2, "dave": 1, "erin": 1, "frank": 2}
+
+
+def test_an_unchanged_run_writes_only_its_row_and_the_groups(tmp_path: Path) -> None:
+    """Page by page: the run's row, the groups' last_seen, and the file's header."""
+    path = tmp_path / "groups.db"
+    record(path, RUNS[2:], batch_rows=1).close()
+    before = path.read_bytes()
+    conn = record(path, RUNS[3:], batch_rows=1)
+    after = path.read_bytes()
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    try:
+        owners = dict(conn.execute("SELECT pageno, name FROM dbstat").fetchall())
+    except sqlite3.OperationalError:
+        pytest.skip("this SQLite has no dbstat table")
+    assert len(after) == len(before)
+    changed = {
+        owners[number + 1]
+        for number in range(len(after) // page_size)
+        if before[number * page_size:(number + 1) * page_size] != after[number * page_size:(number + 1) * page_size]
+    }
+    assert changed <= {"sqlite_schema", "sync_runs", "sqlite_sequence", "idx_sync_runs_started", "groups"}
+    assert "groups" in changed and "sync_runs" in changed
 
 
 def test_a_failed_run_leaves_no_trace_but_its_row(tmp_path: Path) -> None:

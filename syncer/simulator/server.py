@@ -105,6 +105,8 @@ class Faults:
             "429", "stall", "truncated" (other statuses and the malformed
             kinds work too).
         random_stall_s: how long a random "stall" holds the response.
+        token_error: an HTTP status (e.g. 502) the Auth token endpoint answers
+            every request with, as when Globus Auth is down; None: it works.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class Faults:
         self.malformed: dict[str, str] = {}
         # groups whose session policy (e.g. high assurance) the token's session fails
         self.session_required: set[str] = set()
+        self.token_error: int | None = None
         self.random_rate: float = random_rate
         self.random_kinds: list[str] = [str(k) for k in (random_kinds or _RANDOM_KINDS_DEFAULT)]
         self.random_stall_s: float = random_stall_s
@@ -188,6 +191,7 @@ class Faults:
             self.malformed.clear()
             self.random_rate = 0.0
             self._rate_limited = 0
+            self.token_error = None
 
     # -- used by the server
 
@@ -580,11 +584,11 @@ class Simulator:
             return copy.deepcopy(self._stats)
 
     def reset_stats(self) -> None:
-        """Zero every counter (in-flight gauge excepted)."""
+        """Zero every counter (the in-flight gauges excepted)."""
         with self._lock:
-            inflight = self._stats["in_flight_group_reads"]
+            gauges = {key: self._stats[key] for key in ("in_flight_group_reads", "in_flight_requests")}
             self._stats = self._fresh_stats()
-            self._stats["in_flight_group_reads"] = inflight
+            self._stats.update(gauges)
 
     @staticmethod
     def _fresh_stats() -> dict[str, Any]:
@@ -598,6 +602,7 @@ class Simulator:
             # random:<kind>
             "faults": {},
             "in_flight_group_reads": 0,
+            "in_flight_requests": 0,  # every endpoint's, latency included
             "max_concurrent_group_reads": 0,
             "group_reads_ok": 0,
             "code_exchanges": 0,
@@ -632,9 +637,10 @@ class Simulator:
         # Group reads are "in flight" from arrival (latency included) until
         # their response is ready, which is what a client's concurrency shows.
         group_read = bool(_GROUP_READ_RE.fullmatch(path))
-        if group_read:
-            with self._lock:
-                st = self._stats
+        with self._lock:
+            st = self._stats
+            st["in_flight_requests"] += 1
+            if group_read:
                 st["in_flight_group_reads"] += 1
                 st["max_concurrent_group_reads"] = max(
                     st["max_concurrent_group_reads"], st["in_flight_group_reads"]
@@ -647,8 +653,9 @@ class Simulator:
             log.exception("simulator error on %s %s", method, path)
             resp = self._json(500, {"code": "INTERNAL_SERVER_ERROR", "detail": "simulator bug", "status": 500})
         finally:
-            if group_read:
-                with self._lock:
+            with self._lock:
+                self._stats["in_flight_requests"] -= 1
+                if group_read:
                     self._stats["in_flight_group_reads"] -= 1
         # Bookkeeping happens before the bytes go out, so a client that has
         # its response can rely on stats/read_log already reflecting it.
@@ -686,6 +693,8 @@ class Simulator:
                 return self._only(method, "GET") or self._auth_code_page(query)
             if sub == "/v2/oauth2/token":
                 self._count("requests", "token")
+                if self.faults.token_error is not None:
+                    return self._status_error(self.faults.token_error)
                 return self._only(method, "POST", oauth=True) or self._token(h, body)
             if sub == "/v2/oauth2/token/revoke":
                 self._count("requests", "revoke")
