@@ -145,6 +145,28 @@ def test_unchanged_sync_adds_only_its_run_row(logged_in: Env) -> None:
     assert env.query("SELECT changes FROM sync_runs WHERE id = 2")[0][0] == 0
 
 
+def test_groups_setting_leaves_the_groups_it_omits_as_they_were(logged_in: Env) -> None:
+    env, world = logged_in, logged_in.world
+    assert env.run("sync").returncode == 0
+    first = current_state(env)
+    kept, omitted = admin_groups(world)[:2]
+    joined_kept, joined_omitted = world.add_member(kept), world.add_member(omitted)
+    env.write_config(groups=[kept])
+    result = env.run("sync")
+    assert result.returncode == 0, result.output
+    changes = [tuple(r) for r in env.query("SELECT change, group_id, identity_id FROM membership_changes WHERE run_id = 2")]
+    assert changes == [("added", kept, joined_kept)]  # nothing recorded as removed
+    assert env.query("SELECT count(*) FROM groups WHERE removed_at IS NOT NULL")[0][0] == 0
+    assert current_state(env) == {**first, (kept, joined_kept): ("member", "active")}
+    assert env.query("SELECT groups_synced FROM sync_runs WHERE id = 2")[0][0] == 1
+    # all groups again: only what changed meanwhile in the omitted group is new
+    env.write_config()
+    assert env.run("sync").returncode == 0
+    changes = [tuple(r) for r in env.query("SELECT change, group_id, identity_id FROM membership_changes WHERE run_id = 3")]
+    assert changes == [("added", omitted, joined_omitted)]
+    assert current_state(env) == expected_state(world)
+
+
 def test_expired_access_token_is_renewed_and_stored(logged_in: Env) -> None:
     env = logged_in
     stored = lambda: sqlite3.connect(env.tokens).execute("SELECT token_data_json FROM token_storage").fetchall()  # noqa: E731
