@@ -302,7 +302,8 @@ def finish_without_changes(
     if db.conn.in_transaction:
         db.conn.rollback()
     run.status, run.error, run.exit_code = status, error, exit_code
-    run.changes = 0  # the rollback undid whatever the batches had changed
+    # the rollback undid whatever the batches had recorded
+    run.groups_synced = run.memberships = run.changes = 0
     with db.atomic():
         _write_run_row(db, run)
 

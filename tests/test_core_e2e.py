@@ -228,6 +228,24 @@ def test_failing_group_exits_3_and_keeps_its_rows(logged_in: Env) -> None:
     assert current_state(env) == expected_state(env.world)
 
 
+def test_no_group_readable_is_a_failed_run_not_a_partial_one(logged_in: Env) -> None:
+    env, world = logged_in, logged_in.world
+    assert env.run("sync").returncode == 0
+    before = current_state(env)
+    gone = my_active_groups(world)[-1]
+    world.set_status(gone, world.me, "left")  # would be recorded as gone by a partial run
+    for gid in my_active_groups(world):
+        env.sim.faults.set_group_error(gid, 502)
+    result = env.run("sync")
+    assert result.returncode == 1, result.output
+    assert "none of the" in result.stderr and "groups could be read" in result.stderr
+    assert current_state(env) == before
+    run = env.query("SELECT * FROM sync_runs WHERE id = 2")[0]
+    assert (run["status"], run["groups_synced"], run["changes"]) == ("failed", 0, 0)
+    assert run["groups_failed"] == len(my_active_groups(world))
+    assert env.run("status").returncode == 1
+
+
 def test_overlapping_sync_exits_75(logged_in: Env) -> None:
     env = logged_in
     env.sim.latency_ms = 400

@@ -203,7 +203,8 @@ def test_a_failed_run_leaves_no_trace_but_its_row(tmp_path: Path) -> None:
     assert db.execute("SELECT count(*) FROM memberships").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM membership_history").fetchone()[0] == 0
     assert db.execute("SELECT count(*) FROM identities").fetchone()[0] == 0
-    assert db.execute("SELECT status, error, changes FROM sync_runs").fetchall() == [("aborted", "stopped", 0)]
+    assert db.execute("SELECT status, error, groups_synced, memberships, changes FROM sync_runs").fetchall() == [
+        ("aborted", "stopped", 0, 0, 0)]
 
 
 @pytest.mark.parametrize("batch_rows", [1, 3, 10**9])
