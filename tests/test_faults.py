@@ -501,6 +501,23 @@ def test_refused_refresh_token_is_asked_about_once(logged_in: Env, shared_author
     assert env.sim.stats["refresh_grants_failed"] == 1
 
 
+def sync_expiring_tokens(env: Env, when: str, in_flight: int) -> Result:
+    """A sync whose access token Globus stops accepting "at start" or "mid-run" (once
+    ``in_flight`` group reads are under way, each then meeting a 401)."""
+    if when == "at start":
+        env.sim.expire_access_tokens()
+        return env.run("sync")
+    env.sim.latency_ms = 300
+    proc = env.popen("sync")
+    deadline = time.monotonic() + 30
+    while env.sim.stats["in_flight_group_reads"] < in_flight and time.monotonic() < deadline:
+        time.sleep(0.005)
+    env.sim.expire_access_tokens()
+    out, err = proc.communicate(timeout=120)
+    conftest.record(out, err)
+    return Result(proc.returncode, out, err)
+
+
 @pytest.mark.parametrize("world", [(16, 4)], indirect=True)
 @pytest.mark.parametrize("when", ["at start", "mid-run"])
 def test_globus_auth_down_when_the_token_needs_renewing_fails_the_run_once(logged_in: Env, when: str) -> None:
@@ -511,19 +528,7 @@ def test_globus_auth_down_when_the_token_needs_renewing_fails_the_run_once(logge
     world.add_member(admin_groups(world)[0])  # a change that must not be recorded
     env.sim.faults.token_error = 502
     env.sim.reset_stats()
-    if when == "at start":
-        env.sim.expire_access_tokens()
-        result = env.run("sync")
-    else:
-        env.sim.latency_ms = 300
-        proc = env.popen("sync")
-        deadline = time.monotonic() + 30
-        while env.sim.stats["in_flight_group_reads"] < 8 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        env.sim.expire_access_tokens()
-        out, err = proc.communicate(timeout=120)
-        conftest.record(out, err)
-        result = Result(proc.returncode, out, err)
+    result = sync_expiring_tokens(env, when, in_flight=8)
     assert_clean_failure(result, 1, "could not renew the access token", "HTTP 502")
     # one refresh, with the SDK's own retries; not one per group
     assert 1 <= env.sim.stats["requests"]["token"] <= 5
@@ -548,20 +553,10 @@ def test_revoked_refresh_token_exits_77_and_writes_only_the_run_row(logged_in: E
         world.remove_member(gid, others(world, gid)[0])
     env.sim.revoke_all_refresh_tokens(status=status)
     env.sim.reset_stats()
-    if when == "at start":
-        env.sim.expire_access_tokens()
-        result = env.run("sync")
-    else:
+    if when == "mid-run":
         env.write_config(concurrency=6)
-        env.sim.latency_ms = 300
-        proc = env.popen("sync")
-        deadline = time.monotonic() + 30
-        while env.sim.stats["in_flight_group_reads"] < 6 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        env.sim.expire_access_tokens()
-        out, err = proc.communicate(timeout=60)
-        conftest.record(out, err)
-        result = Result(proc.returncode, out, err)
+    result = sync_expiring_tokens(env, when, in_flight=6)
+    if when == "mid-run":
         assert env.sim.stats["responses_by_status"].get("401", 0) >= 6
     assert_clean_failure(result, 77, "syncer login")
     # a refused refresh token is asked about once, however many threads met a 401
