@@ -45,7 +45,7 @@ class SyncerGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SyncerError as err:
-            click.echo(f"syncer: error: {redact(str(err))}", err=True)
+            click.echo(f"syncer: error: {_one_line(str(err))}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("syncer: interrupted", err=True)
@@ -54,8 +54,15 @@ class SyncerGroup(click.Group):
             raise
         except Exception as err:  # last resort: one line, not a traceback
             log.debug("unexpected error", exc_info=True)
-            click.echo(f"syncer: internal error: {type(err).__name__}: {redact(str(err))} (run with -vv for details)", err=True)
+            reason = f"{type(err).__name__}: {_one_line(str(err))}"
+            click.echo(f"syncer: internal error: {reason} (run with -vv for details)", err=True)
             ctx.exit(EXIT_FAILED)
+
+
+def _one_line(message: str) -> str:
+    """An error message as one line, tokens redacted: it may quote Globus (a group's
+    name, an error's detail), whose text can hold line breaks."""
+    return " ".join(redact(message).split())
 
 
 class _BadValue(click.BadParameter):

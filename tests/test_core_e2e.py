@@ -284,6 +284,11 @@ def test_bad_config_exits_78_naming_file_and_key(env: Env) -> None:
     result = env.run("sync")
     assert result.returncode == 78 and "invalid TOML" in result.stderr
     assert not env.database.exists()
+    # an error quoting text with a line break is still one line
+    odd = env.tmp / "two\nlines.toml"
+    result = env.run("--config", str(odd), "sync")
+    assert result.returncode == 78 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("syncer: error: ") and "two lines.toml" in result.stderr
 
 
 def test_sync_without_login_exits_77(env: Env) -> None:
