@@ -205,6 +205,15 @@ def test_schema_is_idempotent(tmp_path: Path) -> None:
     db.close()
 
 
+def test_membership_changes_finds_the_previous_version_by_membership(tmp_path: Path) -> None:
+    """Not through every version the run closed (47 s against 0.6 s over 31 runs)."""
+    db = schema.open_database(tmp_path / "g.db")
+    plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN SELECT * FROM membership_changes WHERE run_id = 2")]
+    db.close()
+    lookups = [step for step in plan if step.startswith("SEARCH o ")]
+    assert lookups and all("idx_history_membership (group_id=? AND identity_id=?)" in s for s in lookups[:1]), plan
+
+
 def test_changed_view_definition_is_replaced(tmp_path: Path) -> None:
     db = schema.open_database(tmp_path / "g.db")
     db.execute("DROP VIEW active_members")
