@@ -112,6 +112,10 @@ def _not_negative(value: t.Any) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+def _sqlite_busy_timeout(value: t.Any) -> str | None:
+    return _not_negative(value) or (None if value <= _SQLITE_MAX_BUSY_S else "must be at most 24d (SQLite's limit)")
+
+
 _KEYS: dict[str, _Key] = {
     "client_id": _Key("uuid"),
     "scopes": _Key("strlist", lambda v: None if v else "must list at least one scope"),
@@ -123,9 +127,7 @@ _KEYS: dict[str, _Key] = {
     "groups": _Key("uuidlist"),
     "my_statuses": _Key("statuslist", lambda v: None if v else "must list at least one status"),
     "http_timeout": _Key("duration", _positive),
-    "busy_timeout": _Key(
-        "duration", lambda v: _not_negative(v) or (None if v <= _SQLITE_MAX_BUSY_S else "must be at most 24d (SQLite's limit)")
-    ),
+    "busy_timeout": _Key("duration", _sqlite_busy_timeout),
 }
 
 
