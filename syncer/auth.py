@@ -136,8 +136,30 @@ class SharedRefreshTokenAuthorizer(globus_sdk.RefreshTokenAuthorizer):
             super().ensure_valid_token()
 
 
+class _WriteBack:
+    """``on_refresh``: store renewed tokens, but only over the grant they renew.
+
+    The authorizer calls it under its lock, so calls never overlap.
+    """
+
+    def __init__(self, store: TokenStore, refresh_token: str) -> None:
+        self.store = store
+        self.grant = refresh_token  # the refresh token the next renewal uses
+
+    def __call__(self, response: globus_sdk.OAuthTokenResponse) -> None:
+        renewed_from = self.grant
+        issued = response.by_resource_server.get(GROUPS_RESOURCE_SERVER, {})
+        self.grant = issued.get("refresh_token") or renewed_from
+        if not self.store.save_renewal(response, renewed_from):
+            log.warning(
+                "the stored tokens changed during this run (a `syncer login` or `logout` meanwhile); "
+                "the renewed access token serves this run only and was not stored"
+            )
+
+
 def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTokenAuthorizer:
-    """Build the renewing authorizer from stored tokens; renewals are written back."""
+    """Build the renewing authorizer from stored tokens; renewals are written back
+    unless a login or logout replaced the stored tokens meanwhile."""
     tokens = store.groups_tokens()
     if tokens is None:
         raise LoginRequired(f"not logged in (no tokens in {store.path})")
@@ -148,7 +170,7 @@ def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTok
         auth_client(config),
         access_token=tokens.access_token,
         expires_at=tokens.expires_at_seconds,
-        on_refresh=store.save,
+        on_refresh=_WriteBack(store, tokens.refresh_token),
     )
 
 

@@ -6,10 +6,15 @@ start, never chmod-ed afterwards). The SDK opens one connection with
 ``check_same_thread=True``; tokens here are renewed from whichever worker thread meets
 an expired token, so the connection is opened shareable and every use goes through one
 lock instead.
+
+A sync writes renewed tokens back only over the grant it renewed: a ``syncer login``
+or ``logout`` run meanwhile, in another process, has the last word (see
+``TokenStore.save_renewal``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sqlite3
@@ -31,6 +36,24 @@ GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 _T = t.TypeVar("_T")
 
 
+class _Storage(SQLiteTokenStorage):
+    """The SDK's SQLite storage, plus a way to read and write in one transaction."""
+
+    @contextlib.contextmanager
+    def write_locked(self) -> t.Iterator[None]:
+        """Hold the file's write lock (``BEGIN IMMEDIATE``) for the block, then commit;
+        roll back if it raises. The SDK's own statements inside join the transaction,
+        and its commit ends it early, so the block must end with at most one write."""
+        connection = self._connection
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            connection.rollback()
+            raise
+        connection.commit()
+
+
 class TokenStore:
     """Thread-safe access to the tokens syncer keeps for Globus Groups."""
 
@@ -41,7 +64,7 @@ class TokenStore:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             if path.exists():
                 self._warn_if_exposed()
-            self._storage = SQLiteTokenStorage(
+            self._storage = _Storage(
                 path, connect_params={"check_same_thread": False, "timeout": 15}
             )
             # touch the table so a file that is not a token store fails here, clearly
@@ -101,6 +124,27 @@ class TokenStore:
                 )
             _keep_out_of_logs(data.values())
             self._call(lambda s: s.store_token_data_by_resource_server(data))
+
+    def save_renewal(self, response: globus_sdk.OAuthTokenResponse, renewed_from: str) -> bool:
+        """Store a refresh's tokens, unless the stored grant is no longer the one renewed.
+
+        ``renewed_from`` is the refresh token the refresh used. A ``syncer login
+        --force`` or ``logout`` may have run while a sync was using the tokens it read
+        at its start: writing the renewal back then would put the old grant (perhaps
+        another identity's) over the new login, or tokens back after a logout. The
+        compare and the write hold the file's write lock together, so no other process
+        writes in between. Returns whether the tokens were stored.
+        """
+        with self._lock:
+            try:
+                with self._storage.write_locked():
+                    stored = self.groups_tokens()
+                    if stored is None or stored.refresh_token != renewed_from:
+                        return False
+                    self.save(response)
+            except sqlite3.DatabaseError as err:
+                raise StorageError(f"{self.path}: token store error: {err}") from None
+            return True
 
     def clear(self) -> None:
         """Delete every stored token (one transaction per resource server)."""

@@ -6,6 +6,8 @@ import json
 import sqlite3
 import stat
 
+import globus_sdk
+import pytest
 from conftest import Env
 from helpers import (
     admin_groups,
@@ -17,6 +19,9 @@ from helpers import (
     state_as_of,
     wait_for,
 )
+
+from syncer.config import TUTORIAL_CLIENT_ID
+from syncer.token_store import TokenStore
 
 
 def test_login_stores_tokens_privately_and_names_the_identity(env: Env) -> None:
@@ -179,6 +184,53 @@ def test_expired_access_token_is_renewed_and_stored(logged_in: Env) -> None:
     assert groups_new["access_token"] != groups_old["access_token"]
     assert groups_new["refresh_token"] == groups_old["refresh_token"]
     assert env.sim.stats["refresh_grants"] == 1
+
+
+def _stored_groups_tokens(env: Env) -> tuple[str, str | None]:
+    with TokenStore(env.tokens) as store:
+        data = store.groups_tokens()
+    assert data is not None, "the Groups tokens are gone"
+    return data.access_token, data.refresh_token
+
+
+def test_a_login_during_a_sync_is_not_undone_by_its_renewal(logged_in: Env) -> None:
+    """A sync renews the grant it started with; `login --force` meanwhile has the last word."""
+    env = logged_in
+    env.write_config(concurrency=1, http_timeout="60s")  # one read at a time, none timing out
+    before = _stored_groups_tokens(env)
+    env.sim.faults.hold_reads()
+    sync = env.popen("sync")
+    wait_for(lambda: env.sim.stats["faults"].get("held"), what="the sync's first group read")
+    assert env.login("--force").returncode == 0
+    after_login = _stored_groups_tokens(env)
+    assert after_login[1] != before[1]
+    env.sim.expire_access_tokens()  # the sync's next read needs a renewal of its old grant
+    env.sim.faults.release_reads()
+    _, err = sync.communicate(timeout=60)
+    assert sync.returncode == 0, err
+    assert env.sim.stats["refresh_grants"] == 1
+    assert _stored_groups_tokens(env) == after_login
+    assert "the stored tokens changed during this run" in err
+    assert current_state(env) == expected_state(env.world)
+
+
+def test_a_renewal_after_logout_stores_nothing(logged_in: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write-back stores a renewal only over the grant it renewed; a cleared store stays clear."""
+    env = logged_in
+    for key, value in env.sim.env.items():
+        monkeypatch.setenv(key, value)
+    with TokenStore(env.tokens) as store:
+        data = store.groups_tokens()
+        assert data is not None and data.refresh_token
+        renewal = globus_sdk.NativeAppAuthClient(TUTORIAL_CLIENT_ID).oauth2_refresh_token(data.refresh_token)
+        assert store.save_renewal(renewal, renewed_from="another grant") is False
+        stored = store.groups_tokens()
+        assert stored is not None and stored.to_dict() == data.to_dict()
+        store.clear()  # `syncer logout` in another process, while the renewal was on its way
+        assert store.save_renewal(renewal, renewed_from=data.refresh_token) is False
+        assert store.all_tokens() == {}
+    with TokenStore(env.tokens) as store:
+        assert store.all_tokens() == {}
 
 
 def test_token_near_expiry_is_refreshed_before_use(env: Env) -> None:

@@ -107,6 +107,9 @@ class Faults:
         random_stall_s: how long a random "stall" holds the response.
         token_error: an HTTP status (e.g. 502) the Auth token endpoint answers
             every request with, as when Globus Auth is down; None: it works.
+
+    :meth:`hold_reads` makes group reads wait, after their token was accepted, until
+    :meth:`release_reads`: a test can then act while a client is mid-run.
     """
 
     def __init__(
@@ -136,8 +139,18 @@ class Faults:
         self._rng = random.Random(seed)
         self._rate_limited = 0
         self._retry_after = 1
+        self._released = threading.Event()
+        self._released.set()
 
     # -- public helpers
+
+    def hold_reads(self) -> None:
+        """Make every group read wait (counted as fault ``held``) until :meth:`release_reads`."""
+        self._released.clear()
+
+    def release_reads(self) -> None:
+        """Let held group reads, and later ones, answer."""
+        self._released.set()
 
     def rate_limit(self, n: int, retry_after: int = 1) -> None:
         """Answer the next ``n`` Groups requests with 429 + ``Retry-After``."""
@@ -192,6 +205,7 @@ class Faults:
             self.random_rate = 0.0
             self._rate_limited = 0
             self.token_error = None
+        self.release_reads()
 
     # -- used by the server
 
@@ -973,6 +987,10 @@ class Simulator:
             self._fault("stall")
             tag = "stall"
             self._stop_evt.wait(float(stall))
+        if not faults._released.is_set():
+            self._fault("held")
+            while not faults._released.wait(0.05) and not self._stop_evt.is_set():
+                pass
         include = _split_list(query.get("include"))
         unknown = [v for v in include if v not in _INCLUDE_VALUES]
         if unknown:
