@@ -90,9 +90,17 @@ def _journal_lines(text: str) -> list[str]:
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and error, if any)."""
+    """One JSON object per line: time, level, logger, message (and error, if any).
+
+    Under journald each line starts with the record's ``<N>`` priority, which journald
+    strips: the entry is the JSON object, and ``journalctl -p`` works as with text.
+    """
 
     converter = time.gmtime
+
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -103,14 +111,15 @@ class JSONFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return redact(json.dumps(entry, ensure_ascii=False)).translate(_JSON_RAW_BREAKS)
+        line = redact(json.dumps(entry, ensure_ascii=False)).translate(_JSON_RAW_BREAKS)
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{line}" if self.journal else line
 
 
 def configure(verbosity: int, log_format: str) -> None:
     """Set up the root logger: ``verbosity`` -1 quiet, 0 normal, 1 debug, 2 debug for all."""
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
-        handler.setFormatter(JSONFormatter())
+        handler.setFormatter(JSONFormatter(journal=stderr_is_journal()))
     elif stderr_is_journal():
         handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
     else:

@@ -61,6 +61,19 @@ def test_json_log_format(logged_in: Env) -> None:
     assert any(e["level"] == "info" and e["message"].startswith("run 1 partial") for e in entries)
 
 
+def test_json_lines_under_journald_carry_priorities(logged_in: Env) -> None:
+    env = logged_in
+    env.sim.faults.set_group_error(next(iter(env.world.groups)), 500)
+    code, err = run_with_stderr_pipe(env, "--log-format", "json", "sync", journal=True)
+    assert code == 3, err
+    lines = err.strip().splitlines()
+    entries = {}
+    for line in lines:
+        prefix, _, rest = line.partition(">")
+        entries[json.loads(rest)["level"]] = prefix + ">"
+    assert entries == {"warning": "<4>", "info": "<6>"}
+
+
 def test_quiet_hides_the_summary(logged_in: Env) -> None:
     result = logged_in.run("-q", "sync")
     assert result.returncode == 0
