@@ -214,6 +214,16 @@ def test_membership_changes_finds_the_previous_version_by_membership(tmp_path: P
     assert lookups and all("idx_history_membership (group_id=? AND identity_id=?)" in s for s in lookups[:1]), plan
 
 
+def test_membership_changes_of_the_latest_run_reads_only_that_run(tmp_path: Path) -> None:
+    """A filter with a subquery reaches the view: not a scan of all history (0.63 s against 16 ms over 31 runs)."""
+    db = schema.open_database(tmp_path / "g.db")
+    query = "SELECT * FROM membership_changes WHERE run_id = (SELECT max(id) FROM sync_runs)"
+    plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {query}")]
+    db.close()
+    assert not [step for step in plan if step.startswith("SCAN")], plan
+    assert "SEARCH r USING INTEGER PRIMARY KEY (rowid=?)" in plan, plan
+
+
 def test_changed_view_definition_is_replaced(tmp_path: Path) -> None:
     db = schema.open_database(tmp_path / "g.db")
     db.execute("DROP VIEW active_members")
