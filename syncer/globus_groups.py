@@ -41,6 +41,8 @@ class GroupListing:
     my_role: str | None
     my_status: str | None
     members_visibility: str | None
+    # the identity's own memberships, as stage rows (see GroupRead.memberships)
+    own: tuple[tuple[str | None, ...], ...] = ()
 
     @property
     def members_visible(self) -> bool:
@@ -122,21 +124,45 @@ def list_my_groups(client: globus_sdk.GroupsClient, statuses: t.Sequence[str]) -
                 my_role=_text(mine[0].get("role")) if mine else None,
                 my_status=_text(mine[0].get("status")) if mine else None,
                 members_visibility=_text(policies.get("group_members_visibility")),
+                own=tuple(_membership_row(doc["id"], m) for m in mine if _identity_id(m)),
             )
         )
     return listings
+
+
+def _identity_id(item: t.Any) -> str | None:
+    identity_id = item.get("identity_id") if isinstance(item, dict) else None
+    return identity_id if isinstance(identity_id, str) and identity_id else None
+
+
+def _membership_row(group_id: str, item: dict[str, t.Any]) -> tuple[str | None, ...]:
+    """A membership document as a stage row; the caller has checked its identity_id."""
+    fields = item.get("membership_fields")
+    if not isinstance(fields, dict):
+        fields = {}
+    text = _text
+    return (
+        group_id, item["identity_id"], text(item.get("username")), text(item.get("role")),
+        text(item.get("status")), text(item.get("status_reason")), _JSON(fields),
+        text(item.get("updated")), text(fields.get("name")), text(fields.get("email")),
+        text(fields.get("institution")),
+    )
 
 
 def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
     """Check a ``get_group`` body; raise GroupReadError when it cannot be used.
 
     A membership without an ``identity_id`` makes the whole read unusable.
-    Everything else is kept verbatim, whatever its text.
+    Everything else is kept verbatim, whatever its text. Globus shows a group's
+    memberships to its active members only: for an identity that is invited or
+    pending (``my_statuses``), its own membership from the listing stands in.
     """
     if not isinstance(data, dict):
         raise GroupReadError("response body is not a JSON object")
     memberships = data.get("memberships")
-    if not isinstance(memberships, list):
+    # left out (or empty) for an identity that is not an active member
+    withheld = listing.my_status != "active" and (memberships is None or memberships == [])
+    if not withheld and not isinstance(memberships, list):
         raise GroupReadError("response has no memberships list")
     policies = data.get("policies") if isinstance(data.get("policies"), dict) else {}
     group = {
@@ -151,25 +177,15 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
         "my_role": listing.my_role,
         "my_status": listing.my_status,
     }
+    if withheld:
+        return GroupRead(listing=listing, group=group, memberships=list(listing.own))
     kept: list[tuple[str | None, ...]] = []
-    text = _text
     for item in memberships:
-        identity_id = item.get("identity_id") if isinstance(item, dict) else None
-        if not isinstance(identity_id, str) or not identity_id:
+        if _identity_id(item) is None:
             # whose membership it is cannot be told, and storing the rest would
             # record that member as removed: the whole read is unusable
             raise GroupReadError("a membership without an identity_id; the group is left as it was")
-        fields = item.get("membership_fields")
-        if not isinstance(fields, dict):
-            fields = {}
-        kept.append(
-            (
-                listing.id, identity_id, text(item.get("username")), text(item.get("role")),
-                text(item.get("status")), text(item.get("status_reason")), _JSON(fields),
-                text(item.get("updated")), text(fields.get("name")), text(fields.get("email")),
-                text(fields.get("institution")),
-            )
-        )
+        kept.append(_membership_row(listing.id, item))
     return GroupRead(listing=listing, group=group, memberships=kept)
 
 

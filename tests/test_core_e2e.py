@@ -88,6 +88,33 @@ def test_self_only_group_records_only_own_membership(logged_in: Env) -> None:
         assert [r[0] for r in rows] == [world.me]
 
 
+def test_groups_i_am_invited_to_or_pending_in_record_my_own_membership(logged_in: Env) -> None:
+    """Globus shows such a group, but its memberships only to active members (exit 0, not 3)."""
+    env, world = logged_in, logged_in.world
+    invited, pending = admin_groups(world)[:2]
+    assert env.run("sync").returncode == 0  # run 1: an active admin sees every member
+    world.set_status(invited, world.me, "invited")
+    world.set_status(pending, world.me, "pending")
+    env.write_config(my_statuses=["active", "invited", "pending"])
+    result = env.run("sync")
+    assert result.returncode == 0, result.output
+    rows = env.query("SELECT id, members_visible, my_status, removed_at FROM groups WHERE id IN (?, ?)", [invited, pending])
+    assert sorted(tuple(r) for r in rows) == sorted([(invited, 0, "invited", None), (pending, 0, "pending", None)])
+    role = {gid: world.my_membership(gid).role for gid in (invited, pending)}
+    assert current_state(env) == {
+        **expected_state(world, my_active_groups(world)),
+        (invited, world.me): (role[invited], "invited"),
+        (pending, world.me): (role[pending], "pending"),
+    }
+    # the others' memberships are no longer visible: recorded as removed, as when a
+    # group's visibility narrows; mine is a change of status
+    changes = env.query("SELECT change, count(*) FROM membership_changes WHERE run_id = 2 GROUP BY change")
+    assert dict(tuple(r) for r in changes) == {
+        "changed": 2,
+        "removed": len(others(world, invited)) + len(others(world, pending)),
+    }
+
+
 def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
     env = logged_in
     world = env.world

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from syncer import schema
-from syncer.globus_groups import GroupListing, parse_group
+from syncer.globus_groups import GroupListing, GroupReadError, parse_group
 from syncer.history import Recorder, finish_without_changes, start_run
 
 Member = tuple[str, str, str]  # identity id, role, status
@@ -244,3 +244,23 @@ def test_reads_in_the_tail_are_applied_as_they_arrive(tmp_path: Path) -> None:
     recorder.read(parse_group(third, group_doc(third.id, RUNS[0][third.id] or [])))
     assert applied() == 4  # the last read: applied at once, with what was staged before it
     assert recorder.finish().groups_failed == 1
+
+
+@pytest.mark.parametrize("memberships", ["absent", []])
+def test_a_group_shown_without_its_memberships(memberships: object) -> None:
+    """Left out for an identity that is not an active member; an anomaly for one that is."""
+    doc = group_doc("g1", [])
+    if memberships == "absent":
+        del doc["memberships"]
+    else:
+        doc["memberships"] = memberships
+    own = ("g1", "me", "me@example.org", "member", "invited", None, "{}", None, None, None, None)
+    invited = GroupListing("g1", "g1", "member", "invited", "managers", own=(own,))
+    read = parse_group(invited, doc)
+    assert read.memberships == [own] and read.group["members_visible"] == 0
+    active = GroupListing("g1", "g1", "member", "active", "managers", own=((*own[:4], "active", *own[5:]),))
+    if memberships == "absent":
+        with pytest.raises(GroupReadError, match="no memberships list"):
+            parse_group(active, doc)
+    else:
+        assert parse_group(active, doc).memberships == []

@@ -383,12 +383,23 @@ def test_visibility_rules(sim: Simulator, world: World) -> None:
     assert doc["my_memberships"][0]["identity_id"] == me and "memberships" in doc
     assert "memberships" not in gc.get_group(members_vis, include="my_memberships")
 
-    # Not an active member -> 403; unknown group -> 404.
-    world.set_status(only_me, me, "invited")
+    # Invited or pending: the group, but no memberships (only active members see them),
+    # as Globus documents for GET /v2/groups/{id}.
+    for status in ("invited", "pending"):
+        world.set_status(only_me, me, status)
+        doc = gc.get_group(only_me, include="memberships")
+        assert "memberships" not in doc
+        assert [(m["identity_id"], m["status"]) for m in doc["my_memberships"]] == [(me, status)]
+        assert world.visible_memberships(only_me) == []
+    # Another status in a private group -> 403; in an `authenticated` group anyone may look.
+    world.set_status(only_me, me, "left")
+    world.set_policy(only_me, group_visibility="private")
     with pytest.raises(globus_sdk.GroupsAPIError) as ei:
         gc.get_group(only_me, include="memberships")
     assert (ei.value.http_status, ei.value.code) == (403, "FORBIDDEN")
-    assert world.visible_memberships(only_me) == []
+    world.set_policy(only_me, group_visibility="authenticated")
+    assert "memberships" not in gc.get_group(only_me, include="memberships")
+    # unknown group -> 404
     with pytest.raises(globus_sdk.GroupsAPIError) as ei:
         gc.get_group("00000000-0000-4000-8000-000000000000")
     assert (ei.value.http_status, ei.value.code) == (404, "NOT_FOUND")

@@ -45,6 +45,8 @@ STATUSES: tuple[str, ...] = (
     "left",
     "declined",
 )
+# an own membership in one of these lets an identity view a private group
+VIEWER_STATUSES: tuple[str, ...] = ("active", "invited", "pending")
 VISIBILITIES: tuple[str, ...] = ("members", "managers")
 GROUP_VISIBILITIES: tuple[str, ...] = ("private", "authenticated")
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
@@ -698,16 +700,26 @@ class World:
         return self.groups[group_id]["memberships"].get(identity_id or self.me)
 
     def can_view(self, group_id: str, identity_id: str | None = None) -> bool:
-        """True when the viewer may GET the group (needs an active membership)."""
-        m = self.my_membership(group_id, identity_id)
-        return m is not None and m.status == "active"
+        """True when the viewer may GET the group (see :meth:`_viewable`)."""
+        with self.lock:
+            return self._viewable(self.groups[group_id], identity_id or self.me)
+
+    @staticmethod
+    def _viewable(g: dict[str, Any], viewer: str) -> bool:
+        """Globus Groups' rule: any authenticated user may view an ``authenticated``
+        group; a private one needs an active, invited or pending membership."""
+        own = g["memberships"].get(viewer)
+        if own is not None and own.status in VIEWER_STATUSES:
+            return True
+        return g["policies"].get("group_visibility") == "authenticated"
 
     def _visible_items(self, g: dict[str, Any], viewer: str) -> list[tuple[str, Membership]] | None:
-        """Memberships ``viewer`` may see, or None when the group is forbidden.
+        """Memberships ``viewer`` may see, or None when it may see none.
 
-        Rules: active admin/manager -> everything in every status; active
-        member of a ``members``-visibility group -> every active membership;
-        otherwise only the viewer's own membership.
+        Rules: only active members see memberships (Globus leaves the list out of
+        the document for anyone else); an active admin/manager sees everything in
+        every status; an active member of a ``members``-visibility group every
+        active membership; otherwise only the viewer's own membership.
         """
         mships: dict[str, Membership] = g["memberships"]
         own = mships.get(viewer)
@@ -722,8 +734,8 @@ class World:
     def visible_memberships(self, group_id: str, identity_id: str | None = None) -> list[dict[str, Any]]:
         """Membership documents ``identity_id`` (default me) would be served.
 
-        Returns ``[]`` when the viewer has no active membership (the API
-        answers 403 in that case). Raises ``KeyError`` for unknown groups.
+        Returns ``[]`` when the viewer has no active membership (the API then
+        serves no memberships, or answers 403). Raises ``KeyError`` for unknown groups.
         """
         with self.lock:
             g = self.groups[group_id]
@@ -818,6 +830,15 @@ class World:
             "status": m.status,
         }
 
+    def _my_group_doc(self, group_id: str, g: dict[str, Any], viewer: str) -> dict[str, Any]:
+        """A ``GET /v2/groups/{id}`` document as ``viewer`` sees it, without memberships."""
+        doc = self._group_base_doc(g)
+        own = g["memberships"].get(viewer)
+        doc["my_memberships"] = [self._my_membership_doc(group_id, viewer, own)] if own is not None else []
+        doc["subscription_id"] = None
+        doc["subscription_info"] = None
+        return doc
+
     def _group_base_doc(self, g: dict[str, Any]) -> dict[str, Any]:
         """Group fields common to my_groups and get_group (fixture shape)."""
         return {
@@ -850,7 +871,7 @@ class World:
     ) -> dict[str, Any] | None:
         """A fresh, freely-modifiable ``GET /v2/groups/{id}`` document.
 
-        Returns None when the viewer has no active membership (-> 403);
+        Returns None when the viewer may not view the group (-> 403);
         raises ``KeyError`` for an unknown group (-> 404). Used when a fault
         needs to tamper with the document; normal reads use
         :meth:`render_group`, which is cached.
@@ -858,15 +879,11 @@ class World:
         viewer = viewer or self.me
         with self.lock:
             g = self.groups[group_id]
-            items = self._visible_items(g, viewer)
-            if items is None:
+            if not self._viewable(g, viewer):
                 return None
-            doc = self._group_base_doc(g)
-            own = g["memberships"][viewer]
-            doc["my_memberships"] = [self._my_membership_doc(group_id, viewer, own)]
-            doc["subscription_id"] = None
-            doc["subscription_info"] = None
-            if include_memberships:
+            items = self._visible_items(g, viewer)
+            doc = self._my_group_doc(group_id, g, viewer)
+            if include_memberships and items is not None:
                 # Copy membership_fields: a caller may mutate this document.
                 doc["memberships"] = [
                     {**d, "membership_fields": dict(d["membership_fields"])}
@@ -894,16 +911,13 @@ class World:
             if hit is not None:
                 return hit
             g = self.groups[group_id]
-            items = self._visible_items(g, viewer)
-            if items is None:
+            if not self._viewable(g, viewer):
                 return None
-            doc = self._group_base_doc(g)
-            doc["my_memberships"] = [self._my_membership_doc(group_id, viewer, g["memberships"][viewer])]
-            doc["subscription_id"] = None
-            doc["subscription_info"] = None
+            items = self._visible_items(g, viewer)
+            doc = self._my_group_doc(group_id, g, viewer)
             state: list[tuple[str, str, str]] = []
             head = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
-            if include_memberships:
+            if include_memberships and items is not None:
                 # Splice pre-serialized membership fragments into the group
                 # JSON: ~10x cheaper than json.dumps over fresh dicts.
                 gid_json = json.dumps(group_id)
