@@ -152,6 +152,11 @@ class Faults:
         """Let held group reads, and later ones, answer."""
         self._released.set()
 
+    @property
+    def reads_held(self) -> bool:
+        """Whether group reads wait (:meth:`hold_reads`)."""
+        return not self._released.is_set()
+
     def rate_limit(self, n: int, retry_after: int = 1) -> None:
         """Answer the next ``n`` Groups requests with 429 + ``Retry-After``."""
         with self._lock:
@@ -208,6 +213,11 @@ class Faults:
         self.release_reads()
 
     # -- used by the server
+
+    def _wait_released(self, stopping: threading.Event) -> None:
+        """Wait while reads are held, or until ``stopping`` is set."""
+        while not self._released.wait(0.05) and not stopping.is_set():
+            pass
 
     def _take_rate_limit(self) -> int | None:
         """Consume one queued 429; return its Retry-After, or None."""
@@ -987,10 +997,9 @@ class Simulator:
             self._fault("stall")
             tag = "stall"
             self._stop_evt.wait(float(stall))
-        if not faults._released.is_set():
+        if faults.reads_held:
             self._fault("held")
-            while not faults._released.wait(0.05) and not self._stop_evt.is_set():
-                pass
+            faults._wait_released(self._stop_evt)
         include = _split_list(query.get("include"))
         unknown = [v for v in include if v not in _INCLUDE_VALUES]
         if unknown:
