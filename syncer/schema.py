@@ -164,6 +164,8 @@ INDEXES: dict[str, str] = {
     "idx_history_to_run": "CREATE INDEX idx_history_to_run"
     " ON membership_history(to_run) WHERE to_run IS NOT NULL",
     "idx_membership_state_identity": "CREATE INDEX idx_membership_state_identity ON membership_state(identity_id)",
+    # people are looked up by username (README's examples): without it, a scan of all history
+    "idx_identity_state_username": "CREATE INDEX idx_identity_state_username ON identity_state(username)",
     "idx_sync_runs_started": "CREATE INDEX idx_sync_runs_started ON sync_runs(started_at)",
 }
 

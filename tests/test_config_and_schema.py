@@ -224,6 +224,20 @@ def test_membership_changes_of_the_latest_run_reads_only_that_run(tmp_path: Path
     assert "SEARCH r USING INTEGER PRIMARY KEY (rowid=?)" in plan, plan
 
 
+def test_an_identitys_history_is_found_by_username(tmp_path: Path) -> None:
+    """README's "an identity's groups over time" and membership_changes by username use indexes."""
+    db = schema.open_database(tmp_path / "g.db")
+    queries = [
+        "SELECT g.name, h.role FROM membership_history h JOIN groups g ON g.id = h.group_id"
+        " JOIN identities i ON i.id = h.identity_id WHERE i.username = 'alice@example.org'",
+        "SELECT * FROM membership_changes WHERE username = 'alice@example.org'",
+    ]
+    for query in queries:
+        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {query}")]
+        assert not [step for step in plan if step.startswith("SCAN")], (query, plan)
+    db.close()
+
+
 def test_changed_view_definition_is_replaced(tmp_path: Path) -> None:
     db = schema.open_database(tmp_path / "g.db")
     db.execute("DROP VIEW active_members")
