@@ -5,8 +5,10 @@ from __future__ import annotations
 import sqlite3
 import time
 import typing as t
+from pathlib import Path
 
 from syncer.simulator import World
+from syncer.token_store import TokenStore
 
 State = dict[tuple[str, str], tuple[str, str]]
 
@@ -52,6 +54,14 @@ def state_as_of(env: t.Any, run_id: int) -> State:
 
 def current_state(env: t.Any) -> State:
     return db_state(env.query("SELECT group_id, identity_id, role, status FROM memberships"))
+
+
+def stored_tokens(path: Path) -> dict[str, t.Any]:
+    """The stored Groups tokens (access and refresh token), via the product's store."""
+    with TokenStore(path) as store:
+        data = store.groups_tokens()
+    assert data is not None, "token store lost the Groups tokens"
+    return {"access": data.access_token, "refresh": data.refresh_token}
 
 
 def wait_for(predicate: t.Callable[[], t.Any], timeout: float = 30, what: str = "condition") -> t.Any:

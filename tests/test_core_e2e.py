@@ -17,6 +17,7 @@ from helpers import (
     my_active_groups,
     others,
     state_as_of,
+    stored_tokens,
     wait_for,
 )
 
@@ -213,30 +214,23 @@ def test_expired_access_token_is_renewed_and_stored(logged_in: Env) -> None:
     assert env.sim.stats["refresh_grants"] == 1
 
 
-def _stored_groups_tokens(env: Env) -> tuple[str, str | None]:
-    with TokenStore(env.tokens) as store:
-        data = store.groups_tokens()
-    assert data is not None, "the Groups tokens are gone"
-    return data.access_token, data.refresh_token
-
-
 def test_a_login_during_a_sync_is_not_undone_by_its_renewal(logged_in: Env) -> None:
     """A sync renews the grant it started with; `login --force` meanwhile has the last word."""
     env = logged_in
     env.write_config(concurrency=1, http_timeout="60s")  # one read at a time, none timing out
-    before = _stored_groups_tokens(env)
+    before = stored_tokens(env.tokens)
     env.sim.faults.hold_reads()
     sync = env.popen("sync")
     wait_for(lambda: env.sim.stats["faults"].get("held"), what="the sync's first group read")
     assert env.login("--force").returncode == 0
-    after_login = _stored_groups_tokens(env)
-    assert after_login[1] != before[1]
+    after_login = stored_tokens(env.tokens)
+    assert after_login["refresh"] != before["refresh"]
     env.sim.expire_access_tokens()  # the sync's next read needs a renewal of its old grant
     env.sim.faults.release_reads()
     _, err = sync.communicate(timeout=60)
     assert sync.returncode == 0, err
     assert env.sim.stats["refresh_grants"] == 1
-    assert _stored_groups_tokens(env) == after_login
+    assert stored_tokens(env.tokens) == after_login
     assert "the stored tokens changed during this run" in err
     assert current_state(env) == expected_state(env.world)
 

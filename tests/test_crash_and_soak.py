@@ -27,10 +27,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Env, record
-from helpers import current_state, expected_state, state_as_of
+from helpers import current_state, expected_state, state_as_of, stored_tokens
 
 from syncer.simulator import World
-from syncer.token_store import TokenStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,14 +56,6 @@ def world(request: pytest.FixtureRequest) -> World:
 
 def _journal(path: Path) -> Path:
     return path.with_name(path.name + "-journal")
-
-
-def _tokens(env: Env) -> dict[str, t.Any]:
-    """The stored Groups token data (access and refresh token), via the product's store."""
-    with TokenStore(env.tokens) as store:
-        data = store.groups_tokens()
-    assert data is not None, "token store lost the Groups tokens"
-    return {"access": data.access_token, "refresh": data.refresh_token}
 
 
 def _expire_access_token(env: Env) -> None:
@@ -228,7 +219,7 @@ def _check_after_kill(env: Env, before_tokens: dict[str, t.Any], last_run: int) 
         assert tconn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         tconn.close()
-    tokens = _tokens(env)
+    tokens = stored_tokens(env.tokens)
     assert tokens["refresh"] == before_tokens["refresh"]
     renewed = tokens["access"] != before_tokens["access"]
 
@@ -279,7 +270,7 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
     for how, delay in plan:
         world.random_changes(CHANGES_PER_TRIAL, rng)
         _expire_access_token(env)
-        before_tokens = _tokens(env)
+        before_tokens = stored_tokens(env.tokens)
         last_run = _max_run(env)
 
         proc, alive = _kill(env, how, delay, last_run)
