@@ -149,6 +149,25 @@ def _current_state_tables(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0005_hook_deliveries")
+def _hook_deliveries(db: sqlite_utils.Database) -> None:
+    # One row per hook: its queue's position. Hooks get runs in order and skip none,
+    # so "every run up to delivered_run has been delivered" says all there is to say.
+    db.executescript(
+        """
+        CREATE TABLE hook_deliveries (
+            hook TEXT PRIMARY KEY,
+            delivered_run INTEGER NOT NULL,
+            delivered_at TEXT,
+            attempted_at TEXT,
+            failing_run INTEGER,
+            error TEXT,
+            failures INTEGER NOT NULL DEFAULT 0
+        );
+        """
+    )
+
+
 # name -> CREATE statement. ensure_schema creates and replaces these; an index taken
 # out of this list needs a migration that drops it (as 0002 does). One open history
 # row per membership is enforced by the unique partial index, which is also what the
