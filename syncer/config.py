@@ -307,8 +307,10 @@ def _hooks(raw: t.Any, path: Path) -> tuple[HookConfig, ...]:
     hooks: list[HookConfig] = []
     for number, table in enumerate(raw, start=1):
         hook = _hook(table, path, number)
-        if any(other.name == hook.name for other in hooks):
-            raise ConfigError(f"{path}: [[hooks]] #{number}, key 'name': {hook.name!r} is already the name of another hook")
+        same = next((i for i, other in enumerate(hooks, start=1) if other.name == hook.name), None)
+        if same:
+            where = f"{path}: [[hooks]] #{number} ({hook.name!r}), key 'name'"
+            raise ConfigError(f"{where}: hook #{same} has that name; names must be unique")
         hooks.append(hook)
     return tuple(hooks)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import urllib.parse
 
 from syncer import __version__
@@ -20,6 +21,8 @@ from syncer import __version__
 log = logging.getLogger(__name__)
 
 PING_TIMEOUT_S = 10.0
+#: how long the end ping waits for a start ping still under way, so that they arrive in order
+ORDER_GRACE_S = 1.0
 
 
 class Healthcheck:
@@ -27,20 +30,58 @@ class Healthcheck:
 
     def __init__(self, url: str | None) -> None:
         self.url = url
-        self._start: threading.Thread | None = None
+        self._start: _Ping | None = None
 
     def started(self) -> None:
-        """Send the start ping, in the background."""
+        """Send the start ping, in the background: the run does not wait for it."""
         if self.url and self._start is None:
-            self._start = _ping_thread(self.url, "start")
+            self._start = _Ping(self.url, "start", PING_TIMEOUT_S)
 
     def finished(self, exit_code: int) -> None:
-        """Send the end ping (``URL`` for 0, ``URL/EXIT_CODE`` otherwise) after the start ping."""
+        """Send the end ping (``URL`` for 0, ``URL/EXIT_CODE`` otherwise), at most
+        PING_TIMEOUT_S after the run ended, the wait for the start ping included."""
         if not self.url:
             return
+        due = time.monotonic()
+        deadline = due + PING_TIMEOUT_S
         if self._start is not None:
-            self._start.join(PING_TIMEOUT_S)
-        _ping_thread(self.url, "" if exit_code == 0 else str(exit_code)).join(PING_TIMEOUT_S)
+            self._start.wait(ORDER_GRACE_S)
+        end = _Ping(self.url, "" if exit_code == 0 else str(exit_code), deadline - time.monotonic(), began=due)
+        end.wait(deadline - time.monotonic())
+
+
+class _Ping:
+    """One GET in a daemon thread; ``wait`` logs how it went (a ping that hangs is left behind)."""
+
+    def __init__(self, url: str, suffix: str, timeout: float, began: float | None = None) -> None:
+        """``began``: when the ping became due, for the message if it gets no answer."""
+        self.shown = f"/{suffix}" if suffix else "(success)"
+        self.timeout = timeout
+        self.problem: str | None = None
+        self.began = time.monotonic() if began is None else began
+        self._thread = threading.Thread(target=self._get, args=(ping_url(url, suffix),), name="syncer-ping", daemon=True)
+        self._thread.start()
+
+    def wait(self, seconds: float) -> None:
+        self._thread.join(max(seconds, 0))
+        if self._thread.is_alive():
+            log.warning("healthcheck ping %s: no answer after %.0fs", self.shown, time.monotonic() - self.began)
+        elif self.problem:
+            log.warning("healthcheck ping %s: %s", self.shown, self.problem)
+
+    def _get(self, url: str) -> None:
+        import requests  # here: a run that pings has it imported by globus_sdk anyway
+
+        from syncer.hooks import describe_request_error
+
+        try:
+            with requests.get(url, timeout=self.timeout, headers={"User-Agent": f"syncer/{__version__}"}) as response:
+                if not 200 <= response.status_code < 300:
+                    self.problem = f"HTTP {response.status_code}"
+        except requests.Timeout:
+            self.problem = f"no answer within {self.timeout:.0f}s"
+        except requests.RequestException as err:
+            self.problem = f"failed: {describe_request_error(err)}"
 
 
 def ping_url(url: str, suffix: str) -> str:
@@ -49,29 +90,3 @@ def ping_url(url: str, suffix: str) -> str:
         return url
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + suffix))
-
-
-def _ping_thread(url: str, suffix: str) -> threading.Thread:
-    """Ping in a daemon thread, so a ping that hangs costs at most the caller's join."""
-    thread = threading.Thread(target=_ping, args=(url, suffix), name="syncer-ping", daemon=True)
-    thread.start()
-    return thread
-
-
-def _ping(url: str, suffix: str) -> None:
-    import requests  # here: a run that pings has it imported by globus_sdk anyway
-
-    from syncer.hooks import describe_request_error
-
-    shown = f"/{suffix}" if suffix else "(success)"
-    try:
-        response = requests.get(ping_url(url, suffix), timeout=PING_TIMEOUT_S, headers={"User-Agent": f"syncer/{__version__}"})
-    except requests.Timeout:
-        log.warning("healthcheck ping %s: no answer within %gs", shown, PING_TIMEOUT_S)
-        return
-    except requests.RequestException as err:
-        log.warning("healthcheck ping %s failed: %s", shown, describe_request_error(err))
-        return
-    with response:
-        if not 200 <= response.status_code < 300:
-            log.warning("healthcheck ping %s: HTTP %d", shown, response.status_code)

@@ -93,7 +93,8 @@ def test_a_command_and_a_webhook_get_exactly_each_runs_events_in_order(logged_in
     for call in command.calls():
         run_id = int(call["run_id"])
         assert changes_of(call["lines"]) == expected[run_id]
-        assert {(r["change"], r["reason"]) for r in call["lines"]} <= {("added", "joined"), ("removed", "left"), ("changed", "changed")}
+        events = {("added", "joined"), ("removed", "left"), ("changed", "changed")}
+        assert {(r["change"], r["reason"]) for r in call["lines"]} <= events
         assert all(r["run_id"] == run_id and r["at"] == run_started(env, run_id) for r in call["lines"])
         assert call["hook"] == "events" and Path(call["database"]) == env.database
     promoted = next(r for r in command.calls()[0]["lines"] if r["change"] == "changed")
@@ -136,7 +137,7 @@ def test_receiver_down_for_three_runs_then_back_gets_every_run_in_order(logged_i
     for run_id in (2, 3, 4):
         expected[run_id] = churn(world, run_id)
         stderr = sync(env)  # the run's outcome is its own
-        assert f"hook web: run 2 not delivered" in stderr and "connection failed" in stderr
+        assert "hook web: run 2 not delivered" in stderr and "connection failed" in stderr
         assert receiver.url not in stderr  # a webhook URL may hold a secret
     status = env.run("status", "--json")
     assert status.returncode == 3, status.output
