@@ -250,7 +250,7 @@ class HookQueue:
             if self.hook.command:
                 delivered, detail = _run_command(self.hook, run_id, payload, self.database, cancelled)
             else:
-                delivered, detail = _post(self.hook, run_id, payload)
+                delivered, detail = _post(self.hook, run_id, payload, cancelled)
         took = time.monotonic() - began
         delivery = Delivery(self.hook.name, run_id, changes, delivered, detail)
         if delivered:
@@ -335,18 +335,9 @@ def _run_command(
             )
         except OSError as err:
             return False, f"cannot start {hook.command[0]}: {err.strerror or err}"
-        deadline = time.monotonic() + hook.timeout
-        stopped = None
-        while stopped is None:
-            try:
-                proc.wait(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
-                break
-            except subprocess.TimeoutExpired:
-                if cancelled is not None and cancelled.is_set():
-                    stopped = "stopped: syncer is shutting down"
-                elif time.monotonic() >= deadline:
-                    stopped = f"timed out after {hook.timeout:g}s: killed"
+        stopped = _wait_bounded(lambda seconds: _exited(proc, seconds), hook.timeout, cancelled)
         if stopped:
+            stopped += ": killed"
             _kill_group(proc)
         output.seek(0)
         shown = _excerpt(output.read(OUTPUT_LOGGED * 4 + 1))
@@ -364,9 +355,21 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _post(hook: HookConfig, run_id: int, payload: t.IO[bytes]) -> tuple[bool, str]:
-    """POST the changes to the hook's URL; True on a 2xx answer. The URL is never logged:
-    webhook URLs often hold a secret."""
+def _post(hook: HookConfig, run_id: int, payload: t.IO[bytes], cancelled: threading.Event | None) -> tuple[bool, str]:
+    """POST the changes to the hook's URL; True on a 2xx answer within the timeout.
+
+    The request runs in a daemon thread, so the timeout bounds the whole call (requests'
+    own bounds each socket operation only) and a stop does not wait for it. The URL is
+    never logged: webhook URLs often hold a secret.
+    """
+    outcome: list[tuple[bool, str]] = []
+    thread = threading.Thread(target=lambda: outcome.append(_request(hook, run_id, payload)), name="syncer-hook", daemon=True)
+    thread.start()
+    stopped = _wait_bounded(lambda seconds: _joined(thread, seconds), hook.timeout, cancelled)
+    return (False, stopped) if stopped else outcome[0]
+
+
+def _request(hook: HookConfig, run_id: int, payload: t.IO[bytes]) -> tuple[bool, str]:
     import requests  # here, not at the top: only URL hooks need it, and it takes a while to import
 
     headers = {
@@ -376,16 +379,45 @@ def _post(hook: HookConfig, run_id: int, payload: t.IO[bytes]) -> tuple[bool, st
     }
     assert hook.url is not None
     try:
-        response = requests.post(hook.url, data=payload, headers=headers, timeout=hook.timeout, allow_redirects=False)
+        response = requests.post(
+            hook.url, data=payload, headers=headers, timeout=hook.timeout, allow_redirects=False, stream=True
+        )
+        with response:
+            shown = _excerpt(next(response.iter_content(OUTPUT_LOGGED * 4 + 1), b""))
     except requests.Timeout:
         return False, f"no answer within {hook.timeout:g}s"
     except requests.RequestException as err:
         return False, f"cannot reach the URL ({describe_request_error(err)})"
-    with response:
-        shown = _excerpt(response.content[: OUTPUT_LOGGED * 4 + 1])
-        if 200 <= response.status_code < 300:
-            return True, shown
-        return False, f"HTTP {response.status_code}" + shown
+    except (OSError, ValueError) as err:  # the payload closed under it: the call was abandoned
+        return False, type(err).__name__
+    if 200 <= response.status_code < 300:
+        return True, shown
+    return False, f"HTTP {response.status_code}" + shown
+
+
+def _wait_bounded(finished: t.Callable[[float], bool], timeout: float, cancelled: threading.Event | None) -> str | None:
+    """Wait until ``finished(seconds)`` (which may block that long) is true; else say why
+    waiting stopped: the timeout, or syncer shutting down."""
+    deadline = time.monotonic() + timeout
+    while not finished(min(0.2, max(deadline - time.monotonic(), 0.01))):
+        if cancelled is not None and cancelled.is_set():
+            return "stopped: syncer is shutting down"
+        if time.monotonic() >= deadline:
+            return f"timed out after {timeout:g}s"
+    return None
+
+
+def _joined(thread: threading.Thread, seconds: float) -> bool:
+    thread.join(seconds)
+    return not thread.is_alive()
+
+
+def _exited(proc: subprocess.Popen[bytes], seconds: float) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def describe_request_error(err: Exception) -> str:

@@ -297,3 +297,41 @@ def test_the_scheduler_delivers_hooks_after_each_run(logged_in: Env, receiver: R
     assert daemon.returncode == 0, err
     assert receiver.posts()[0].headers["Idempotency-Key"] == "web:1"
     assert len(observer.calls()[0]["lines"]) == len(expected_state(env.world))
+
+
+def test_a_webhook_that_never_answers_is_abandoned_at_its_timeout(logged_in: Env, receiver: Receiver) -> None:
+    env, world = logged_in, logged_in.world
+    configure(env, {"name": "web", "url": receiver.url, "timeout": "2s"})
+    sync(env)
+    churn(world, 1)
+    receiver.hold()  # answers nothing until the test ends
+    began = time.monotonic()
+    stderr = sync(env)
+    assert time.monotonic() - began < 2 + 10
+    assert "hook web: run 2 not delivered (3 changes): timed out after 2s" in stderr
+    assert receiver.arrived.is_set()
+    assert env.run("status").returncode == 3
+
+
+def test_stopping_the_scheduler_kills_a_hook_in_progress(logged_in: Env) -> None:
+    env = logged_in
+    hung = CommandHook(env.tmp, "hung", mode="hang")
+    configure(env, {"name": "hung", "command": hung.command, "observations": True})  # the default timeout: 60 s
+    daemon = env.popen("run", "--interval", "1h")
+    try:
+        pids = Path(f"{hung.out}.pids")
+        wait_for(pids.exists, timeout=60, what="the hook to start")
+        began = time.monotonic()
+        daemon.send_signal(signal.SIGTERM)
+        _out, err = daemon.communicate(timeout=30)
+        took = time.monotonic() - began
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    assert daemon.returncode == 0, err
+    assert took < 10
+    assert "hook hung: run 1 not delivered" in err and "stopped: syncer is shutting down: killed" in err
+    for pid in map(int, pids.read_text().split()):
+        assert not alive(pid), f"hook process {pid} still running"
+    status = env.run("status")
+    assert status.returncode == 3 and "hung: 1 run(s) undelivered, the oldest run 1" in status.stdout
