@@ -4,10 +4,12 @@ hooks get to see, and the hook settings' checks (issue 15)."""
 from __future__ import annotations
 
 import json
+import re
 import stat
 import threading
 import time
 import typing as t
+from pathlib import Path
 
 import conftest
 import pytest
@@ -282,3 +284,19 @@ def test_hook_settings_are_read_with_their_defaults(env: Env) -> None:
     )
     assert config.healthcheck_url == "https://hc-ping.com/abc"
     assert (config.metrics_file, config.metrics_file_mode) == (env.tmp / "m" / "syncer.prom", 0o644)
+
+
+def test_the_example_configuration_with_everything_uncommented_is_valid(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "syncer.toml"
+    settings = re.compile(r"^# (\w+ = .*|\[\[hooks\]\])$")
+    lines = [
+        line[2:] if settings.match(line) else "" if line.startswith("#") else line for line in example.read_text().splitlines()
+    ]
+    uncommented = tmp_path / "syncer.toml"
+    uncommented.write_text("\n".join(lines) + "\n")
+    from syncer.config import load_config
+
+    config = load_config(uncommented)
+    assert [hook.name for hook in config.hooks] == ["ntfy", "portal"]
+    assert config.hooks[1].observations and config.hooks[0].timeout == 30
+    assert config.healthcheck_url and config.metrics_file and config.metrics_file_mode == 0o644
