@@ -17,6 +17,7 @@ import time
 import urllib.parse
 
 from syncer import __version__
+from syncer.logs import register_secret
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ class Healthcheck:
     def __init__(self, url: str | None) -> None:
         self.url = url
         self._start: _Ping | None = None
+        if url:
+            register_url_secret(url)
 
     def started(self) -> None:
         """Send the start ping, in the background: the run does not wait for it."""
@@ -72,8 +75,6 @@ class _Ping:
     def _get(self, url: str) -> None:
         import requests  # here: a run that pings has it imported by globus_sdk anyway
 
-        from syncer.hooks import describe_request_error
-
         try:
             with requests.get(url, timeout=self.timeout, headers={"User-Agent": f"syncer/{__version__}"}) as response:
                 if not 200 <= response.status_code < 300:
@@ -90,3 +91,26 @@ def ping_url(url: str, suffix: str) -> str:
         return url
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + suffix))
+
+
+def register_url_secret(url: str) -> None:
+    """Keep a URL's path and query out of every log line (a library's debug output
+    shows them): webhook and ping URLs often carry their secret there."""
+    parts = urllib.parse.urlsplit(url)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    register_secret(url)
+    if len(target) >= 8:  # not "/" or "/hook": that would hide harmless text everywhere
+        register_secret(target)
+
+
+def describe_request_error(err: Exception) -> str:
+    """What went wrong with a request, without its URL (which may hold a secret)."""
+    import requests
+
+    if isinstance(err, requests.exceptions.SSLError):
+        return "TLS error"
+    if isinstance(err, requests.exceptions.ProxyError):
+        return "proxy error"
+    if isinstance(err, requests.ConnectionError):
+        return "connection failed"
+    return type(err).__name__

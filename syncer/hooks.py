@@ -36,6 +36,7 @@ from pathlib import Path
 from syncer import __version__
 from syncer.config import Config, HookConfig
 from syncer.errors import LockBusy, StorageError, SyncerError
+from syncer.healthcheck import describe_request_error, register_url_secret
 from syncer.lock import SyncLock
 from syncer.logs import redact
 from syncer.schema import connect, format_time, open_database, utc_now
@@ -378,6 +379,7 @@ def _request(hook: HookConfig, run_id: int, payload: t.IO[bytes]) -> tuple[bool,
         "User-Agent": f"syncer/{__version__}",
     }
     assert hook.url is not None
+    register_url_secret(hook.url)
     try:
         response = requests.post(
             hook.url, data=payload, headers=headers, timeout=hook.timeout, allow_redirects=False, stream=True
@@ -418,19 +420,6 @@ def _exited(proc: subprocess.Popen[bytes], seconds: float) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return True
-
-
-def describe_request_error(err: Exception) -> str:
-    """What went wrong with a request, without its URL (which may hold a secret)."""
-    import requests
-
-    if isinstance(err, requests.exceptions.SSLError):
-        return "TLS error"
-    if isinstance(err, requests.exceptions.ProxyError):
-        return "proxy error"
-    if isinstance(err, requests.ConnectionError):
-        return "connection failed"
-    return type(err).__name__
 
 
 def _excerpt(raw: bytes) -> str:

@@ -192,13 +192,17 @@ def test_no_token_or_secret_reaches_hooks_pings_or_metrics(logged_in: Env, recei
     configure(
         env,
         {"name": "everything", "command": hook.command, "observations": True},
-        {"name": "web", "url": f"{receiver.url}/hook", "observations": True},
-        healthcheck_url=f"{receiver.url}/ping", metrics_file="syncer.prom",
+        {"name": "web", "url": f"{receiver.url}/hook/T0-B0-webhook-key", "observations": True},
+        healthcheck_url=f"{receiver.url}/ping/check-uuid-0123", metrics_file="syncer.prom",
     )
-    assert env.run("-vv", "sync").returncode == 0
+    logs = [env.run("-vv", "sync")]
     env.sim.expire_access_tokens()  # a renewal: a new access token exists during the next run
     world.add_member(admin_groups(world)[0])
-    assert env.run("-vv", "sync").returncode == 0
+    logs.append(env.run("-vv", "--log-format", "json", "sync"))
+    assert [result.returncode for result in logs] == [0, 0]
+    for result in logs:  # the URLs' secret parts stay out of the logs, libraries' debug lines included
+        assert "urllib3" in result.stderr and "/hook/T0-B0-webhook-key" not in result.stderr
+        assert "check-uuid-0123" not in result.stderr
 
     calls = hook.calls()
     assert [c["run_id"] for c in calls] == ["1", "2"]
@@ -207,7 +211,7 @@ def test_no_token_or_secret_reaches_hooks_pings_or_metrics(logged_in: Env, recei
         assert call["env"]["HARMLESS_SETTING"] == "kept" and call["env"]["SYNCER_HOOK"] == "everything"
     sent = [json.dumps(calls)] + [json.dumps(r.headers) + r.path + r.body.decode() for r in receiver.requests]
     sent.append((env.tmp / "syncer.prom").read_text())
-    assert {r.path for r in receiver.requests if r.method == "GET"} == {"/ping/start", "/ping"}
+    assert {r.path for r in receiver.requests if r.method == "GET"} == {"/ping/check-uuid-0123/start", "/ping/check-uuid-0123"}
     tokens = set(env.sim.issued_tokens) | conftest.ISSUED_TOKENS
     assert len(env.sim.issued_tokens) >= 3
     for text in sent:
