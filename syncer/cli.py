@@ -214,7 +214,7 @@ def replay(ctx: click.Context, name: str, since: str) -> None:
     """Send hook NAME the runs since WHEN again (or for the first time: a hook starts with the run after it was added)."""
     import datetime as dt
 
-    from syncer.hooks import find_hook, first_run_since
+    from syncer.hooks import find_hook
     from syncer.hooks import replay as replay_hook
     from syncer.when import parse_when
 
@@ -227,11 +227,10 @@ def replay(ctx: click.Context, name: str, since: str) -> None:
         when = parse_when(since, dt.datetime.now(dt.UTC))
     except ValueError as err:
         raise _BadValue(f"--since: {err}") from None
-    first = first_run_since(config, when)
+    first, deliveries = replay_hook(config, hook, when)
     if first is None:
         click.echo(f"no run since {since}: nothing to replay")
         return
-    deliveries = replay_hook(config, hook, first)
     for delivery in deliveries:
         state = "delivered" if delivery.delivered else f"NOT delivered: {delivery.detail}"
         click.echo(f"run {delivery.run_id}: {delivery.changes} change(s) {state}")

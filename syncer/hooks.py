@@ -110,18 +110,29 @@ def deliver_after_run(config: Config, run_id: int, cancelled: threading.Event | 
         return []
 
 
-def replay(config: Config, hook: HookConfig, first_run: int, cancelled: threading.Event | None = None) -> list[Delivery]:
-    """Send ``hook`` every run from ``first_run`` on again (and whatever it has not received yet).
+class Replay(t.NamedTuple):
+    """What ``syncer hooks replay`` did: the first run sent again (None: no run since WHEN), and the calls."""
+
+    first_run: int | None
+    deliveries: list[Delivery]
+
+
+def replay(config: Config, hook: HookConfig, since: dt.datetime | int, cancelled: threading.Event | None = None) -> Replay:
+    """Send ``hook`` every run since ``since`` (a moment, or a run id) again, and
+    whatever it has not received yet, in order.
 
     Raises LockBusy while another process delivers hooks on this database.
     """
+    first = first_run_since(config, since)
+    if first is None:
+        return Replay(None, [])
     try:
         with SyncLock(lock_path(config)):
             db = open_database(config.database, config.busy_timeout)
             try:
                 queue = HookQueue(db, hook, config.database)
-                queue.rewind(first_run - 1)
-                return queue.deliver(cancelled)
+                queue.rewind(first - 1)
+                return Replay(first, queue.deliver(cancelled))
             finally:
                 db.close()
     except LockBusy:

@@ -152,8 +152,8 @@ def report(config: Config) -> tuple[dict[str, t.Any], Health]:
     database = database_state(config)
     hooks = hook_state(config)
     health = with_hook_backlog(assess(config, tokens, database), hooks)
-    data = {"health": health.verdict, "exit_code": health.exit_code, "tokens": tokens, "database": database}
-    return {**data, "hooks": hooks}, health
+    data = {"health": health.verdict, "exit_code": health.exit_code, "tokens": tokens, "database": database, "hooks": hooks}
+    return data, health
 
 
 def hook_state(config: Config) -> list[dict[str, t.Any]]:

@@ -17,6 +17,7 @@ from conftest import Env
 from helpers import admin_groups, expected_state, others, wait_for
 from receivers import CommandHook, Receiver, hooks_toml
 
+from syncer.lock import SyncLock
 from syncer.simulator import World
 
 Change = tuple[str, str, str]  # group_id, identity_id, change
@@ -145,6 +146,10 @@ def test_receiver_down_for_three_runs_then_back_gets_every_run_in_order(logged_i
     text = env.run("status")
     assert "web: 3 run(s) undelivered, the oldest run 2 at " in text.stdout
     assert "run 2 failed 3 time(s) in a row" in text.stdout
+    replayed = env.run("hooks", "replay", "web", "--since", "run:1")  # still down: stops at run 2, which stays queued
+    assert replayed.returncode == 1, replayed.output
+    assert "run 2: 3 change(s) NOT delivered: cannot reach the URL (connection failed)" in replayed.stdout
+    assert "hook web: stopped at run 2; it is retried after the next run" in replayed.stderr
 
     receiver.start()  # back, on the same port
     expected[5] = churn(world, 5)
@@ -266,6 +271,9 @@ def test_a_hook_added_later_starts_with_the_next_run_and_replay_sends_older_ones
     assert env.run("hooks", "replay", "late", "--since", "1h").returncode == 0
     assert late.runs()[-3:] == [2, 3, 4]
 
+    with SyncLock(env.database.with_name("groups.db.hooks.lock")):  # another process delivering hooks
+        busy = env.run("hooks", "replay", "late", "--since", "run:2")
+    assert busy.returncode == 75 and "another process is delivering hooks" in busy.stderr
     nothing = env.run("hooks", "replay", "late", "--since", "run:99")
     assert (nothing.returncode, nothing.stdout.strip()) == (0, "no run since run:99: nothing to replay")
     for args, message in [
