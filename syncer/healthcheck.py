@@ -80,7 +80,7 @@ class _Ping:
                 if not 200 <= response.status_code < 300:
                     self.problem = f"HTTP {response.status_code}"
         except requests.Timeout:
-            self.problem = f"no answer within {self.timeout:.0f}s"
+            self.problem = f"no answer after {time.monotonic() - self.began:.0f}s"
         except requests.RequestException as err:
             self.problem = f"failed: {describe_request_error(err)}"
 
