@@ -5,19 +5,20 @@ so memory does not grow with the number of memberships). Every few thousand stag
 memberships, and after each of the last reads (those still in flight when the rest
 are done), a batch of set-based SQL statements applies the staged groups' diff to
 current state and history, and the batch's staging rows are dropped. Groups no longer
-among the identity's groups are removed as soon as the listing is known. All of it is
-one transaction, opened when the run starts staging and committed by
+among the identity's groups are recorded as gone as soon as the listing is known. All
+of it is one transaction, opened when the run starts staging and committed by
 ``Recorder.finish`` once every group has been read, so readers see all of a run or
 none of it.
 
-Applying while the reads are in flight keeps the database work off the run's
-critical path: SQLite runs each statement without holding the GIL while the reader
-threads wait on the network. Batches write only what changed: current state lives in
-``membership_state`` and ``identity_state``, and the ``memberships`` and ``identities``
-views derive ``last_seen`` from each group's last read (``groups.last_seen``). So an
-unchanged run writes its run row and the ``groups`` rows, and readers (who must wait
-while a writer flushes pages to the file) are kept out only briefly at its end; a run
-that changes many rows, like the first, may keep them out longer.
+Each version of a membership records why it began and ended (SPEC's reasons): a
+member new in a group whose members were visible at its previous read 'joined', any
+other new member was 'first_seen'; a member no longer listed 'left', or is 'hidden'
+when the identity can no longer see the group's members; a role or status that
+differs 'changed'; a group no longer among the identity's groups is 'group_gone'.
+
+Batches write only what changed: current state lives in ``membership_state`` and
+``identity_state``, and the views derive times from run ids, so an unchanged run
+writes its run row and the groups' ``last_run``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import typing as t
 import sqlite_utils
 
 from syncer.errors import EXIT_OK, EXIT_PARTIAL
-from syncer.globus_groups import GroupListing, GroupRead
+from syncer.globus_groups import GroupRead, GroupRow, MembershipRow, MyGroups
 from syncer.schema import utc_now
 
 # Staged memberships per applied batch: large enough that a batch's fixed cost is
@@ -38,120 +39,116 @@ from syncer.schema import utc_now
 # quick and the staging tables stay small.
 BATCH_ROWS = 2000
 
-# stage_groups and stage_memberships hold the batch being staged; stage_ended the
-# memberships of current state that end (gone from their group's list, or their group
-# gone), about to be removed.
-_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
-CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_id TEXT PRIMARY KEY);
-CREATE TEMP TABLE IF NOT EXISTS stage_groups (
-    id TEXT PRIMARY KEY, name TEXT, description TEXT, parent_id TEXT, group_type TEXT,
-    group_visibility TEXT, group_members_visibility TEXT, members_visible INTEGER,
-    my_role TEXT, my_status TEXT);
-CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
-    group_id TEXT NOT NULL, identity_id TEXT NOT NULL, username TEXT, role TEXT,
-    status TEXT, status_reason TEXT, membership_fields TEXT, updated TEXT,
-    name TEXT, email TEXT, institution TEXT,
-    PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
-CREATE TEMP TABLE IF NOT EXISTS stage_ended (
-    group_id TEXT NOT NULL, identity_id TEXT NOT NULL,
-    PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
-"""
-_STAGING_TABLES = ("stage_listed", "stage_gone", "stage_groups", "stage_memberships", "stage_ended")
+# Re-analyze once history has grown by this factor since the planner's statistics.
+ANALYZE_GROWTH = 1.5
 
-# Statements named because the run's changes are counted from what they do: each new
-# history version is one change ('added' or 'changed'), and each membership removed
-# from current state is one 'removed' (its version closed with no successor), exactly
-# as membership_changes shows them. :now is the run's time, :run its id.
-_OPEN_VERSIONS = """
-INSERT INTO membership_history (group_id, identity_id, role, status, valid_from, from_run)
-SELECT s.group_id, s.identity_id, s.role, s.status, :now, :run
-FROM stage_memberships s
-WHERE NOT EXISTS (
-  SELECT 1 FROM membership_history h
-  WHERE h.group_id = s.group_id AND h.identity_id = s.identity_id AND h.to_run IS NULL)"""
-_REMOVE_ENDED = """
-DELETE FROM membership_state
-WHERE (group_id, identity_id) IN (SELECT group_id, identity_id FROM stage_ended)"""
-_CHANGES = frozenset((_OPEN_VERSIONS, _REMOVE_ENDED))
+
+def _columns(row_type: type[t.NamedTuple]) -> str:
+    return ", ".join(f"{name} {'INTEGER' if name == 'members_visible' else 'TEXT'}" for name in row_type._fields)
+
+
+# stage_listed and stage_others hold the listing: the identity's groups, and the groups
+# where its memberships are in other statuses. stage_groups and stage_memberships hold
+# the batch being staged (their columns are GroupRow's and MembershipRow's fields);
+# stage_context what each of its groups was before this run, and stage_keyed its
+# memberships with the groups' and identities' keys. stage_ended: memberships of
+# current state that end (gone from their group's list, or their group gone), with
+# their group's last read before this run.
+_STAGING = f"""
+CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS stage_others (group_id TEXT PRIMARY KEY, my_role TEXT, my_status TEXT);
+CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_key INTEGER PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS stage_groups ({_columns(GroupRow)}, PRIMARY KEY (id));
+CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
+    {_columns(MembershipRow)}, PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS stage_context (
+    id TEXT PRIMARY KEY, group_key INTEGER UNIQUE, was_visible INTEGER, now_visible INTEGER,
+    new_version INTEGER, last_run INTEGER);
+CREATE TEMP TABLE IF NOT EXISTS stage_keyed (
+    group_key INTEGER NOT NULL, identity_key INTEGER NOT NULL, role TEXT, status TEXT,
+    status_reason TEXT, membership_fields TEXT, updated TEXT,
+    PRIMARY KEY (group_key, identity_key)) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS stage_ended (
+    group_key INTEGER NOT NULL, identity_key INTEGER NOT NULL, last_run INTEGER NOT NULL,
+    PRIMARY KEY (group_key, identity_key)) WITHOUT ROWID;
+"""
+_STAGING_TABLES = (
+    "stage_listed", "stage_others", "stage_gone", "stage_groups", "stage_memberships",
+    "stage_context", "stage_keyed", "stage_ended",
+)
+_INSERT_GROUP = f"INSERT OR REPLACE INTO temp.stage_groups VALUES ({', '.join('?' * len(GroupRow._fields))})"
+# a membership listed twice keeps its last occurrence
+_INSERT_MEMBERSHIP = (
+    f"INSERT OR REPLACE INTO temp.stage_memberships VALUES ({', '.join('?' * len(MembershipRow._fields))})"
+)
 
 # Ending the memberships in stage_ended. Each identity keeps when it was last seen in
-# a membership that ended: its group's last read, taken before this run's reads move
-# it (the identities view adds the groups it is still in).
+# a membership that ended: its group's last read before this run (the identities view
+# adds the groups it is still in).
 _END_MEMBERSHIPS = (
-    """UPDATE identity_state SET last_seen_ended = max(last_seen_ended, (
-         SELECT max(g.last_seen) FROM stage_ended e JOIN groups g ON g.id = e.group_id
-         WHERE e.identity_id = identity_state.id))
-       WHERE id IN (SELECT identity_id FROM stage_ended)""",
-    _REMOVE_ENDED,
+    """UPDATE identity_state SET last_run_ended = max(last_run_ended, (
+         SELECT max(e.last_run) FROM stage_ended e WHERE e.identity_key = identity_state.key))
+       WHERE key IN (SELECT identity_key FROM stage_ended)""",
+    """DELETE FROM membership_state
+       WHERE (group_key, identity_key) IN (SELECT group_key, identity_key FROM stage_ended)""",
     "DELETE FROM stage_ended",
 )
 
-# Once the identity's groups are listed: groups no longer among them are removed, with
-# their memberships, and their history closed.
+# Once the identity's groups are listed: groups no longer among them are gone, with
+# their memberships (an observation: 'group_gone'), and keep what Globus last said of
+# the identity's standing in them. :run is the run's id.
 _APPLY_LISTING = (
-    """INSERT INTO stage_gone SELECT id FROM groups
-       WHERE removed_at IS NULL AND id NOT IN (SELECT group_id FROM stage_listed)""",
-    "UPDATE groups SET removed_at = :now WHERE id IN (SELECT group_id FROM stage_gone)",
-    """UPDATE membership_history SET valid_to = :now, to_run = :run
-       WHERE to_run IS NULL AND group_id IN (SELECT group_id FROM stage_gone)""",
-    """INSERT INTO stage_ended SELECT group_id, identity_id FROM membership_state
-       WHERE group_id IN (SELECT group_id FROM stage_gone)""",
+    """INSERT INTO stage_gone SELECT key FROM group_state
+       WHERE removed_run IS NULL AND id NOT IN (SELECT group_id FROM stage_listed)""",
+    """UPDATE group_state SET removed_run = :run,
+           my_role = coalesce((SELECT o.my_role FROM stage_others o WHERE o.group_id = group_state.id), my_role),
+           my_status = coalesce((SELECT o.my_status FROM stage_others o WHERE o.group_id = group_state.id), my_status)
+       WHERE key IN (SELECT group_key FROM stage_gone)""",
+    """UPDATE group_versions SET to_run = :run
+       WHERE to_run IS NULL AND group_key IN (SELECT group_key FROM stage_gone)""",
+    """UPDATE membership_versions SET to_run = :run, ended = 'group_gone'
+       WHERE to_run IS NULL AND group_key IN (SELECT group_key FROM stage_gone)""",
+    """INSERT INTO stage_ended SELECT m.group_key, m.identity_key, g.last_run
+       FROM membership_state m JOIN group_state g ON g.key = m.group_key
+       WHERE m.group_key IN (SELECT group_key FROM stage_gone)""",
     *_END_MEMBERSHIPS,
 )
+
+# The group attributes kept in history: a change of any starts a new group version.
+_GROUP_ATTRIBUTES = (
+    "name", "description", "parent_id", "group_type", "group_visibility",
+    "group_members_visibility", "members_visible", "my_role", "my_status",
+)
+_ANY_ATTRIBUTE_CHANGED = " OR ".join(f"g.{c} IS NOT s.{c}" for c in _GROUP_ATTRIBUTES)
+_ATTRIBUTES = ", ".join(_GROUP_ATTRIBUTES)
 
 # One batch: the groups in stage_groups were read in full and their memberships are
 # in stage_memberships. Groups that were listed but failed to read are never staged:
 # untouched. Each statement is driven by the batch's rows through an index, so a
 # batch costs what it holds, not what the database holds. Only what changed is
-# written: an unchanged group costs its groups row (last_seen) and nothing else.
+# written: an unchanged group costs its group_state row (last_run) and nothing else.
 _APPLY_BATCH = (
-    # close the versions that changed or vanished
-    """UPDATE membership_history SET valid_to = :now, to_run = :run
-       WHERE to_run IS NULL AND group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
-         SELECT 1 FROM stage_memberships s
-         WHERE s.group_id = membership_history.group_id
-           AND s.identity_id = membership_history.identity_id
-           AND s.role IS membership_history.role
-           AND s.status IS membership_history.status)""",
-    # open a version for every staged membership without a current one
-    _OPEN_VERSIONS,
-    # memberships the read no longer lists end, before the groups' last_seen moves
-    """INSERT INTO stage_ended SELECT m.group_id, m.identity_id FROM membership_state m
-       WHERE m.group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
-         SELECT 1 FROM stage_memberships s
-         WHERE s.group_id = m.group_id AND s.identity_id = m.identity_id)""",
-    *_END_MEMBERSHIPS,
-    """INSERT INTO groups (id, name, description, parent_id, group_type, group_visibility,
-           group_members_visibility, members_visible, my_role, my_status, first_seen, last_seen)
-       SELECT id, name, description, parent_id, group_type, group_visibility,
-           group_members_visibility, members_visible, my_role, my_status, :now, :now
-       FROM stage_groups WHERE true
-       ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description,
-           parent_id = excluded.parent_id, group_type = excluded.group_type,
-           group_visibility = excluded.group_visibility,
-           group_members_visibility = excluded.group_members_visibility,
-           members_visible = excluded.members_visible, my_role = excluded.my_role,
-           my_status = excluded.my_status, last_seen = excluded.last_seen, removed_at = NULL""",
-    # new memberships, and changed ones rewritten; unchanged rows are left alone
-    """INSERT INTO membership_state (group_id, identity_id, username, role, status, status_reason,
-           membership_fields, updated, first_seen)
-       SELECT group_id, identity_id, username, role, status, status_reason,
-           membership_fields, updated, :now
-       FROM stage_memberships WHERE true
-       ON CONFLICT (group_id, identity_id) DO UPDATE SET username = excluded.username,
-           role = excluded.role, status = excluded.status, status_reason = excluded.status_reason,
-           membership_fields = excluded.membership_fields, updated = excluded.updated
-       WHERE membership_state.username IS NOT excluded.username
-          OR membership_state.role IS NOT excluded.role
-          OR membership_state.status IS NOT excluded.status
-          OR membership_state.status_reason IS NOT excluded.status_reason
-          OR membership_state.membership_fields IS NOT excluded.membership_fields
-          OR membership_state.updated IS NOT excluded.updated""",
+    # what each group was before this run: were its members visible in its last read
+    # (then a new member 'joined'; else the member is 'first_seen')
+    f"""INSERT INTO stage_context (id, group_key, was_visible, now_visible, new_version, last_run)
+       SELECT s.id, g.key, coalesce(g.removed_run IS NULL AND g.members_visible = 1, 0), s.members_visible,
+           g.key IS NULL OR g.removed_run IS NOT NULL OR {_ANY_ATTRIBUTE_CHANGED}, g.last_run
+       FROM stage_groups s LEFT JOIN group_state g ON g.id = s.id""",
+    f"""INSERT INTO group_state (id, {_ATTRIBUTES}, first_run, last_run)
+       SELECT id, {_ATTRIBUTES}, :run, :run FROM stage_groups WHERE true
+       ON CONFLICT (id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in _GROUP_ATTRIBUTES)},
+           last_run = excluded.last_run, removed_run = NULL""",
+    """UPDATE stage_context SET group_key = (SELECT key FROM group_state g WHERE g.id = stage_context.id)
+       WHERE group_key IS NULL""",
+    """UPDATE group_versions SET to_run = :run
+       WHERE to_run IS NULL AND group_key IN (SELECT group_key FROM stage_context WHERE new_version)""",
+    f"""INSERT INTO group_versions (group_key, from_run, {_ATTRIBUTES})
+       SELECT c.group_key, :run, {", ".join(f"s.{c}" for c in _GROUP_ATTRIBUTES)}
+       FROM stage_groups s JOIN stage_context c ON c.id = s.id WHERE c.new_version""",
     # identities: new ones, and known ones whose details changed; a detail missing now
     # keeps its earlier value
-    """INSERT INTO identity_state (id, username, name, email, institution, first_seen, last_seen_ended)
-       SELECT identity_id, username, name, email, institution, :now, :now
+    """INSERT INTO identity_state (id, username, name, email, institution, first_run, last_run_ended)
+       SELECT identity_id, username, name, email, institution, :run, :run
        FROM stage_memberships WHERE true ORDER BY identity_id
        ON CONFLICT (id) DO UPDATE SET username = excluded.username,
            name = coalesce(excluded.name, identity_state.name),
@@ -161,9 +158,66 @@ _APPLY_BATCH = (
           OR (excluded.name IS NOT NULL AND excluded.name IS NOT identity_state.name)
           OR (excluded.email IS NOT NULL AND excluded.email IS NOT identity_state.email)
           OR (excluded.institution IS NOT NULL AND excluded.institution IS NOT identity_state.institution)""",
+    """INSERT INTO stage_keyed
+       SELECT c.group_key, i.key, s.role, s.status, s.status_reason, s.membership_fields, s.updated
+       FROM stage_memberships s
+       JOIN stage_context c ON c.id = s.group_id
+       JOIN identity_state i ON i.id = s.identity_id""",
+    # close the versions that changed or vanished: a member no longer listed 'left',
+    # unless the identity can no longer see the group's members ('hidden')
+    """UPDATE membership_versions SET to_run = :run, ended = CASE
+           WHEN EXISTS (SELECT 1 FROM stage_keyed s WHERE s.group_key = membership_versions.group_key
+                        AND s.identity_key = membership_versions.identity_key) THEN 'changed'
+           WHEN (SELECT c.now_visible FROM stage_context c WHERE c.group_key = membership_versions.group_key)
+               THEN 'left'
+           ELSE 'hidden' END
+       WHERE to_run IS NULL AND group_key IN (SELECT group_key FROM stage_context) AND NOT EXISTS (
+         SELECT 1 FROM stage_keyed s
+         WHERE s.group_key = membership_versions.group_key
+           AND s.identity_key = membership_versions.identity_key
+           AND s.role IS membership_versions.role
+           AND s.status IS membership_versions.status)""",
+    # open a version for every staged membership without a current one
+    """INSERT INTO membership_versions (group_key, identity_key, from_run, role, status, began)
+       SELECT s.group_key, s.identity_key, :run, s.role, s.status, CASE
+           WHEN EXISTS (SELECT 1 FROM membership_versions p
+                        WHERE p.group_key = s.group_key AND p.identity_key = s.identity_key
+                          AND p.to_run = :run AND p.ended = 'changed') THEN 'changed'
+           WHEN c.was_visible AND c.now_visible THEN 'joined'
+           ELSE 'first_seen' END
+       FROM stage_keyed s JOIN stage_context c ON c.group_key = s.group_key
+       WHERE NOT EXISTS (
+         SELECT 1 FROM membership_versions h
+         WHERE h.group_key = s.group_key AND h.identity_key = s.identity_key AND h.to_run IS NULL)""",
+    # memberships the read no longer lists end
+    """INSERT INTO stage_ended SELECT m.group_key, m.identity_key, c.last_run
+       FROM membership_state m JOIN stage_context c ON c.group_key = m.group_key
+       WHERE NOT EXISTS (
+         SELECT 1 FROM stage_keyed s WHERE s.group_key = m.group_key AND s.identity_key = m.identity_key)""",
+    *_END_MEMBERSHIPS,
+    # new memberships, and changed ones rewritten; unchanged rows are left alone
+    """INSERT INTO membership_state (group_key, identity_key, role, status, status_reason,
+           membership_fields, updated, first_run)
+       SELECT group_key, identity_key, role, status, status_reason, membership_fields, updated, :run
+       FROM stage_keyed WHERE true
+       ON CONFLICT (group_key, identity_key) DO UPDATE SET
+           role = excluded.role, status = excluded.status, status_reason = excluded.status_reason,
+           membership_fields = excluded.membership_fields, updated = excluded.updated
+       WHERE membership_state.role IS NOT excluded.role
+          OR membership_state.status IS NOT excluded.status
+          OR membership_state.status_reason IS NOT excluded.status_reason
+          OR membership_state.membership_fields IS NOT excluded.membership_fields
+          OR membership_state.updated IS NOT excluded.updated""",
     "DELETE FROM stage_groups",
     "DELETE FROM stage_memberships",
+    "DELETE FROM stage_context",
+    "DELETE FROM stage_keyed",
 )
+
+# The run's events (SPEC: joined, left, changed), counted once its batches are applied.
+_COUNT_EVENTS = """
+SELECT (SELECT count(*) FROM membership_versions WHERE from_run = :run AND began IN ('joined', 'changed'))
+     + (SELECT count(*) FROM membership_versions WHERE to_run = :run AND ended = 'left')"""
 
 
 @dataclasses.dataclass
@@ -212,8 +266,9 @@ class Recorder:
     """Records one run's reads: staged as they arrive, applied in batches, committed once.
 
     Everything between ``listed`` and ``finish`` is one transaction on the run's
-    connection. If the run fails before ``finish``, rolling that transaction back
-    (``finish_without_changes`` does) leaves the database exactly as it was.
+    connection, open while the groups are read. If the run fails before ``finish``,
+    rolling that transaction back (``finish_without_changes`` does) leaves the
+    database exactly as it was.
     """
 
     def __init__(
@@ -226,36 +281,32 @@ class Recorder:
         self.run = run
         self.batch_rows = batch_rows
         self.in_flight = in_flight
-        self._params = {"now": run.started_at, "run": run.run_id}
+        self._params = {"run": run.run_id}
         self._staged = 0  # membership rows staged since the last batch was applied
         self._to_read = 0
 
-    def listed(self, listings: t.Collection[GroupListing], to_read: int | None = None) -> None:
-        """Open the run's transaction; remove the groups the identity no longer belongs to.
+    def listed(self, listing: MyGroups, to_read: int | None = None) -> None:
+        """Open the run's transaction; record the groups the identity no longer belongs to
+        as gone.
 
-        ``listings`` are all the identity's groups; ``to_read``: how many of them this
-        run reads (default: all).
+        ``listing``: the identity's groups and its other memberships' groups; ``to_read``:
+        how many of its groups this run reads (default: all).
         """
-        self._to_read = len(listings) if to_read is None else to_read
+        self._to_read = len(listing.mine) if to_read is None else to_read
         conn = self.db.conn
         conn.execute("BEGIN")
-        conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
+        conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listing.mine))
+        conn.executemany(
+            "INSERT OR IGNORE INTO temp.stage_others VALUES (?, ?, ?)",
+            ((g.id, g.my_role, g.my_status) for g in listing.others),
+        )
         self._execute(_APPLY_LISTING)
 
     def read(self, read: GroupRead) -> None:
         """Stage one group's document and memberships; apply a batch once enough wait."""
         conn = self.db.conn
-        conn.execute(
-            "INSERT OR REPLACE INTO temp.stage_groups VALUES"
-            " (:id, :name, :description, :parent_id, :group_type, :group_visibility,"
-            " :group_members_visibility, :members_visible, :my_role, :my_status)",
-            read.group,
-        )
-        # a membership listed twice keeps its last occurrence
-        conn.executemany(
-            "INSERT OR REPLACE INTO temp.stage_memberships VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            read.memberships,
-        )
+        conn.execute(_INSERT_GROUP, read.group)
+        conn.executemany(_INSERT_MEMBERSHIP, read.memberships)
         self.run.groups_synced += 1
         self._staged += len(read.memberships)
         unread = self._to_read - self.run.groups_synced - self.run.groups_failed
@@ -274,22 +325,47 @@ class Recorder:
         self._staged = 0
 
     def _execute(self, statements: t.Iterable[str]) -> None:
-        """Run statements with the run's parameters, adding the changes they make to its count."""
-        conn = self.db.conn
+        """Run statements with the run's parameters."""
         for statement in statements:
-            cursor = conn.execute(statement, self._params)
-            if statement in _CHANGES:
-                self.run.changes += cursor.rowcount
+            self.db.conn.execute(statement, self._params)
 
     def finish(self) -> RunResult:
-        """Apply what is left, write the run's row and commit: the run becomes visible."""
+        """Apply what is left, write the run's row and commit: the run becomes visible.
+
+        Then, if history has grown much since the query planner's statistics were
+        taken (or there are none yet), take them anew.
+        """
         run = self.run
         run.status = "partial" if run.groups_failed else "ok"
         run.exit_code = EXIT_PARTIAL if run.groups_failed else EXIT_OK
         self._apply_batch()
+        run.changes = self.db.conn.execute(_COUNT_EVENTS, self._params).fetchone()[0]
         _write_run_row(self.db, run)
         self.db.conn.commit()
+        analyze_if_grown(self.db)
         return run
+
+
+def analyze_if_grown(db: sqlite_utils.Database) -> bool:
+    """``ANALYZE`` when history has no statistics yet or has grown ANALYZE_GROWTH-fold
+    since they were taken; True if it did.
+
+    Without statistics SQLite's planner guesses, and for "as of" queries it guesses a
+    scan of all history. The statistics need not be fresh, only of the right order of
+    magnitude, so this runs rarely: after the first run that records anything, then
+    each time history has grown by half.
+    """
+    counted = 0
+    if db["sqlite_stat1"].exists():
+        # each index's statistics line starts with the number of rows it covers
+        stat = "SELECT max(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = 'membership_versions'"
+        counted = db.execute(stat).fetchone()[0] or 0
+    versions = db.execute("SELECT count(*) FROM membership_versions").fetchone()[0]
+    if not versions or (counted and versions < counted * ANALYZE_GROWTH):
+        return False
+    db.execute("ANALYZE")
+    db.conn.commit()
+    return True
 
 
 def finish_without_changes(

@@ -149,78 +149,245 @@ def _current_state_tables(db: sqlite_utils.Database) -> None:
     )
 
 
+# The open runs' reasons, as membership_changes shows them (see SPEC): why a version
+# of a membership began and why it ended. 'unknown' is only in versions recorded before
+# 0004, whose reason could not be inferred.
+EVENTS = ("joined", "left", "changed")
+OBSERVATIONS = ("first_seen", "hidden", "group_gone")
+
+
+@migrations(name="0004_compact_history")
+def _compact_history(db: sqlite_utils.Database) -> None:
+    """Integer keys for groups and identities, run ids for times, reasons, group history.
+
+    Every UUID is stored once (in ``group_state``/``identity_state``); history and
+    current state refer to it by key, and to times by run id, so its rows and indexes
+    hold small integers. The reasons of versions recorded before are inferred where the
+    old tables tell them (a group's first read, a change of role or status, a group
+    gone) and 'unknown' otherwise. Groups get one version each, as last read: earlier
+    names were not kept.
+    """
+    run_at = "(SELECT coalesce(max(r.id), (SELECT min(id) FROM sync_runs)) FROM sync_runs r WHERE r.started_at <= {})"
+    for view in ("memberships", "identities", "membership_changes", "active_members"):
+        db.execute(f"DROP VIEW IF EXISTS {view}")
+    db.executescript(
+        f"""
+        ALTER TABLE groups RENAME TO old_groups;
+        ALTER TABLE identity_state RENAME TO old_identity_state;
+        ALTER TABLE membership_state RENAME TO old_membership_state;
+        ALTER TABLE membership_history RENAME TO old_membership_history;
+        {_TABLES_0004}
+        INSERT INTO group_state (id, name, description, parent_id, group_type, group_visibility,
+            group_members_visibility, members_visible, my_role, my_status, first_run, last_run, removed_run)
+        SELECT id, name, description, parent_id, group_type, group_visibility, group_members_visibility,
+            members_visible, my_role, my_status, {run_at.format("first_seen")}, {run_at.format("last_seen")},
+            CASE WHEN removed_at IS NOT NULL THEN {run_at.format("removed_at")} END
+        FROM old_groups ORDER BY id;
+        INSERT INTO group_versions (group_key, from_run, to_run, name, description, parent_id, group_type,
+            group_visibility, group_members_visibility, members_visible, my_role, my_status)
+        SELECT key, first_run, removed_run, name, description, parent_id, group_type, group_visibility,
+            group_members_visibility, members_visible, my_role, my_status
+        FROM group_state ORDER BY key;
+        INSERT INTO identity_state (id, username, name, email, institution, first_run, last_run_ended)
+        SELECT id, username, name, email, institution, {run_at.format("first_seen")},
+            {run_at.format("last_seen_ended")}
+        FROM old_identity_state ORDER BY id;
+        INSERT INTO membership_state (group_key, identity_key, role, status, status_reason,
+            membership_fields, updated, first_run)
+        SELECT g.key, i.key, m.role, m.status, m.status_reason, m.membership_fields, m.updated,
+            {run_at.format("m.first_seen")}
+        FROM old_membership_state m
+        JOIN group_state g ON g.id = m.group_id JOIN identity_state i ON i.id = m.identity_id
+        ORDER BY g.key, i.key;
+        CREATE INDEX IF NOT EXISTS migrate_history ON old_membership_history(group_id, identity_id, from_run);
+        INSERT INTO membership_versions (group_key, identity_key, from_run, to_run, role, status, began, ended)
+        SELECT g.key, i.key, h.from_run, h.to_run, h.role, h.status,
+            CASE
+              WHEN EXISTS (SELECT 1 FROM old_membership_history p WHERE p.group_id = h.group_id
+                           AND p.identity_id = h.identity_id AND p.to_run = h.from_run) THEN 'changed'
+              WHEN h.from_run = g.first_run THEN 'first_seen'
+              ELSE 'unknown' END,
+            CASE
+              WHEN h.to_run IS NULL THEN NULL
+              WHEN EXISTS (SELECT 1 FROM old_membership_history n WHERE n.group_id = h.group_id
+                           AND n.identity_id = h.identity_id AND n.from_run = h.to_run) THEN 'changed'
+              WHEN h.to_run = g.removed_run THEN 'group_gone'
+              ELSE 'unknown' END
+        FROM old_membership_history h
+        JOIN group_state g ON g.id = h.group_id JOIN identity_state i ON i.id = h.identity_id
+        ORDER BY g.key, i.key, h.from_run;
+        DROP TABLE old_membership_history;
+        DROP TABLE old_membership_state;
+        DROP TABLE old_identity_state;
+        DROP TABLE old_groups;
+        """
+    )
+
+
+# The tables as 0004 made them. Frozen: a later change is a new migration.
+_TABLES_0004 = """
+        CREATE TABLE group_state (
+            key INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            name TEXT,
+            description TEXT,
+            parent_id TEXT,
+            group_type TEXT,
+            group_visibility TEXT,
+            group_members_visibility TEXT,
+            members_visible INTEGER NOT NULL,
+            my_role TEXT,
+            my_status TEXT,
+            first_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            last_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            removed_run INTEGER REFERENCES sync_runs(id)
+        );
+        CREATE TABLE group_versions (
+            group_key INTEGER NOT NULL REFERENCES group_state(key),
+            from_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            to_run INTEGER REFERENCES sync_runs(id),
+            name TEXT,
+            description TEXT,
+            parent_id TEXT,
+            group_type TEXT,
+            group_visibility TEXT,
+            group_members_visibility TEXT,
+            members_visible INTEGER NOT NULL,
+            my_role TEXT,
+            my_status TEXT,
+            PRIMARY KEY (group_key, from_run)
+        ) WITHOUT ROWID;
+        CREATE TABLE identity_state (
+            key INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            username TEXT,
+            name TEXT,
+            email TEXT,
+            institution TEXT,
+            first_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            last_run_ended INTEGER NOT NULL REFERENCES sync_runs(id)
+        );
+        CREATE TABLE membership_state (
+            group_key INTEGER NOT NULL REFERENCES group_state(key),
+            identity_key INTEGER NOT NULL REFERENCES identity_state(key),
+            role TEXT,
+            status TEXT,
+            status_reason TEXT,
+            membership_fields TEXT,
+            updated TEXT,
+            first_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            PRIMARY KEY (group_key, identity_key)
+        ) WITHOUT ROWID;
+        CREATE TABLE membership_versions (
+            group_key INTEGER NOT NULL REFERENCES group_state(key),
+            identity_key INTEGER NOT NULL REFERENCES identity_state(key),
+            from_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            to_run INTEGER REFERENCES sync_runs(id),
+            role TEXT,
+            status TEXT,
+            began TEXT NOT NULL,
+            ended TEXT,
+            PRIMARY KEY (group_key, identity_key, from_run)
+        ) WITHOUT ROWID;
+"""
+
+
 # name -> CREATE statement. ensure_schema creates and replaces these; an index taken
-# out of this list needs a migration that drops it (as 0002 does). One open history
-# row per membership is enforced by the unique partial index, which is also what the
-# diff looks current versions up by.
+# out of this list needs a migration that drops it (as 0002 does). Each serves a
+# documented query or the run's diff; the primary keys serve the rest (a group's
+# versions, a membership's versions in order).
 INDEXES: dict[str, str] = {
-    "idx_history_current": "CREATE UNIQUE INDEX idx_history_current"
-    " ON membership_history(group_id, identity_id) WHERE to_run IS NULL",
-    "idx_history_membership": "CREATE INDEX idx_history_membership"
-    " ON membership_history(group_id, identity_id, from_run)",
-    "idx_history_identity": "CREATE INDEX idx_history_identity"
-    " ON membership_history(identity_id, from_run)",
-    "idx_history_from_run": "CREATE INDEX idx_history_from_run ON membership_history(from_run)",
-    "idx_history_to_run": "CREATE INDEX idx_history_to_run"
-    " ON membership_history(to_run) WHERE to_run IS NOT NULL",
-    "idx_membership_state_identity": "CREATE INDEX idx_membership_state_identity ON membership_state(identity_id)",
-    # people are looked up by username (README's examples): without it, a scan of all history
+    # an identity's history (syncer identity, membership_changes by user)
+    "idx_versions_identity": "CREATE INDEX idx_versions_identity ON membership_versions(identity_key)",
+    # a run's changes: the versions it opened and those it closed
+    "idx_versions_from_run": "CREATE INDEX idx_versions_from_run ON membership_versions(from_run)",
+    "idx_versions_to_run": "CREATE INDEX idx_versions_to_run"
+    " ON membership_versions(to_run) WHERE to_run IS NOT NULL",
+    "idx_membership_state_identity": "CREATE INDEX idx_membership_state_identity ON membership_state(identity_key)",
+    # people are looked up by username
     "idx_identity_state_username": "CREATE INDEX idx_identity_state_username ON identity_state(username)",
     "idx_sync_runs_started": "CREATE INDEX idx_sync_runs_started ON sync_runs(started_at)",
 }
 
 VIEWS: dict[str, str] = {
-    # The current state. A membership was last seen when its group was last read
-    # (groups.last_seen), so that is not stored per row.
-    "memberships": """
-CREATE VIEW memberships AS
-SELECT m.group_id, m.identity_id, m.username, m.role, m.status, m.status_reason,
-       m.membership_fields, m.updated, m.first_seen, g.last_seen
-FROM membership_state m
-JOIN groups g ON g.id = m.group_id""",
+    "groups": """
+CREATE VIEW groups AS
+SELECT g.id, g.name, g.description, g.parent_id, g.group_type, g.group_visibility,
+       g.group_members_visibility, g.members_visible, g.my_role, g.my_status,
+       f.started_at AS first_seen, l.started_at AS last_seen, r.started_at AS removed_at
+FROM group_state g
+JOIN sync_runs f ON f.id = g.first_run
+JOIN sync_runs l ON l.id = g.last_run
+LEFT JOIN sync_runs r ON r.id = g.removed_run""",
+    # One version per change of a group's attributes while it is among the identity's
+    # groups; a group that is gone has no version covering the runs after it went.
+    "group_history": """
+CREATE VIEW group_history AS
+SELECT g.id AS group_id, v.name, v.description, v.parent_id, v.group_type, v.group_visibility,
+       v.group_members_visibility, v.members_visible, v.my_role, v.my_status,
+       f.started_at AS valid_from, t.started_at AS valid_to, v.from_run, v.to_run
+FROM group_versions v
+JOIN group_state g ON g.key = v.group_key
+JOIN sync_runs f ON f.id = v.from_run
+LEFT JOIN sync_runs t ON t.id = v.to_run""",
     # An identity was last seen at the latest read of a group it is still in, or when
     # it was last seen in a membership that has since ended, whichever is later.
     "identities": """
 CREATE VIEW identities AS
-SELECT i.id, i.username, i.name, i.email, i.institution, i.first_seen,
-       max(i.last_seen_ended, coalesce((
-         SELECT max(g.last_seen) FROM membership_state m JOIN groups g ON g.id = m.group_id
-         WHERE m.identity_id = i.id), i.last_seen_ended)) AS last_seen
-FROM identity_state i""",
-    # A version that began in run R is 'added' unless an older version ended in R
-    # ('changed'); a version that ended in R with no successor is 'removed'. One join
-    # over both ends of a version rather than a UNION ALL of two selects: SQLite never
-    # pushes a filter that holds a subquery (run_id = (SELECT max(id) ...)) into a
-    # compound view, so every such query read all history (0.63 s over 31 runs, and
-    # growing); this view is flattened into the query and answers it from the run's
-    # versions (16 ms). The unary + keeps SQLite from finding a version's predecessor
-    # through idx_history_to_run (every version the run closed, thousands) rather than
-    # idx_history_membership (the membership's few): without table statistics it
-    # guesses the former, and a query over a month of runs took 47 s instead of 0.6 s.
+SELECT i.id, i.username, i.name, i.email, i.institution, f.started_at AS first_seen,
+       (SELECT started_at FROM sync_runs WHERE id = max(i.last_run_ended, coalesce((
+          SELECT max(g.last_run) FROM membership_state m JOIN group_state g ON g.key = m.group_key
+          WHERE m.identity_key = i.key), 0))) AS last_seen
+FROM identity_state i
+JOIN sync_runs f ON f.id = i.first_run""",
+    # The current state; a membership was last seen when its group was last read.
+    "memberships": """
+CREATE VIEW memberships AS
+SELECT g.id AS group_id, i.id AS identity_id, i.username, m.role, m.status, m.status_reason,
+       m.membership_fields, m.updated, f.started_at AS first_seen, l.started_at AS last_seen
+FROM membership_state m
+JOIN group_state g ON g.key = m.group_key
+JOIN identity_state i ON i.key = m.identity_key
+JOIN sync_runs f ON f.id = m.first_run
+JOIN sync_runs l ON l.id = g.last_run""",
+    "membership_history": """
+CREATE VIEW membership_history AS
+SELECT g.id AS group_id, i.id AS identity_id, i.username, v.role, v.status,
+       f.started_at AS valid_from, t.started_at AS valid_to, v.from_run, v.to_run, v.began, v.ended
+FROM membership_versions v
+JOIN group_state g ON g.key = v.group_key
+JOIN identity_state i ON i.key = v.identity_key
+JOIN sync_runs f ON f.id = v.from_run
+LEFT JOIN sync_runs t ON t.id = v.to_run""",
+    # A version that began in run R is a row of R ('changed' when it replaced a version
+    # R closed, else 'added'); a version R closed without a successor is a 'removed'
+    # row of R. The reason is stored with the version. The group's name is the one it
+    # had at R: its latest version begun by R.
     "membership_changes": """
 CREATE VIEW membership_changes AS
-SELECT r.started_at AS at, r.id AS run_id, v.group_id, g.name AS group_name,
-       v.identity_id, i.username,
-       CASE WHEN v.from_run <> r.id THEN 'removed' WHEN o.id IS NULL THEN 'added' ELSE 'changed' END AS change,
+SELECT r.started_at AS at, r.id AS run_id, g.id AS group_id,
+       (SELECT gv.name FROM group_versions gv WHERE gv.group_key = v.group_key AND gv.from_run <= r.id
+        ORDER BY gv.from_run DESC LIMIT 1) AS group_name,
+       i.id AS identity_id, i.username,
+       CASE WHEN v.from_run <> r.id THEN 'removed' WHEN v.began = 'changed' THEN 'changed' ELSE 'added' END AS change,
+       CASE WHEN v.from_run <> r.id THEN v.ended ELSE v.began END AS reason,
        CASE WHEN v.from_run = r.id THEN o.role ELSE v.role END AS old_role,
        CASE WHEN v.from_run = r.id THEN v.role END AS new_role,
        CASE WHEN v.from_run = r.id THEN o.status ELSE v.status END AS old_status,
        CASE WHEN v.from_run = r.id THEN v.status END AS new_status
 FROM sync_runs r
-JOIN membership_history v ON v.from_run = r.id OR v.to_run = r.id
-LEFT JOIN membership_history o
-  ON v.from_run = r.id AND o.group_id = v.group_id AND o.identity_id = v.identity_id AND +o.to_run = r.id
-LEFT JOIN groups g ON g.id = v.group_id
-LEFT JOIN identity_state i ON i.id = v.identity_id
-WHERE v.from_run = r.id OR NOT EXISTS (
-  SELECT 1 FROM membership_history n
-  WHERE n.group_id = v.group_id AND n.identity_id = v.identity_id AND n.from_run = r.id
-)""",
+JOIN membership_versions v ON v.from_run = r.id OR (v.to_run = r.id AND v.ended <> 'changed')
+LEFT JOIN membership_versions o
+  ON v.from_run = r.id AND v.began = 'changed'
+  AND o.group_key = v.group_key AND o.identity_key = v.identity_key AND o.to_run = r.id
+JOIN group_state g ON g.key = v.group_key
+JOIN identity_state i ON i.key = v.identity_key""",
     "active_members": """
 CREATE VIEW active_members AS
-SELECT m.group_id, g.name AS group_name, m.identity_id, m.username, m.role
+SELECT g.id AS group_id, g.name AS group_name, i.id AS identity_id, i.username, m.role
 FROM membership_state m
-JOIN groups g ON g.id = m.group_id
+JOIN group_state g ON g.key = m.group_key
+JOIN identity_state i ON i.key = m.identity_key
 WHERE m.status = 'active'""",
 }
 

@@ -31,6 +31,7 @@ from syncer.globus_groups import (
     GroupRead,
     GroupReader,
     GroupReadError,
+    MyGroups,
     list_my_groups,
     pin_environment_proxies,
 )
@@ -112,11 +113,11 @@ def run_sync(
                 # tokens are read fresh each run, so a new `syncer login` applies without restarts
                 with TokenStore(config.token_storage) as store:
                     client, limit = _groups_client(config, store)
-                    mine, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
+                    listing, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
                     with GroupReader(client, to_read, limit, cancelled) as reads:
                         opening = True
                         recording = _Recording(config, started_at)
-                        _record(recording, mine, to_read, reads, config.concurrency, cancelled, progress)
+                        _record(recording, listing, to_read, reads, config.concurrency, cancelled, progress)
             except BaseException as err:
                 if not opening:
                     recording = _Recording.opened_for_failure(config, started_at)
@@ -179,9 +180,9 @@ def _groups_client(config: Config, store: TokenStore) -> tuple[globus_sdk.Groups
     return client, limit
 
 
-def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[list[GroupListing], list[GroupListing]]:
-    """The identity's groups, and those of them to read (``groups`` in the config, or
-    all), each in group id order.
+def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[MyGroups, list[GroupListing]]:
+    """What ``my_groups`` lists, and those of the identity's groups to read (``groups``
+    in the config, or all), in group id order.
 
     A group is gone only when it is no longer among the identity's groups: one left
     out of ``groups`` is not read and stays as it was, never recorded as removed. In
@@ -189,25 +190,25 @@ def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[list[
     indexes, which SQLite appends to far faster than it inserts.
     """
     try:
-        mine = list_my_groups(client, config.my_statuses)
+        listing = list_my_groups(client, config.my_statuses)
     except globus_sdk.GlobusAPIError as err:
         raise SyncerError(f"could not list your groups: {describe_api_error(err)}") from None
     except (globus_sdk.NetworkError, GroupReadError) as err:
         raise SyncerError(f"could not list your groups: {err}") from None
-    mine.sort(key=lambda listing: listing.id)
+    listing.mine.sort(key=lambda group: group.id)
     if not config.groups:
-        return mine, mine
+        return listing, listing.mine
     wanted = set(config.groups)
-    to_read = [listing for listing in mine if listing.id in wanted]
-    missing = wanted - {listing.id for listing in to_read}
+    to_read = [group for group in listing.mine if group.id in wanted]
+    missing = wanted - {group.id for group in to_read}
     if missing:
         log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
-    return mine, to_read
+    return listing, to_read
 
 
 def _record(
     recording: _Recording,
-    mine: list[GroupListing],
+    listing: MyGroups,
     to_read: list[GroupListing],
     reads: GroupReader,
     in_flight: int,
@@ -219,13 +220,13 @@ def _record(
     began = time.monotonic()
     run = recording.run
     recorder = Recorder(recording.db, run, in_flight=in_flight)
-    recorder.listed(mine, to_read=len(to_read))
-    for listing, outcome in reads:
+    recorder.listed(listing, to_read=len(to_read))
+    for group, outcome in reads:
         if isinstance(outcome, GroupRead):
             recorder.read(outcome)
         else:
-            recorder.failed(listing.id, str(outcome))
-            log.warning("group %s (%s) not read: %s", listing.id, listing.name, outcome)
+            recorder.failed(group.id, str(outcome))
+            log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)
         if progress:
             progress(run.groups_synced + run.groups_failed, len(to_read))
     if cancelled.is_set():
