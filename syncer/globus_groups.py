@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 import json
 import logging
 import queue
@@ -30,6 +31,17 @@ from syncer.errors import LoginRequired
 log = logging.getLogger(__name__)
 
 MANAGER_ROLES = ("admin", "manager")
+
+
+class MembersView(enum.StrEnum):
+    """Which of a group's memberships Globus shows the identity: every membership (to
+    its active admins and managers), the active ones (to its active members, where the
+    group's members are visible to members), or only its own. Whether a membership
+    missing from a read has ended or is merely out of view depends on it."""
+
+    ALL = "all"
+    ACTIVE = "active"
+    OWN = "own"
 
 
 class MembershipRow(t.NamedTuple):
@@ -60,7 +72,7 @@ class GroupRow(t.NamedTuple):
     group_type: str | None
     group_visibility: str | None
     group_members_visibility: str | None
-    members_visible: int  # 0 when the identity may see only its own membership
+    members_view: str  # which memberships the identity may see: see MembersView
     my_role: str | None
     my_status: str | None
 
@@ -78,11 +90,13 @@ class GroupListing:
     own: tuple[MembershipRow, ...] = ()
 
     @property
-    def members_visible(self) -> bool:
-        """False when the identity may see only its own membership."""
-        if self.my_role in MANAGER_ROLES and self.my_status == "active":
-            return True
-        return self.members_visibility == "members" and self.my_status == "active"
+    def members_view(self) -> str:
+        """Which of the group's memberships Globus shows the identity (``MembersView``)."""
+        if self.my_status != "active":
+            return MembersView.OWN
+        if self.my_role in MANAGER_ROLES:
+            return MembersView.ALL
+        return MembersView.ACTIVE if self.members_visibility == "members" else MembersView.OWN
 
 
 class MyGroups(t.NamedTuple):
@@ -215,7 +229,7 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
         group_type=_text(data.get("group_type")),
         group_visibility=_text(policies.get("group_visibility")),
         group_members_visibility=_text(policies.get("group_members_visibility")),
-        members_visible=int(listing.members_visible),
+        members_view=listing.members_view,
         my_role=listing.my_role,
         my_status=listing.my_status,
     )

@@ -44,7 +44,7 @@ ANALYZE_GROWTH = 1.5
 
 
 def _columns(row_type: type[t.NamedTuple]) -> str:
-    return ", ".join(f"{name} {'INTEGER' if name == 'members_visible' else 'TEXT'}" for name in row_type._fields)
+    return ", ".join(f"{name} TEXT" for name in row_type._fields)
 
 
 # stage_listed and stage_others hold the listing: the identity's groups, and the groups
@@ -62,7 +62,7 @@ CREATE TEMP TABLE IF NOT EXISTS stage_groups ({_columns(GroupRow)}, PRIMARY KEY 
 CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
     {_columns(MembershipRow)}, PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
 CREATE TEMP TABLE IF NOT EXISTS stage_context (
-    id TEXT PRIMARY KEY, group_key INTEGER UNIQUE, was_visible INTEGER, now_visible INTEGER,
+    id TEXT PRIMARY KEY, group_key INTEGER UNIQUE, was_view TEXT, now_view TEXT,
     new_version INTEGER, last_run INTEGER);
 CREATE TEMP TABLE IF NOT EXISTS stage_keyed (
     group_key INTEGER NOT NULL, identity_key INTEGER NOT NULL, role TEXT, status TEXT,
@@ -117,7 +117,7 @@ _APPLY_LISTING = (
 # The group attributes kept in history: a change of any starts a new group version.
 _GROUP_ATTRIBUTES = (
     "name", "description", "parent_id", "group_type", "group_visibility",
-    "group_members_visibility", "members_visible", "my_role", "my_status",
+    "group_members_visibility", "members_view", "my_role", "my_status",
 )
 _ANY_ATTRIBUTE_CHANGED = " OR ".join(f"g.{c} IS NOT s.{c}" for c in _GROUP_ATTRIBUTES)
 _ATTRIBUTES = ", ".join(_GROUP_ATTRIBUTES)
@@ -128,10 +128,10 @@ _ATTRIBUTES = ", ".join(_GROUP_ATTRIBUTES)
 # batch costs what it holds, not what the database holds. Only what changed is
 # written: an unchanged group costs its group_state row (last_run) and nothing else.
 _APPLY_BATCH = (
-    # what each group was before this run: were its members visible in its last read
-    # (then a new member 'joined'; else the member is 'first_seen')
-    f"""INSERT INTO stage_context (id, group_key, was_visible, now_visible, new_version, last_run)
-       SELECT s.id, g.key, coalesce(g.removed_run IS NULL AND g.members_visible = 1, 0), s.members_visible,
+    # what each group was before this run: which of its members the identity saw at
+    # its last read (none: the group is new or back)
+    f"""INSERT INTO stage_context (id, group_key, was_view, now_view, new_version, last_run)
+       SELECT s.id, g.key, CASE WHEN g.removed_run IS NULL THEN g.members_view END, s.members_view,
            g.key IS NULL OR g.removed_run IS NOT NULL OR {_ANY_ATTRIBUTE_CHANGED}, g.last_run
        FROM stage_groups s LEFT JOIN group_state g ON g.id = s.id""",
     f"""INSERT INTO group_state (id, {_ATTRIBUTES}, first_run, last_run)
@@ -163,13 +163,13 @@ _APPLY_BATCH = (
        FROM stage_memberships s
        JOIN stage_context c ON c.id = s.group_id
        JOIN identity_state i ON i.id = s.identity_id""",
-    # close the versions that changed or vanished: a member no longer listed 'left',
-    # unless the identity can no longer see the group's members ('hidden')
+    # close the versions that changed or vanished: a member no longer listed 'left' if
+    # the identity would still see it, else it is out of view ('hidden')
     """UPDATE membership_versions SET to_run = :run, ended = CASE
            WHEN EXISTS (SELECT 1 FROM stage_keyed s WHERE s.group_key = membership_versions.group_key
                         AND s.identity_key = membership_versions.identity_key) THEN 'changed'
-           WHEN (SELECT c.now_visible FROM stage_context c WHERE c.group_key = membership_versions.group_key)
-               THEN 'left'
+           WHEN (SELECT c.now_view = 'all' OR (c.now_view = 'active' AND membership_versions.status = 'active')
+                 FROM stage_context c WHERE c.group_key = membership_versions.group_key) THEN 'left'
            ELSE 'hidden' END
        WHERE to_run IS NULL AND group_key IN (SELECT group_key FROM stage_context) AND NOT EXISTS (
          SELECT 1 FROM stage_keyed s
@@ -177,13 +177,14 @@ _APPLY_BATCH = (
            AND s.identity_key = membership_versions.identity_key
            AND s.role IS membership_versions.role
            AND s.status IS membership_versions.status)""",
-    # open a version for every staged membership without a current one
+    # open a version for every staged membership without a current one: a member the
+    # identity would have seen at the group's last read 'joined', else it came into view
     """INSERT INTO membership_versions (group_key, identity_key, from_run, role, status, began)
        SELECT s.group_key, s.identity_key, :run, s.role, s.status, CASE
            WHEN EXISTS (SELECT 1 FROM membership_versions p
                         WHERE p.group_key = s.group_key AND p.identity_key = s.identity_key
                           AND p.to_run = :run AND p.ended = 'changed') THEN 'changed'
-           WHEN c.was_visible AND c.now_visible THEN 'joined'
+           WHEN c.was_view = 'all' OR (c.was_view = 'active' AND s.status = 'active') THEN 'joined'
            ELSE 'first_seen' END
        FROM stage_keyed s JOIN stage_context c ON c.group_key = s.group_key
        WHERE NOT EXISTS (

@@ -178,15 +178,18 @@ def _compact_history(db: sqlite_utils.Database) -> None:
         ALTER TABLE membership_history RENAME TO old_membership_history;
         {_TABLES_0004}
         INSERT INTO group_state (id, name, description, parent_id, group_type, group_visibility,
-            group_members_visibility, members_visible, my_role, my_status, first_run, last_run, removed_run)
+            group_members_visibility, members_view, my_role, my_status, first_run, last_run, removed_run)
         SELECT id, name, description, parent_id, group_type, group_visibility, group_members_visibility,
-            members_visible, my_role, my_status, {run_at.format("first_seen")}, {run_at.format("last_seen")},
+            CASE WHEN members_visible = 0 THEN 'own'
+                 WHEN my_role IN ('admin', 'manager') AND my_status = 'active' THEN 'all'
+                 ELSE 'active' END,
+            my_role, my_status, {run_at.format("first_seen")}, {run_at.format("last_seen")},
             CASE WHEN removed_at IS NOT NULL THEN {run_at.format("removed_at")} END
         FROM old_groups ORDER BY id;
         INSERT INTO group_versions (group_key, from_run, to_run, name, description, parent_id, group_type,
-            group_visibility, group_members_visibility, members_visible, my_role, my_status)
+            group_visibility, group_members_visibility, members_view, my_role, my_status)
         SELECT key, first_run, removed_run, name, description, parent_id, group_type, group_visibility,
-            group_members_visibility, members_visible, my_role, my_status
+            group_members_visibility, members_view, my_role, my_status
         FROM group_state ORDER BY key;
         INSERT INTO identity_state (id, username, name, email, institution, first_run, last_run_ended)
         SELECT id, username, name, email, institution, {run_at.format("first_seen")},
@@ -235,7 +238,7 @@ _TABLES_0004 = """
             group_type TEXT,
             group_visibility TEXT,
             group_members_visibility TEXT,
-            members_visible INTEGER NOT NULL,
+            members_view TEXT NOT NULL,
             my_role TEXT,
             my_status TEXT,
             first_run INTEGER NOT NULL REFERENCES sync_runs(id),
@@ -252,7 +255,7 @@ _TABLES_0004 = """
             group_type TEXT,
             group_visibility TEXT,
             group_members_visibility TEXT,
-            members_visible INTEGER NOT NULL,
+            members_view TEXT NOT NULL,
             my_role TEXT,
             my_status TEXT,
             PRIMARY KEY (group_key, from_run)
@@ -313,8 +316,8 @@ VIEWS: dict[str, str] = {
     "groups": """
 CREATE VIEW groups AS
 SELECT g.id, g.name, g.description, g.parent_id, g.group_type, g.group_visibility,
-       g.group_members_visibility, g.members_visible, g.my_role, g.my_status,
-       f.started_at AS first_seen, l.started_at AS last_seen, r.started_at AS removed_at
+       g.group_members_visibility, g.members_view <> 'own' AS members_visible, g.my_role, g.my_status,
+       f.started_at AS first_seen, l.started_at AS last_seen, r.started_at AS removed_at, g.members_view
 FROM group_state g
 JOIN sync_runs f ON f.id = g.first_run
 JOIN sync_runs l ON l.id = g.last_run
@@ -324,8 +327,8 @@ LEFT JOIN sync_runs r ON r.id = g.removed_run""",
     "group_history": """
 CREATE VIEW group_history AS
 SELECT g.id AS group_id, v.name, v.description, v.parent_id, v.group_type, v.group_visibility,
-       v.group_members_visibility, v.members_visible, v.my_role, v.my_status,
-       f.started_at AS valid_from, t.started_at AS valid_to, v.from_run, v.to_run
+       v.group_members_visibility, v.members_view <> 'own' AS members_visible, v.my_role, v.my_status,
+       f.started_at AS valid_from, t.started_at AS valid_to, v.from_run, v.to_run, v.members_view
 FROM group_versions v
 JOIN group_state g ON g.key = v.group_key
 JOIN sync_runs f ON f.id = v.from_run

@@ -299,7 +299,8 @@ convert = migration.fn
 def convert_then_die(db):
     convert(db)
     os.kill(os.getpid(), signal.SIGKILL)  # converted, not yet committed
-schema.migrations._migrations[schema.migrations._migrations.index(migration)] = dataclasses.replace(migration, fn=convert_then_die)
+migrations = schema.migrations._migrations
+migrations[migrations.index(migration)] = dataclasses.replace(migration, fn=convert_then_die)
 schema.open_database(Path(sys.argv[1]))
 """
 

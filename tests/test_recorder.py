@@ -259,7 +259,7 @@ def test_a_group_shown_without_its_memberships(memberships: object) -> None:
     own = MembershipRow("g1", "me", "me@example.org", "member", "invited", None, "{}", None, None, None, None)
     invited = GroupListing("g1", "g1", "member", "invited", "managers", own=(own,))
     read = parse_group(invited, doc)
-    assert read.memberships == [own] and read.group.members_visible == 0
+    assert read.memberships == [own] and read.group.members_view == "own"
     active = GroupListing("g1", "g1", "member", "active", "managers", own=(own._replace(status="active"),))
     if memberships == "absent":
         with pytest.raises(GroupReadError, match="no memberships list"):
