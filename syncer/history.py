@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import typing as t
 
 import sqlite_utils
@@ -39,7 +40,8 @@ from syncer.schema import utc_now
 # quick and the staging tables stay small.
 BATCH_ROWS = 2000
 
-# Re-analyze once history has grown by this factor since the planner's statistics.
+# Re-analyze once history or the runs have grown by this factor since the planner's
+# statistics were taken.
 ANALYZE_GROWTH = 1.5
 
 
@@ -215,6 +217,10 @@ _APPLY_BATCH = (
     "DELETE FROM stage_keyed",
 )
 
+_VERSIONS_TOUCHED = """
+SELECT EXISTS (SELECT 1 FROM membership_versions WHERE from_run = :run)
+    OR EXISTS (SELECT 1 FROM membership_versions WHERE to_run = :run)"""
+
 # The run's events (SPEC: joined, left, changed), counted once its batches are applied.
 _COUNT_EVENTS = """
 SELECT (SELECT count(*) FROM membership_versions WHERE from_run = :run AND began IN ('joined', 'changed'))
@@ -333,8 +339,8 @@ class Recorder:
     def finish(self) -> RunResult:
         """Apply what is left, write the run's row and commit: the run becomes visible.
 
-        Then, if history has grown much since the query planner's statistics were
-        taken (or there are none yet), take them anew.
+        Then, if the run recorded changes, refresh the query planner's statistics
+        when history has grown much since they were taken.
         """
         run = self.run
         run.status = "partial" if run.groups_failed else "ok"
@@ -343,30 +349,51 @@ class Recorder:
         run.changes = self.db.conn.execute(_COUNT_EVENTS, self._params).fetchone()[0]
         _write_run_row(self.db, run)
         self.db.conn.commit()
-        analyze_if_grown(self.db)
+        if self.db.conn.execute(_VERSIONS_TOUCHED, self._params).fetchone()[0]:
+            refresh_statistics(self.db)
         return run
 
 
-def analyze_if_grown(db: sqlite_utils.Database) -> bool:
-    """``ANALYZE`` when history has no statistics yet or has grown ANALYZE_GROWTH-fold
-    since they were taken; True if it did.
+def refresh_statistics(db: sqlite_utils.Database) -> bool:
+    """Take the query planner's statistics anew if history or the runs have grown
+    ANALYZE_GROWTH-fold since they were taken (or there are none); True if it did.
 
     Without statistics SQLite's planner guesses, and for "as of" queries it guesses a
-    scan of all history. The statistics need not be fresh, only of the right order of
-    magnitude, so this runs rarely: after the first run that records anything, then
-    each time history has grown by half.
+    scan of all history. They need not be fresh, only of the right order of
+    magnitude, so this runs rarely and samples (``analysis_limit``). Called after a
+    run that recorded changes, so an unchanged run never rewrites them.
     """
-    counted = 0
-    if db["sqlite_stat1"].exists():
-        # each index's statistics line starts with the number of rows it covers
-        stat = "SELECT max(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = 'membership_versions'"
-        counted = db.execute(stat).fetchone()[0] or 0
+    counted_versions, counted_runs = _counted(db, "membership_versions"), _counted(db, "sync_runs")
     versions = db.execute("SELECT count(*) FROM membership_versions").fetchone()[0]
-    if not versions or (counted and versions < counted * ANALYZE_GROWTH):
+    runs = db.execute("SELECT count(*) FROM sync_runs").fetchone()[0]
+    if counted_versions and versions < counted_versions * ANALYZE_GROWTH and runs < counted_runs * ANALYZE_GROWTH:
         return False
+    db.execute("PRAGMA analysis_limit = 1000")
     db.execute("ANALYZE")
+    # A run's versions are few, but the mean per run says otherwise: the first run's
+    # snapshot alone outweighs months of changes, and a planner that believes it reads
+    # a week of changes group by group. State the typical run's count instead.
+    for index, column in (("idx_versions_from_run", "from_run"), ("idx_versions_to_run", "to_run")):
+        per_run = [n for (n,) in db.execute(
+            f"SELECT count(*) FROM membership_versions WHERE {column} IS NOT NULL GROUP BY {column}")]
+        stat = db.execute("SELECT stat FROM sqlite_stat1 WHERE idx = ?", [index]).fetchone()
+        if per_run and stat:
+            # "rows, rows per run, rows per run and reason"
+            rows, _, per_reason, *rest = stat[0].split()
+            typical = statistics.median_low(per_run)
+            stat = " ".join([rows, str(typical), str(min(int(per_reason), typical)), *rest])
+            db.execute("UPDATE sqlite_stat1 SET stat = ? WHERE idx = ?", [stat, index])
     db.conn.commit()
     return True
+
+
+def _counted(db: sqlite_utils.Database, table: str) -> int:
+    """How many rows ``table`` had when the statistics were taken (0: none taken)."""
+    if not db["sqlite_stat1"].exists():
+        return 0
+    # each index's statistics line starts with the number of rows it covers
+    stat = "SELECT max(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = ?"
+    return db.execute(stat, [table]).fetchone()[0] or 0
 
 
 def finish_without_changes(

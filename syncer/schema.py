@@ -149,8 +149,8 @@ def _current_state_tables(db: sqlite_utils.Database) -> None:
     )
 
 
-# The open runs' reasons, as membership_changes shows them (see SPEC): why a version
-# of a membership began and why it ended. 'unknown' is only in versions recorded before
+# The reasons, as membership_changes shows them (see SPEC): why a version of a
+# membership began and why it ended. 'unknown' is only in versions recorded before
 # 0004, whose reason could not be inferred.
 EVENTS = ("joined", "left", "changed")
 OBSERVATIONS = ("first_seen", "hidden", "group_gone")
@@ -302,72 +302,39 @@ _TABLES_0004 = """
 INDEXES: dict[str, str] = {
     # an identity's history (syncer identity, membership_changes by user)
     "idx_versions_identity": "CREATE INDEX idx_versions_identity ON membership_versions(identity_key)",
-    # a run's changes: the versions it opened and those it closed
-    "idx_versions_from_run": "CREATE INDEX idx_versions_from_run ON membership_versions(from_run)",
+    # a run's changes: the versions it opened and those it closed, with why, so that
+    # events are found without reading the observations beside them
+    "idx_versions_from_run": "CREATE INDEX idx_versions_from_run ON membership_versions(from_run, began)",
     "idx_versions_to_run": "CREATE INDEX idx_versions_to_run"
-    " ON membership_versions(to_run) WHERE to_run IS NOT NULL",
+    " ON membership_versions(to_run, ended) WHERE to_run IS NOT NULL",
     "idx_membership_state_identity": "CREATE INDEX idx_membership_state_identity ON membership_state(identity_key)",
+    # groups are looked up by any name they have had
+    "idx_group_versions_name": "CREATE INDEX idx_group_versions_name ON group_versions(name)",
     # people are looked up by username
     "idx_identity_state_username": "CREATE INDEX idx_identity_state_username ON identity_state(username)",
     "idx_sync_runs_started": "CREATE INDEX idx_sync_runs_started ON sync_runs(started_at)",
 }
 
-VIEWS: dict[str, str] = {
-    "groups": """
-CREATE VIEW groups AS
-SELECT g.id, g.name, g.description, g.parent_id, g.group_type, g.group_visibility,
-       g.group_members_visibility, g.members_view <> 'own' AS members_visible, g.my_role, g.my_status,
-       f.started_at AS first_seen, l.started_at AS last_seen, r.started_at AS removed_at, g.members_view
-FROM group_state g
-JOIN sync_runs f ON f.id = g.first_run
-JOIN sync_runs l ON l.id = g.last_run
-LEFT JOIN sync_runs r ON r.id = g.removed_run""",
-    # One version per change of a group's attributes while it is among the identity's
-    # groups; a group that is gone has no version covering the runs after it went.
-    "group_history": """
-CREATE VIEW group_history AS
-SELECT g.id AS group_id, v.name, v.description, v.parent_id, v.group_type, v.group_visibility,
-       v.group_members_visibility, v.members_view <> 'own' AS members_visible, v.my_role, v.my_status,
-       f.started_at AS valid_from, t.started_at AS valid_to, v.from_run, v.to_run, v.members_view
-FROM group_versions v
-JOIN group_state g ON g.key = v.group_key
-JOIN sync_runs f ON f.id = v.from_run
-LEFT JOIN sync_runs t ON t.id = v.to_run""",
-    # An identity was last seen at the latest read of a group it is still in, or when
-    # it was last seen in a membership that has since ended, whichever is later.
-    "identities": """
-CREATE VIEW identities AS
-SELECT i.id, i.username, i.name, i.email, i.institution, f.started_at AS first_seen,
-       (SELECT started_at FROM sync_runs WHERE id = max(i.last_run_ended, coalesce((
+# Times are run ids underneath; the views show each as its run's started_at, looked up
+# by a scalar subquery rather than a join, so that sync_runs never enters the
+# planner's choice of join order: each lookup is one primary-key read per row shown.
+def _at(run: str) -> str:
+    return f"(SELECT started_at FROM sync_runs WHERE id = {run})"
+
+
+# An identity's last run: the latest read of a group it is still in, or its last run in
+# a membership that has since ended, whichever is later.
+_IDENTITY_LAST_RUN = """max(i.last_run_ended, coalesce((
           SELECT max(g.last_run) FROM membership_state m JOIN group_state g ON g.key = m.group_key
-          WHERE m.identity_key = i.key), 0))) AS last_seen
-FROM identity_state i
-JOIN sync_runs f ON f.id = i.first_run""",
-    # The current state; a membership was last seen when its group was last read.
-    "memberships": """
-CREATE VIEW memberships AS
-SELECT g.id AS group_id, i.id AS identity_id, i.username, m.role, m.status, m.status_reason,
-       m.membership_fields, m.updated, f.started_at AS first_seen, l.started_at AS last_seen
-FROM membership_state m
-JOIN group_state g ON g.key = m.group_key
-JOIN identity_state i ON i.key = m.identity_key
-JOIN sync_runs f ON f.id = m.first_run
-JOIN sync_runs l ON l.id = g.last_run""",
-    "membership_history": """
-CREATE VIEW membership_history AS
-SELECT g.id AS group_id, i.id AS identity_id, i.username, v.role, v.status,
-       f.started_at AS valid_from, t.started_at AS valid_to, v.from_run, v.to_run, v.began, v.ended
-FROM membership_versions v
-JOIN group_state g ON g.key = v.group_key
-JOIN identity_state i ON i.key = v.identity_key
-JOIN sync_runs f ON f.id = v.from_run
-LEFT JOIN sync_runs t ON t.id = v.to_run""",
-    # A version that began in run R is a row of R ('changed' when it replaced a version
-    # R closed, else 'added'); a version R closed without a successor is a 'removed'
-    # row of R. The reason is stored with the version. The group's name is the one it
-    # had at R: its latest version begun by R.
-    "membership_changes": """
-CREATE VIEW membership_changes AS
+          WHERE m.identity_key = i.key), 0))"""
+
+def _changes_view(name: str, versions_of_run: str) -> str:
+    """A view of runs' changes, one row per version a run began (``added`` or
+    ``changed``) or ended without a successor (``removed``), ``versions_of_run``
+    choosing which versions of run ``r`` count. The reason is stored with the version;
+    the group's name is the one it had at the run (its latest version begun by then)."""
+    return f"""
+CREATE VIEW {name} AS
 SELECT r.started_at AS at, r.id AS run_id, g.id AS group_id,
        (SELECT gv.name FROM group_versions gv WHERE gv.group_key = v.group_key AND gv.from_run <= r.id
         ORDER BY gv.from_run DESC LIMIT 1) AS group_name,
@@ -379,12 +346,61 @@ SELECT r.started_at AS at, r.id AS run_id, g.id AS group_id,
        CASE WHEN v.from_run = r.id THEN o.status ELSE v.status END AS old_status,
        CASE WHEN v.from_run = r.id THEN v.status END AS new_status
 FROM sync_runs r
-JOIN membership_versions v ON v.from_run = r.id OR (v.to_run = r.id AND v.ended <> 'changed')
+JOIN membership_versions v ON {versions_of_run}
 LEFT JOIN membership_versions o
   ON v.from_run = r.id AND v.began = 'changed'
   AND o.group_key = v.group_key AND o.identity_key = v.identity_key AND o.to_run = r.id
 JOIN group_state g ON g.key = v.group_key
+JOIN identity_state i ON i.key = v.identity_key"""
+
+
+VIEWS: dict[str, str] = {
+    "groups": f"""
+CREATE VIEW groups AS
+SELECT g.id, g.name, g.description, g.parent_id, g.group_type, g.group_visibility,
+       g.group_members_visibility, g.members_view <> 'own' AS members_visible, g.my_role, g.my_status,
+       {_at("g.first_run")} AS first_seen, {_at("g.last_run")} AS last_seen,
+       {_at("g.removed_run")} AS removed_at, g.members_view
+FROM group_state g""",
+    # One version per change of a group's attributes while it is among the identity's
+    # groups; a group that is gone has no version covering the runs after it went.
+    "group_history": f"""
+CREATE VIEW group_history AS
+SELECT g.id AS group_id, v.name, v.description, v.parent_id, v.group_type, v.group_visibility,
+       v.group_members_visibility, v.members_view <> 'own' AS members_visible, v.my_role, v.my_status,
+       {_at("v.from_run")} AS valid_from, {_at("v.to_run")} AS valid_to, v.from_run, v.to_run, v.members_view
+FROM group_versions v
+JOIN group_state g ON g.key = v.group_key""",
+    "identities": f"""
+CREATE VIEW identities AS
+SELECT i.id, i.username, i.name, i.email, i.institution, {_at("i.first_run")} AS first_seen,
+       {_at(_IDENTITY_LAST_RUN)} AS last_seen
+FROM identity_state i""",
+    # The current state; a membership was last seen when its group was last read.
+    "memberships": f"""
+CREATE VIEW memberships AS
+SELECT g.id AS group_id, i.id AS identity_id, i.username, m.role, m.status, m.status_reason,
+       m.membership_fields, m.updated, {_at("m.first_run")} AS first_seen, {_at("g.last_run")} AS last_seen
+FROM membership_state m
+JOIN group_state g ON g.key = m.group_key
+JOIN identity_state i ON i.key = m.identity_key""",
+    "membership_history": f"""
+CREATE VIEW membership_history AS
+SELECT g.id AS group_id, i.id AS identity_id, i.username, v.role, v.status,
+       {_at("v.from_run")} AS valid_from, {_at("v.to_run")} AS valid_to, v.from_run, v.to_run, v.began, v.ended
+FROM membership_versions v
+JOIN group_state g ON g.key = v.group_key
 JOIN identity_state i ON i.key = v.identity_key""",
+    "membership_changes": _changes_view("membership_changes", "v.from_run = r.id OR (v.to_run = r.id AND v.ended <> 'changed')"),
+    # The same rows, events only: the reasons are in the join, where the run indexes
+    # (which hold them) answer it, so a week of events does not read the first run's
+    # snapshot of first_seen versions. Versions from before 0004 whose reason is
+    # unknown may be events: they are kept.
+    "membership_events": _changes_view(
+        "membership_events",
+        "(v.from_run = r.id AND v.began IN ('joined', 'changed', 'unknown'))"
+        " OR (v.to_run = r.id AND v.ended IN ('left', 'unknown'))",
+    ),
     "active_members": """
 CREATE VIEW active_members AS
 SELECT g.id AS group_id, g.name AS group_name, i.id AS identity_id, i.username, m.role

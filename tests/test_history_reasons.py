@@ -7,8 +7,18 @@ run), ``sync_runs.changes`` (events only) and ``group_history`` against what hap
 
 from __future__ import annotations
 
+import random
+import re
+import sqlite3
+from pathlib import Path
+
+import pytest
 from conftest import Env
 from helpers import admin_groups, expected_state, my_active_groups, others, state_as_of
+
+from syncer import schema
+from syncer.globus_groups import GroupListing, MyGroups, parse_group
+from syncer.history import ANALYZE_GROWTH, Recorder, start_run
 
 EVENTS = ("joined", "left", "changed")
 
@@ -159,3 +169,78 @@ def test_the_latest_runs_changes_are_found_after_a_failed_run(logged_in: Env) ->
         " WHERE run_id = (SELECT max(id) FROM sync_runs WHERE status IN ('ok', 'partial'))"
     )
     assert [tuple(r) for r in latest] == [(group, newcomer, "added", "joined")]
+
+
+def readme_queries() -> dict[str, str]:
+    """The README's example SQL, by the first line of the paragraph that introduces each."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### Example queries"):]
+    found = re.findall(r"\n\n([^\n]+)\n(?:[^\n]+\n)*?\n```sql\n(.*?)```", section, flags=re.S)
+    return {title.strip(): sql for title, sql in found}
+
+
+# The one README query that asks for all of a run's state reads what it returns.
+WHOLE_STATE = "State as of run 42 (exact, whatever the clocks did):"
+
+
+@pytest.fixture(scope="module")
+def history_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 groups x 30 members over 8 runs of churn, recorded as syncer records them."""
+    path = tmp_path_factory.mktemp("plans") / "groups.db"
+    rng = random.Random(5)
+    groups = {f"g{n:02d}": {f"u{rng.randrange(400):03d}": "member" for _ in range(30)} for n in range(40)}
+    db = schema.open_database(path)
+    for _ in range(8):
+        run = start_run(db)
+        recorder = Recorder(db, run)
+        listings = [GroupListing(gid, f"Group {gid}", "admin", "active", "managers") for gid in groups]
+        recorder.listed(MyGroups(listings, []))
+        for listing in listings:
+            members = groups[listing.id]
+            doc = {"name": listing.name, "memberships": [
+                {"identity_id": i, "username": f"{i}@example.org", "role": role, "status": "active"}
+                for i, role in members.items()]}
+            recorder.read(parse_group(listing, doc))
+        recorder.finish()
+        for members in groups.values():  # churn: one leaves, one joins, one promoted
+            members.pop(rng.choice(list(members)))
+            members[f"u{rng.randrange(400):03d}"] = "member"
+            members[rng.choice(list(members))] = "manager"
+    db.close()
+    return path
+
+
+def test_the_readme_has_its_queries() -> None:
+    assert len(readme_queries()) >= 7 and WHOLE_STATE in readme_queries()
+
+
+@pytest.mark.parametrize("title", list(readme_queries()))
+def test_readme_queries_run_and_use_indexes(history_db: Path, title: str) -> None:
+    sql = readme_queries()[title]
+    conn = sqlite3.connect(f"file:{history_db}?mode=ro", uri=True)
+    try:
+        conn.execute(sql).fetchall()
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+    finally:
+        conn.close()
+    # history is read through its indexes, never all of it; run ids come from sync_runs
+    scans = [step for step in plan if step.startswith("SCAN") and "idx_sync_runs_started" not in step
+             and not re.match(r"SCAN (asof|CONSTANT ROW)\b", step)]
+    assert not scans, plan
+    if title == WHOLE_STATE:  # all of the run's state: versions begun by then, through their index
+        assert any("idx_versions_from_run (from_run<?)" in step for step in plan), plan
+
+
+def test_statistics_are_taken_after_the_first_run_and_when_history_grows(history_db: Path) -> None:
+    conn = sqlite3.connect(history_db)
+    counted = conn.execute(
+        "SELECT max(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = 'membership_versions'").fetchone()[0]
+    versions = conn.execute("SELECT count(*) FROM membership_versions").fetchone()[0]
+    runs = conn.execute("SELECT stat FROM sqlite_stat1 WHERE idx = 'idx_sync_runs_started'").fetchone()[0]
+    per_run = conn.execute("SELECT stat FROM sqlite_stat1 WHERE idx = 'idx_versions_from_run'").fetchone()[0]
+    conn.close()
+    # taken after run 1, then each time the runs or history grew by half: runs 2, 3, 5 and 8
+    assert runs == "8 1"
+    assert versions / ANALYZE_GROWTH <= counted <= versions
+    # a run's versions as the typical run has them (about 120 here), not the first run's 1,200
+    assert 50 < int(per_run.split()[1]) < 200, per_run
