@@ -241,6 +241,7 @@ def test_statistics_are_taken_after_the_first_run_and_when_history_grows(history
     conn.close()
     # taken after run 1, then each time the runs or history grew by half: runs 2, 3, 5 and 8
     assert runs == "8 1"
-    assert versions / ANALYZE_GROWTH <= counted <= versions
+    # sampled (analysis_limit): the order of magnitude is what the planner needs
+    assert versions / ANALYZE_GROWTH / 2 <= counted <= versions * 2
     # a run's versions as the typical run has them (about 120 here), not the first run's 1,200
     assert 50 < int(per_run.split()[1]) < 200, per_run
