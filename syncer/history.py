@@ -228,7 +228,7 @@ SELECT (SELECT count(*) FROM membership_versions WHERE from_run = :run AND began
 
 
 @dataclasses.dataclass
-class RunResult:
+class SyncRun:
     """What a run did, as stored in its ``sync_runs`` row."""
 
     run_id: int
@@ -243,7 +243,7 @@ class RunResult:
     failed_groups: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def start_run(db: sqlite_utils.Database, started_at: str | None = None) -> RunResult:
+def start_run(db: sqlite_utils.Database, started_at: str | None = None) -> SyncRun:
     """Mark runs left ``running`` by a crash as ``aborted`` and record a new run.
 
     ``started_at`` (default: now) is when the run began: it is also the time its
@@ -266,7 +266,7 @@ def start_run(db: sqlite_utils.Database, started_at: str | None = None) -> RunRe
     db.executescript(_STAGING)
     for table in _STAGING_TABLES:
         db.execute(f"DELETE FROM temp.{table}")
-    return RunResult(run_id=run_id, started_at=now)
+    return SyncRun(run_id=run_id, started_at=now)
 
 
 class Recorder:
@@ -279,7 +279,7 @@ class Recorder:
     """
 
     def __init__(
-        self, db: sqlite_utils.Database, run: RunResult, batch_rows: int = BATCH_ROWS, in_flight: int = 0
+        self, db: sqlite_utils.Database, run: SyncRun, batch_rows: int = BATCH_ROWS, in_flight: int = 0
     ) -> None:
         """``in_flight``: how many reads may be outstanding at once. Once no more groups
         than that are left unread, each read is applied as it arrives, so what is left
@@ -336,7 +336,7 @@ class Recorder:
         for statement in statements:
             self.db.conn.execute(statement, self._params)
 
-    def finish(self) -> RunResult:
+    def finish(self) -> SyncRun:
         """Apply what is left, write the run's row and commit: the run becomes visible.
 
         Then, if the run recorded changes, refresh the query planner's statistics
@@ -397,7 +397,7 @@ def _counted(db: sqlite_utils.Database, table: str) -> int:
 
 
 def finish_without_changes(
-    db: sqlite_utils.Database, run: RunResult, status: str, error: str, exit_code: int
+    db: sqlite_utils.Database, run: SyncRun, status: str, error: str, exit_code: int
 ) -> None:
     """End a run that records nothing but its own row (failed or aborted).
 
@@ -412,7 +412,7 @@ def finish_without_changes(
         _write_run_row(db, run)
 
 
-def _write_run_row(db: sqlite_utils.Database, run: RunResult) -> None:
+def _write_run_row(db: sqlite_utils.Database, run: SyncRun) -> None:
     db.execute(
         "UPDATE sync_runs SET finished_at = ?, status = ?, groups_synced = ?, groups_failed = ?,"
         " memberships = ?, changes = ?, error = ?, failed_groups = ?, exit_code = ? WHERE id = ?",

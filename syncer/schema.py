@@ -5,11 +5,17 @@ release upgrades an existing database in place. Indexes and views are declared a
 data below and applied idempotently on every open: a changed view definition is
 replaced, a missing index is created.
 
+Users query the views (``groups``, ``group_history``, ``identities``, ``memberships``,
+``membership_history``, ``membership_changes``, ``membership_events``,
+``active_members``) and ``sync_runs``. Underneath, every group and identity UUID is
+stored once, in ``group_state`` and ``identity_state``, and referred to by an integer
+key; times are run ids, shown as their run's ``started_at``.
+
 The database uses SQLite's rollback journal, not WAL: a WAL database cannot be read
 by a user who may not write its folder unless the ``-wal`` and ``-shm`` files happen
 to exist, and syncer's readers are often exactly such users (see README, "Reading
-the database as another user"). syncer writes once per run in one short transaction,
-so WAL's concurrency gain is small here.
+the database as another user"). A run writes in one transaction, open while it reads
+its groups and committed at its end; readers meanwhile see the previous run.
 """
 
 from __future__ import annotations
