@@ -6,7 +6,6 @@ exit code (see ``syncer.errors``); a traceback means a bug.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import signal
@@ -278,11 +277,4 @@ def simulate(
 
 
 def main() -> None:
-    try:
-        cli(prog_name="syncer")
-    finally:
-        # The process ends next. Interpreter shutdown runs full garbage collections
-        # over every object the SDK, requests and sqlite-utils created; frozen objects
-        # are skipped, which saves ~40 ms at every exit. Nothing here needs a collector's
-        # finalizer: the database and token store are closed, logs are flushed at exit.
-        gc.freeze()
+    cli(prog_name="syncer")

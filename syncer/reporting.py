@@ -21,14 +21,14 @@ from syncer.healthcheck import Healthcheck
 from syncer.sync import Progress, run_sync
 
 if t.TYPE_CHECKING:
-    from syncer.history import RunResult
+    from syncer.history import SyncRun
 
 log = logging.getLogger(__name__)
 
 
 def sync_and_report(
     config: Config, cancelled: threading.Event | None = None, progress: Progress | None = None
-) -> RunResult:
+) -> SyncRun:
     """``run_sync``, with pings, hooks and metrics around it; raises what ``run_sync`` raises."""
     pings = Healthcheck(config.healthcheck_url)
     try:
