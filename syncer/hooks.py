@@ -46,8 +46,6 @@ if t.TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: reasons sent to every hook; 'unknown' (changes recorded before reasons were) counts as an event
-EVENT_REASONS = ("joined", "left", "changed", "unknown")
 #: characters of a hook's output (or an HTTP answer) put in the log
 OUTPUT_LOGGED = 1000
 #: environment variables a hook does not inherit: secrets, and systemd's channels to the service itself
@@ -156,17 +154,23 @@ def first_run_since(config: Config, when: dt.datetime | int) -> int | None:
     return None if row[0] is None else int(row[0])
 
 
-def change_filter(hook: HookConfig) -> tuple[str, list[t.Any]]:
-    """SQL conditions on ``membership_changes`` selecting what ``hook`` is sent, and their parameters."""
-    clauses: list[str] = []
-    params: list[t.Any] = []
-    if not hook.observations:
-        clauses.append(f"reason IN ({', '.join('?' * len(EVENT_REASONS))})")
-        params += EVENT_REASONS
-    if hook.groups:
-        clauses.append(f"group_id IN ({', '.join('?' * len(hook.groups))})")
-        params += hook.groups
-    return "".join(f" AND {clause}" for clause in clauses), params
+class ChangeQuery(t.NamedTuple):
+    """Where a hook's rows come from: a view with the columns of ``membership_changes``,
+    and SQL conditions on it (``" AND ..."``) with their parameters."""
+
+    view: str
+    where: str
+    params: list[t.Any]
+
+
+def change_query(hook: HookConfig) -> ChangeQuery:
+    """What ``hook`` is sent. Events only (the default) come from ``membership_events``:
+    the same rows as ``membership_changes`` with reason joined, left, changed or unknown
+    (older releases' changes), found without reading a first run's observations."""
+    view = "membership_changes" if hook.observations else "membership_events"
+    if not hook.groups:
+        return ChangeQuery(view, "", [])
+    return ChangeQuery(view, f" AND group_id IN ({', '.join('?' * len(hook.groups))})", list(hook.groups))
 
 
 def backlogs(db: sqlite_utils.Database, hooks: t.Iterable[HookConfig]) -> list[Backlog]:
@@ -183,9 +187,9 @@ def backlogs(db: sqlite_utils.Database, hooks: t.Iterable[HookConfig]) -> list[B
             result.append(not_started(hook))
             continue
         delivered_run, failing_run, error, failures = row
-        where, params = change_filter(hook)
+        view, where, params = change_query(hook)
         runs, oldest_run, oldest_at = db.execute(
-            f"SELECT count(DISTINCT run_id), min(run_id), min(at) FROM membership_changes WHERE run_id > ?{where}",
+            f"SELECT count(DISTINCT run_id), min(run_id), min(at) FROM {view} WHERE run_id > ?{where}",
             [delivered_run, *params],
         ).fetchone()
         result.append(Backlog(hook.name, delivered_run, runs, oldest_run, oldest_at, failing_run, error, failures))
@@ -248,9 +252,9 @@ class HookQueue:
 
     def _next_run(self, after: int, last: int) -> int | None:
         """The first finished run after ``after`` with changes for this hook."""
-        where, params = change_filter(self.hook)
+        view, where, params = change_query(self.hook)
         row = self.db.execute(
-            f"SELECT min(run_id) FROM membership_changes WHERE run_id > ? AND run_id <= ?{where}", [after, last, *params]
+            f"SELECT min(run_id) FROM {view} WHERE run_id > ? AND run_id <= ?{where}", [after, last, *params]
         ).fetchone()
         return None if row[0] is None else int(row[0])
 
@@ -278,9 +282,9 @@ class HookQueue:
         """Write the run's changes for this hook to ``out`` (JSON lines for a command, the
         POST body for a URL); return how many. Read in full before any call is made, so
         no read lock is held on the database while a hook runs."""
-        where, params = change_filter(self.hook)
+        view, where, params = change_query(self.hook)
         rows = self.db.query(
-            f"SELECT * FROM membership_changes WHERE run_id = ?{where} ORDER BY group_id, identity_id, change",
+            f"SELECT * FROM {view} WHERE run_id = ?{where} ORDER BY group_id, identity_id, change",
             [run_id, *params],
         )
         count = 0

@@ -7,6 +7,7 @@ script recording what it got) and a real HTTP server on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 import typing as t
@@ -343,3 +344,22 @@ def test_stopping_the_scheduler_kills_a_hook_in_progress(logged_in: Env) -> None
         assert not alive(pid), f"hook process {pid} still running"
     status = env.run("status")
     assert status.returncode == 3 and "hung: 1 run(s) undelivered, the oldest run 1" in status.stdout
+
+
+def test_changes_from_an_older_release_with_unknown_reasons_count_as_events(env: Env) -> None:
+    """A database from before reasons were recorded: its 'unknown' changes go to
+    events-only hooks, its observations only to those that ask for them."""
+    shutil.copy(Path(__file__).parent / "fixtures" / "groups-0003.db", env.database)
+    events, everything = CommandHook(env.tmp, "events"), CommandHook(env.tmp, "everything")
+    configure(
+        env, {"name": "events", "command": events.command},
+        {"name": "everything", "command": everything.command, "observations": True},
+    )
+    for name in ("events", "everything"):
+        result = env.run("hooks", "replay", name, "--since", "run:1")
+        assert result.returncode == 0, result.output
+    assert events.runs() == [2] and everything.runs() == [1, 2]
+    assert sorted(r["reason"] for r in events.calls()[0]["lines"]) == ["changed", "unknown", "unknown", "unknown"]
+    assert {r["reason"] for r in everything.calls()[0]["lines"]} == {"first_seen"}
+    second = sorted(r["reason"] for r in everything.calls()[1]["lines"])
+    assert second == ["changed", "group_gone", "unknown", "unknown", "unknown"]
