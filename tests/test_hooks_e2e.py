@@ -6,6 +6,7 @@ script recording what it got) and a real HTTP server on 127.0.0.1.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from receivers import CommandHook, Receiver, hooks_toml
 
 from syncer.lock import SyncLock
 from syncer.simulator import World
+from syncer.when import parse_when
 
 Change = tuple[str, str, str]  # group_id, identity_id, change
 
@@ -363,3 +365,16 @@ def test_changes_from_an_older_release_with_unknown_reasons_count_as_events(env:
     assert {r["reason"] for r in everything.calls()[0]["lines"]} == {"first_seen"}
     second = sorted(r["reason"] for r in everything.calls()[1]["lines"])
     assert second == ["changed", "group_gone", "unknown", "unknown", "unknown"]
+
+
+def test_when_takes_a_day_a_moment_a_span_or_a_run() -> None:
+    now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+    assert parse_when("2026-11-01", now) == dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    assert parse_when("2026-11-01T10:00:00+02:00", now) == dt.datetime(2026, 11, 1, 8, tzinfo=dt.UTC)
+    assert parse_when("2026-11-01T10:00:00Z", now) == dt.datetime(2026, 11, 1, 10, tzinfo=dt.UTC)
+    assert parse_when("90m", now) == dt.datetime(2026, 11, 30, 10, 30, tzinfo=dt.UTC)
+    assert parse_when("7d", now) == dt.datetime(2026, 11, 23, 12, tzinfo=dt.UTC)
+    assert parse_when("run:42", now) == 42
+    for bad in ("run:0", "2026-13-01", "yesterday", "2026-11-01T10:00", "", "90", "400d"):
+        with pytest.raises(ValueError):
+            parse_when(bad, now)
