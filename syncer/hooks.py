@@ -83,6 +83,18 @@ def lock_path(config: Config) -> Path:
     return config.database.with_name(config.database.name + ".hooks.lock")
 
 
+@contextlib.contextmanager
+def _delivering(config: Config) -> t.Iterator[sqlite_utils.Database]:
+    """The database, opened to deliver hooks, while this process holds the hooks lock
+    (LockBusy at once if another process does)."""
+    with SyncLock(lock_path(config)):
+        db = open_database(config.database, config.busy_timeout)
+        try:
+            yield db
+        finally:
+            db.close()
+
+
 def deliver_after_run(config: Config, run_id: int, cancelled: threading.Event | None = None) -> list[Delivery]:
     """Send every hook what it has not received yet, after run ``run_id`` committed.
 
@@ -92,17 +104,13 @@ def deliver_after_run(config: Config, run_id: int, cancelled: threading.Event | 
     if not config.hooks:
         return []
     try:
-        with SyncLock(lock_path(config)):
-            db = open_database(config.database, config.busy_timeout)
-            try:
-                deliveries: list[Delivery] = []
-                for hook in config.hooks:
-                    queue = HookQueue(db, hook, config.database)
-                    queue.start_after(run_id - 1)
-                    deliveries += queue.deliver(cancelled)
-                return deliveries
-            finally:
-                db.close()
+        with _delivering(config) as db:
+            deliveries: list[Delivery] = []
+            for hook in config.hooks:
+                queue = HookQueue(db, hook, config.database)
+                queue.start_after(run_id - 1)
+                deliveries += queue.deliver(cancelled)
+            return deliveries
     except LockBusy:
         log.info("hooks: another process is delivering them now; this run's changes go out with it or after the next run")
         return []
@@ -125,14 +133,10 @@ def replay(config: Config, hook: HookConfig, since: dt.datetime | int, cancelled
     if first is None:
         return Replay(None, [])
     try:
-        with SyncLock(lock_path(config)):
-            db = open_database(config.database, config.busy_timeout)
-            try:
-                queue = HookQueue(db, hook, config.database)
-                queue.rewind(first - 1)
-                return Replay(first, queue.deliver(cancelled))
-            finally:
-                db.close()
+        with _delivering(config) as db:
+            queue = HookQueue(db, hook, config.database)
+            queue.rewind(first - 1)
+            return Replay(first, queue.deliver(cancelled))
     except LockBusy:
         raise LockBusy(f"another process is delivering hooks on this database (lock {lock_path(config)}); try again") from None
 
@@ -216,10 +220,9 @@ class HookQueue:
 
     def start_after(self, run_id: int) -> None:
         """Give a hook seen for the first time its position: it gets the runs after ``run_id``."""
-        with self.db.atomic():
-            self.db.execute(
-                "INSERT OR IGNORE INTO hook_deliveries (hook, delivered_run) VALUES (?, ?)", [self.hook.name, run_id]
-            )
+        if self.position() is None:
+            with self.db.atomic():
+                self.db.execute("INSERT INTO hook_deliveries (hook, delivered_run) VALUES (?, ?)", [self.hook.name, run_id])
 
     def rewind(self, run_id: int) -> None:
         """Move the position back to ``run_id`` (never forward: that would skip runs)."""
@@ -229,18 +232,22 @@ class HookQueue:
                 "UPDATE hook_deliveries SET delivered_run = min(delivered_run, ?) WHERE hook = ?", [run_id, self.hook.name]
             )
 
-    def position(self) -> int:
+    def position(self) -> int | None:
+        """Every run up to this one has been delivered; None: the hook has no position yet."""
         row = self.db.execute("SELECT delivered_run FROM hook_deliveries WHERE hook = ?", [self.hook.name]).fetchone()
-        return int(row[0])
+        return None if row is None else int(row[0])
 
     def deliver(self, cancelled: threading.Event | None = None) -> list[Delivery]:
         """Send the runs after the position, oldest first, until one fails or none is left."""
         deliveries: list[Delivery] = []
         while not (cancelled and cancelled.is_set()):
-            position, last = self.position(), _last_finished_run(self.db)
+            position, last = self.position() or 0, _last_finished_run(self.db)
             run_id = self._next_run(position, last)
             if run_id is None:
-                if last > position:  # the runs in between had nothing for this hook
+                # the runs in between had nothing for this hook: move past them, so that
+                # their changes are not looked through again (unchanged runs have none,
+                # and cost no write)
+                if _any_changes(self.db, position, last):
                     self._record(last, None)
                 break
             delivery = self._send(run_id, cancelled)
@@ -323,6 +330,12 @@ class HookQueue:
                 )
 
 
+def _any_changes(db: sqlite_utils.Database, after: int, last: int) -> bool:
+    """Whether any run after ``after``, up to ``last``, recorded changes (events or observations)."""
+    row = db.execute("SELECT 1 FROM membership_changes WHERE run_id > ? AND run_id <= ? LIMIT 1", [after, last]).fetchone()
+    return row is not None
+
+
 def _last_finished_run(db: sqlite_utils.Database) -> int:
     """The latest run id up to which every run has finished: a run still in progress
     (or left running by a crash, until the next run marks it aborted) is not passed."""
@@ -402,7 +415,7 @@ def _request(hook: HookConfig, run_id: int, payload: t.IO[bytes]) -> tuple[bool,
         with response:
             shown = _excerpt(next(response.iter_content(OUTPUT_LOGGED * 4 + 1), b""))
     except requests.Timeout:
-        return False, f"no answer within {hook.timeout:g}s"
+        return False, f"timed out after {hook.timeout:g}s"
     except requests.RequestException as err:
         return False, f"cannot reach the URL ({describe_request_error(err)})"
     except (OSError, ValueError) as err:  # the payload closed under it: the call was abandoned

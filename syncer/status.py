@@ -231,7 +231,7 @@ def _hook_lines(hooks: list[dict[str, t.Any]]) -> list[str]:
         elif hook["runs"]:
             state = f"{hook['runs']} run(s) undelivered, the oldest run {hook['oldest_run']} at {hook['oldest_at']}"
         else:
-            state = f"up to date (through run {hook['delivered_run']})"
+            state = "up to date"
         if hook["failures"]:
             state += f"; run {hook['failing_run']} failed {hook['failures']} time(s) in a row: {hook['error']}"
         lines.append(f"  {hook['hook']}: {state}")

@@ -124,12 +124,14 @@ def test_a_command_and_a_webhook_get_exactly_each_runs_events_in_order(logged_in
         if any(ch[0] == watched for ch in changes)
     ]
 
-    # an unchanged run calls nobody; status: every hook up to date
+    # an unchanged run calls nobody, and writes nothing for the hooks; status: every hook up to date
+    positions = env.query("SELECT * FROM hook_deliveries ORDER BY hook")
     sync(env)
     assert command.runs() == [2, 3, 4] and len(receiver.posts()) == 3
+    assert env.query("SELECT * FROM hook_deliveries ORDER BY hook") == positions
     status = env.run("status")
     assert status.returncode == 0, status.output
-    assert "events: up to date (through run 5)" in status.stdout
+    assert "  events: up to date\n" in status.stdout and "  web: up to date\n" in status.stdout
 
 
 def test_receiver_down_for_three_runs_then_back_gets_every_run_in_order(logged_in: Env, receiver: Receiver) -> None:
