@@ -72,7 +72,7 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
         say(f"== Simulated Globus running at {sim.url} (offline, nothing leaves this machine)")
         say("== 1. syncer login (the demo plays the browser step)")
         with TokenStore(config.token_storage) as store:
-            login(config, store, no_browser=True, get_code=sim.authorize, say=lambda line: say(f"   {line}"))
+            login(config, store, no_browser=True, read_code=sim.authorize, say=lambda line: say(f"   {line}"))
 
         say("== 2. first snapshot")
         first = run_sync(config)
