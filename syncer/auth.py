@@ -24,6 +24,7 @@ from globus_sdk.login_flows import (
     LocalServerLoginError,
     LocalServerLoginFlowManager,
 )
+from globus_sdk.login_flows.local_server_login_flow_manager.local_server import RedirectHandler, RedirectHTTPServer
 from globus_sdk.transport import RequestsTransport, RetryCheck, RetryCheckResult, RetryConfig, RetryContext
 
 from syncer.client_secret import ClientSecret, load_client_secret
@@ -354,6 +355,13 @@ class _PasteLoginFlow(CommandLineLoginFlowManager):
         return code
 
 
+class _QuietRedirectHandler(RedirectHandler):
+    """The SDK's redirect handler, minus its request log on stderr (the line holds the code)."""
+
+    def log_message(self, format: str, *args: t.Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
 class _BrowserLoginFlow(LocalServerLoginFlowManager):
     """The SDK's local-redirect flow on 127.0.0.1, saying what it waits for."""
 
@@ -362,10 +370,22 @@ class _BrowserLoginFlow(LocalServerLoginFlowManager):
         self._say = say
 
     def _get_authorize_url(self, auth_parameters: GlobusAuthorizationParameters, redirect_uri: str) -> str:
-        url = super()._get_authorize_url(auth_parameters, redirect_uri)
-        self._say("Opening a browser to log in to Globus; waiting for it (Ctrl-C to stop). If none opens, visit:")
-        self._say(url)
-        return url
+        self._say(
+            "Opening a browser to log in to Globus; waiting for the login to finish there"
+            " (Ctrl-C to stop; `syncer login --no-browser` to paste a code instead)."
+        )
+        return super()._get_authorize_url(auth_parameters, redirect_uri)
+
+    @contextlib.contextmanager
+    def background_local_server(self) -> t.Iterator[RedirectHTTPServer]:
+        server = RedirectHTTPServer(self.server_address, _QuietRedirectHandler, self.html_template)
+        thread = threading.Thread(target=server.serve_forever, name="syncer-login-redirect", daemon=True)
+        thread.start()
+        try:
+            yield server
+        finally:
+            server.shutdown()
+            server.server_close()
 
 
 def _run_login_flow(config: Config, no_browser: bool, read_code: ReadCode, say: Say) -> globus_sdk.OAuthTokenResponse:
