@@ -103,3 +103,13 @@ def test_a_rejected_secret_is_a_configuration_error_naming_its_source(env: Env, 
     assert (run["status"], run["exit_code"]) == ("failed", 78) and named in run["error"]
     assert_secret_nowhere(env, wrong, *results)
     assert_secret_nowhere(env, client.secret, *results)
+
+
+def test_an_unreadable_secret_file_is_a_configuration_error(env: Env, client: Client) -> None:
+    env.write_config(client_id=client.id, client_secret_file="missing.secret")
+    result = env.run("sync")
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines() == [
+        f"syncer: error: {env.tmp / 'missing.secret'} (key 'client_secret_file' in {env.config}):"
+        " cannot read the client secret: No such file or directory"
+    ]
