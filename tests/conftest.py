@@ -146,4 +146,6 @@ def env(tmp_path: Path, sim: Simulator, world: World) -> Env:
 def logged_in(env: Env) -> Env:
     result = env.login()
     assert result.returncode == 0, result.output
+    env.sim.reset_stats()  # tests count requests from here: not the login's own check
+    env.sim.read_log.clear()
     return env
