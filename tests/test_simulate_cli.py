@@ -27,41 +27,6 @@ def browser_step(url: str) -> str:
     return match.group(1).strip()
 
 
-def test_simulate_serves_until_terminated(env: Env) -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "syncer", "simulate", "--port", "0", "--groups", "3", "--members", "4"],
-        env=env.vars, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    try:
-        assert server.stdout is not None
-        exported = {}
-        for line in server.stdout:
-            if line.startswith("export "):
-                key, value = line[len("export "):].strip().split("=", 1)
-                exported[key] = value
-            if len(exported) == 2:
-                break
-        assert set(exported) == {"GLOBUS_SDK_SERVICE_URL_AUTH", "GLOBUS_SDK_SERVICE_URL_GROUPS"}
-        assert all(v.startswith("http://127.0.0.1:") and v.endswith("/") for v in exported.values())
-        env.vars.update(exported)
-
-        login = env.popen("login", "--no-browser", stdin=subprocess.PIPE)
-        assert login.stdout is not None
-        url = next(line.strip() for line in login.stdout if line.startswith("http"))
-        out, err = login.communicate(browser_step(url) + "\n", timeout=60)
-        record(out, err)
-        assert login.returncode == 0, err
-        result = env.run("sync")
-        assert result.returncode == 0, result.output
-        assert env.query("SELECT count(*) FROM groups")[0][0] == 3
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=10)
-    assert server.returncode == 0
-
-
-# ------------------------------------------------ a simulator a newcomer can drive
-
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -116,6 +81,20 @@ def login_by_hand(env: Env) -> Result:
     out, err = login.communicate(browser_step(url) + "\n", timeout=60)
     record(out, err)
     return Result(login.returncode, out, err)
+
+
+def test_simulate_serves_until_terminated(env: Env) -> None:
+    with simulate(env, "--groups", "3", "--members", "4"):
+        exported = {key: env.vars[key] for key in ("GLOBUS_SDK_SERVICE_URL_AUTH", "GLOBUS_SDK_SERVICE_URL_GROUPS")}
+        assert all(v.startswith("http://127.0.0.1:") and v.endswith("/") for v in exported.values())
+        login = login_by_hand(env)
+        assert login.returncode == 0, login.stderr
+        result = env.run("sync")
+        assert result.returncode == 0, result.output
+        assert env.query("SELECT count(*) FROM groups")[0][0] == 3
+
+
+# ------------------------------------------------ a simulator a newcomer can drive
 
 
 def test_a_login_survives_a_simulator_restart_with_state(env: Env) -> None:

@@ -1173,6 +1173,15 @@ def _need(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], path: st
     return value
 
 
+def _objects(doc: dict[str, Any], key: str, path: str, optional: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(place, object) for each item of the list ``doc[key]``, each checked to be an object."""
+    here = f"{path}.{key}" if path else key
+    for n, item in enumerate(_need(doc, key, list, path, optional=optional) or []):
+        if not isinstance(item, dict):
+            raise _where(f"{here}[{n}]", "must be an object")
+        yield f"{here}[{n}]", item
+
+
 def validate_world_doc(data: Any) -> None:
     """Check a world-file document against the format README.md documents;
     raise ``ValueError`` naming the first problem's place."""
@@ -1188,10 +1197,7 @@ def validate_world_doc(data: Any) -> None:
         raise _where(unknown[0], f"unknown key (known: {', '.join(sorted(known))})")
     ids: set[str] = set()
     usernames: set[str] = set()
-    for n, ident in enumerate(_need(data, "identities", list, "")):
-        path = f"identities[{n}]"
-        if not isinstance(ident, dict):
-            raise _where(path, "must be an object")
+    for path, ident in _objects(data, "identities", ""):
         iid = _need(ident, "id", str, path)
         username = _need(ident, "username", str, path)
         for key in ("name", "email", "institution"):
@@ -1202,11 +1208,7 @@ def validate_world_doc(data: Any) -> None:
             raise _where(f"{path}.username", f"duplicate username {username!r}")
         ids.add(iid)
         usernames.add(username)
-    clients = _need(data, "clients", list, "", optional=True) or []
-    for n, client in enumerate(clients):
-        path = f"clients[{n}]"
-        if not isinstance(client, dict):
-            raise _where(path, "must be an object")
+    for path, client in _objects(data, "clients", "", optional=True):
         ids.add(_need(client, "id", str, path))
         if not _need(client, "secret", str, path):
             raise _where(f"{path}.secret", "must not be empty")
@@ -1214,10 +1216,7 @@ def validate_world_doc(data: Any) -> None:
     if me not in ids:
         raise _where("me", f"{me!r} is not one of the identities")
     gids: set[str] = set()
-    for n, group in enumerate(_need(data, "groups", list, "")):
-        path = f"groups[{n}]"
-        if not isinstance(group, dict):
-            raise _where(path, "must be an object")
+    for path, group in _objects(data, "groups", ""):
         gid = _need(group, "id", str, path)
         if gid in gids:
             raise _where(f"{path}.id", f"duplicate group {gid!r}")
@@ -1230,10 +1229,7 @@ def validate_world_doc(data: Any) -> None:
             if key in policies and policies[key] not in allowed:
                 raise _where(f"{path}.policies.{key}", f"must be one of {', '.join(allowed)}")
         members: set[str] = set()
-        for k, m in enumerate(_need(group, "memberships", list, path)):
-            where = f"{path}.memberships[{k}]"
-            if not isinstance(m, dict):
-                raise _where(where, "must be an object")
+        for where, m in _objects(group, "memberships", path):
             iid = _need(m, "identity_id", str, where)
             if iid not in ids:
                 raise _where(f"{where}.identity_id", f"{iid!r} is not one of the identities")
