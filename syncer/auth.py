@@ -260,7 +260,7 @@ def client_credentials_authorizer(
 
 
 @contextlib.contextmanager
-def groups_authorizer(config: Config) -> t.Iterator[_SharedRenewal]:
+def groups_authorizer(config: Config) -> t.Iterator[globus_sdk.authorizers.GlobusAuthorizer]:
     """The authorizer every run uses: client credentials when a client secret is
     configured, else the stored login's refresh token. Its token store stays open
     for the block (renewals are written back to it)."""

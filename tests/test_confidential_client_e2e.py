@@ -91,16 +91,21 @@ def test_a_rejected_secret_is_a_configuration_error_naming_its_source(env: Env, 
     wrong = "not-the-secret-" + client.secret[::-1]
     named = configure(env, client, source, wrong)
     results = []
-    for command in ("login", "sync"):
+    for command in ("login", "sync", "run"):
         result = env.run(command)
         results.append(result)
         assert result.returncode == 78, result.output
-        [line] = result.stderr.strip().splitlines()
-        assert line.startswith("syncer: error: Globus Auth rejected the client secret from ")
+        [line] = [line for line in result.stderr.splitlines() if "rejected" in line]
         assert named in line and "invalid_client" in line
-    assert env.sim.stats["client_credentials_grants_failed"] == 2
-    [run] = env.query("SELECT status, exit_code, error FROM sync_runs")
-    assert (run["status"], run["exit_code"]) == ("failed", 78) and named in run["error"]
+        if command == "run":  # the daemon logs it, and stops: retrying cannot help
+            assert "ERROR syncer.scheduler: Globus Auth rejected the client secret from " in line
+        else:
+            assert result.stderr == line + "\n"
+            assert line.startswith("syncer: error: Globus Auth rejected the client secret from ")
+    assert env.sim.stats["client_credentials_grants_failed"] == 3  # the daemon stopped: no retries
+    runs = env.query("SELECT status, exit_code, error FROM sync_runs")
+    assert [(r["status"], r["exit_code"]) for r in runs] == [("failed", 78)] * 2
+    assert all(named in r["error"] for r in runs)
     assert_secret_nowhere(env, wrong, *results)
     assert_secret_nowhere(env, client.secret, *results)
 
