@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import threading
 import typing as t
 
@@ -290,8 +291,9 @@ _MEMBERSHIP_SCOPES = ("all", "view_my_groups_and_memberships")
 
 
 def _reads_memberships(granted: str) -> bool:
-    return any(scope.rsplit(":", 1)[-1].rsplit("/", 1)[-1] in _MEMBERSHIP_SCOPES
-               for scope in granted.split() if is_groups_scope(scope))
+    """Whether the granted scopes include one with which Groups serves memberships."""
+    names = {re.split(r"[:/]", scope)[-1] for scope in granted.split() if is_groups_scope(scope)}
+    return bool(names.intersection(_MEMBERSHIP_SCOPES))
 
 
 def _scope_advice(config: Config, granted: str) -> str:
