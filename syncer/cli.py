@@ -223,13 +223,12 @@ def demo(ctx: click.Context, groups: int, members: int, folder: str | None) -> N
     run_demo(groups=groups, members=members, folder=folder, say=click.echo)
 
 
-def _in_range(low: float, high: float | None = None) -> t.Callable[[click.Context, click.Parameter, t.Any], t.Any]:
+def _in_range(low: float, high: float) -> t.Callable[[click.Context, click.Parameter, t.Any], t.Any]:
     """An option callback: the value must lie in [low, high], else one line and exit 2."""
 
     def check(ctx: click.Context, param: click.Parameter, value: t.Any) -> t.Any:
-        if value is not None and (value < low or (high is not None and value > high)):
-            bounds = f"between {low:g} and {high:g}" if high is not None else f"at least {low:g}"
-            raise _BadValue(f"{value:g} is out of range: must be {bounds}", param=param)
+        if not low <= value <= high:
+            raise _BadValue(f"{value:g} is out of range: must be between {low:g} and {high:g}", param=param)
         return value
 
     return check

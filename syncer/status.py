@@ -171,6 +171,7 @@ def _ago(seconds: float) -> str:
 
 def report(config: Config) -> tuple[dict[str, t.Any], Health]:
     tokens = token_state(config)
+    tokens["login_required"] = _login_needed(tokens) is not None  # what exit 77 says
     database = database_state(config)
     health = assess(config, tokens, database)
     return {"health": health.verdict, "exit_code": health.exit_code, "tokens": tokens, "database": database}, health

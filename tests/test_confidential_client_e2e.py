@@ -83,6 +83,7 @@ def test_a_confidential_client_syncs_without_a_login(env: Env, client: Client, s
     data = json.loads(status.stdout)
     assert status.returncode == 0, data["health"]
     assert data["tokens"]["client_credentials"] is True and named in data["tokens"]["client_secret_source"]
+    assert data["tokens"]["login_required"] is False
     assert_secret_nowhere(env, client.secret, login, sync, again, status)
 
 

@@ -142,12 +142,14 @@ def test_status_reports_the_login_as_it_is_now(logged_in: Env) -> None:
     text, data = status(env)
     assert text.returncode == 77
     assert data["tokens"]["logged_in"] is False and data["tokens"]["refresh_token_rejected"] is True
+    assert data["tokens"]["login_required"] is True
     assert "refresh token rejected by Globus Auth" in text.stdout
 
     assert env.login().returncode == 0  # as the message says: no --force needed for refused tokens
     text, data = status(env)
     assert text.returncode == 1  # the latest run failed, but no login is needed now
     assert data["tokens"]["logged_in"] is True and data["tokens"]["refresh_token_rejected"] is False
+    assert data["tokens"]["login_required"] is False
     assert "login required" not in data["health"] and "new login, done since" in data["health"]
     assert "refresh token present" in text.stdout
 
