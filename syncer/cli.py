@@ -108,9 +108,9 @@ def login(settings: _Settings, no_browser: bool, force: bool) -> None:
     code on a local redirect; otherwise, or with --no-browser, prints the URL and
     reads the code you paste.
     """
-    from syncer.auth import confirm_client_credentials
-    from syncer.auth import login as do_login
     from syncer.client_secret import load_client_secret
+    from syncer.login import confirm_client_credentials
+    from syncer.login import login as do_login
     from syncer.token_store import TokenStore
 
     config = settings.config(warn_client=True)

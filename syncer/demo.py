@@ -15,9 +15,9 @@ import tempfile
 import typing as t
 from pathlib import Path
 
-from syncer.auth import login
 from syncer.config import Config
 from syncer.errors import SyncerError
+from syncer.login import login
 from syncer.schema import connect
 from syncer.simulator import Simulator, World
 from syncer.sync import run_sync
