@@ -848,6 +848,10 @@ class Simulator:
             problem = "missing client_id"
         elif not redirect_uri or urllib.parse.urlsplit(redirect_uri).scheme not in ("http", "https"):
             problem = "missing or invalid redirect_uri"
+        elif not _is_loopback(urllib.parse.urlsplit(redirect_uri).hostname):
+            # a native app may use the auth-code page (here on 127.0.0.1 too) or a
+            # local redirect to a loopback address on any port (RFC 8252), as with Globus
+            problem = "redirect_uri must be the auth-code page or a loopback (127.0.0.1) address"
         elif not q.get("scope", "").split():
             problem = "missing scope"
         elif not q.get("code_challenge"):
