@@ -253,7 +253,12 @@ def simulate(
     port: int, groups: int, members: int, latency_ms: int, token_lifetime: int,
     world_file: str | None, state_file: str | None, seed: int, fault_rate: float,
 ) -> None:
-    """Serve a simulated Globus Auth + Groups on 127.0.0.1 until interrupted."""
+    """Serve a simulated Globus Auth + Groups on 127.0.0.1 until interrupted.
+
+    Opening its login URL approves at once. Change its world while it runs with
+    POST /admin/ACTION (add-member, remove-member, set-role, set-status, leave,
+    rename-group, add-client); GET /admin/world shows it. See README: The simulator.
+    """
     from syncer.errors import ConfigError
     from syncer.simulator import SimulatorSetupError, serve_cli
 
