@@ -120,6 +120,7 @@ def sim(world: World) -> t.Iterator[Simulator]:
     simulator = Simulator(world, port=0).start()
     yield simulator
     ISSUED_TOKENS.update(simulator.issued_tokens)
+    ISSUED_TOKENS.update(simulator.world.clients.values())  # confidential clients' secrets
     simulator.stop()
 
 

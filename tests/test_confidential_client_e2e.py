@@ -76,8 +76,9 @@ def test_a_confidential_client_syncs_without_a_login(env: Env, client: Client, s
     assert {(gid, client.id) for gid in client.groups} <= set(current_state(env))
     # the token from the login's check is cached in the token store and reused
     assert env.sim.stats["client_credentials_grants"] == 1
-    again = env.run("sync")
+    again = env.run("-vv", "sync")  # debug output of the SDK and requests included
     assert again.returncode == 0 and env.sim.stats["client_credentials_grants"] == 1
+    assert "DEBUG" in again.stderr
 
     status = env.run("status", "--json")
     data = json.loads(status.stdout)
@@ -93,10 +94,10 @@ def test_a_rejected_secret_is_a_configuration_error_naming_its_source(env: Env, 
     named = configure(env, client, source, wrong)
     results = []
     for command in ("login", "sync", "run"):
-        result = env.run(command)
+        result = env.run("-vv", command) if command == "run" else env.run(command)
         results.append(result)
         assert result.returncode == 78, result.output
-        [line] = [line for line in result.stderr.splitlines() if "rejected" in line]
+        [line] = [line for line in result.stderr.splitlines() if "rejected the client secret" in line]
         assert named in line and "invalid_client" in line
         if command == "run":  # the daemon logs it, and stops: retrying cannot help
             assert "ERROR syncer.scheduler: Globus Auth rejected the client secret from " in line
