@@ -239,3 +239,21 @@ def test_a_confidential_client_of_the_world_file_syncs_without_login(env: Env) -
         result = env.run("sync")
     assert result.returncode == 0, result.output
     assert [r["name"] for r in env.query("SELECT name FROM groups")] == ["Compilers"]
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "cannot write the state file: No such file or directory"),
+        ("{}", 'not a valid state file: not a simulator state file ("format" must be "syncer-simulator-state")'),
+        ('{"format": "syncer-simulator-state", "format_version": 1, "tokens": {"refresh_tokens": [],'
+         ' "access_tokens": []}, "world": {"format": "syncer-simulator-world"}}', "not a valid state file: world.identities: missing"),
+    ],
+)
+def test_a_bad_state_file_is_one_line(env: Env, content: str | None, problem: str) -> None:
+    path = env.tmp / "no-such-folder" / "state.json" if content is None else env.tmp / "state.json"
+    if content is not None:
+        path.write_text(content)
+    result = env.run("simulate", "--port", "0", "--state", str(path), timeout=60)
+    assert (result.returncode, result.stdout) == (78, "")
+    assert result.stderr.splitlines() == [f"syncer: error: {path}: {problem}"]

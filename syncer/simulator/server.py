@@ -489,7 +489,10 @@ class Simulator:
     def _keep_state(self) -> None:
         """Write the state file soon after each change (at most every 0.2 s)."""
         while not self._stop_evt.wait(0.2):
-            self.save_state()
+            try:
+                self.save_state()
+            except OSError as err:  # a full disk, say: keep serving, try again at the next change
+                log.warning("cannot write the state file %s: %s", self.state_file, err)
 
     def save_state(self) -> None:
         """Write the state file if anything changed since it was last written."""
@@ -1384,6 +1387,10 @@ def serve_cli(
             sim.restore_tokens(saved.tokens)
         except ValueError as err:
             raise SimulatorSetupError(f"{state_file}: not a valid state file: {err}", config=True) from None
+    try:
+        sim.save_state()  # a state file that cannot be written fails now, not at the first login
+    except OSError as err:
+        raise SimulatorSetupError(f"{state_file}: cannot write the state file: {err.strerror or err}", config=True) from None
     try:
         sim.start()
     except OSError as err:
