@@ -246,8 +246,11 @@ def test_a_confidential_client_of_the_world_file_syncs_without_login(env: Env) -
     [
         (None, "cannot write the state file: No such file or directory"),
         ("{}", 'not a valid state file: not a simulator state file ("format" must be "syncer-simulator-state")'),
-        ('{"format": "syncer-simulator-state", "format_version": 1, "tokens": {"refresh_tokens": [],'
-         ' "access_tokens": []}, "world": {"format": "syncer-simulator-world"}}', "not a valid state file: world.identities: missing"),
+        (
+            '{"format": "syncer-simulator-state", "format_version": 1, "world": {"format": "syncer-simulator-world"},'
+            ' "tokens": {"refresh_tokens": [], "access_tokens": []}}',
+            "not a valid state file: world.identities: missing",
+        ),
     ],
 )
 def test_a_bad_state_file_is_one_line(env: Env, content: str | None, problem: str) -> None:
