@@ -27,7 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from syncer import notify
 from syncer.config import Config
-from syncer.errors import EXIT_OK, LockBusy, LoginRequired, SyncerError
+from syncer.errors import EXIT_OK, ConfigError, LockBusy, LoginRequired, SyncerError
 from syncer.reporting import sync_and_report
 from syncer.sync import Cancelled
 
@@ -124,6 +124,10 @@ class Daemon:
         except LoginRequired as err:
             log.error("%s", err)
             notify.notify(status=f"login required: {err}")
+            self.stop(err.exit_code)
+        except ConfigError as err:  # a rejected client secret: retrying cannot help
+            log.error("%s", err)
+            notify.notify(status=f"configuration error: {err}")
             self.stop(err.exit_code)
         except SyncerError as err:
             self._failed(str(err))

@@ -252,12 +252,9 @@ def _hook_deliveries(db: sqlite_utils.Database) -> None:
     )
 
 
-# The tables as 0004 made them. Frozen: a later change is a new migration.
-_TABLES_0004 = """
-        CREATE TABLE group_state (
-            key INTEGER PRIMARY KEY,
-            id TEXT NOT NULL UNIQUE,
-            name TEXT,
+# The tables as 0004 made them. Frozen: a later change is a new migration. A group's
+# attributes, as read: in its current state and in each of its versions.
+_GROUP_ATTRIBUTES_0004 = """name TEXT,
             description TEXT,
             parent_id TEXT,
             group_type TEXT,
@@ -265,7 +262,12 @@ _TABLES_0004 = """
             group_members_visibility TEXT,
             members_view TEXT NOT NULL,
             my_role TEXT,
-            my_status TEXT,
+            my_status TEXT,"""
+_TABLES_0004 = f"""
+        CREATE TABLE group_state (
+            key INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            {_GROUP_ATTRIBUTES_0004}
             first_run INTEGER NOT NULL REFERENCES sync_runs(id),
             last_run INTEGER NOT NULL REFERENCES sync_runs(id),
             removed_run INTEGER REFERENCES sync_runs(id)
@@ -274,15 +276,7 @@ _TABLES_0004 = """
             group_key INTEGER NOT NULL REFERENCES group_state(key),
             from_run INTEGER NOT NULL REFERENCES sync_runs(id),
             to_run INTEGER REFERENCES sync_runs(id),
-            name TEXT,
-            description TEXT,
-            parent_id TEXT,
-            group_type TEXT,
-            group_visibility TEXT,
-            group_members_visibility TEXT,
-            members_view TEXT NOT NULL,
-            my_role TEXT,
-            my_status TEXT,
+            {_GROUP_ATTRIBUTES_0004}
             PRIMARY KEY (group_key, from_run)
         ) WITHOUT ROWID;
         CREATE TABLE identity_state (
