@@ -304,3 +304,32 @@ def test_the_example_configuration_with_everything_uncommented_is_valid(tmp_path
     assert [hook.name for hook in config.hooks] == ["ntfy", "portal"]
     assert config.hooks[1].observations and config.hooks[0].timeout == 30
     assert config.healthcheck_url and config.metrics_file and config.metrics_file_mode == 0o644
+
+
+@pytest.mark.parametrize("source", ["SYNCER_CLIENT_SECRET", "CREDENTIALS_DIRECTORY"])
+def test_a_confidential_clients_secret_reaches_no_hook_ping_or_metric(env: Env, receiver: Receiver, source: str) -> None:
+    client_id, secret = env.world.add_client(list(env.world.groups)[:3], role="admin")
+    if source == "SYNCER_CLIENT_SECRET":
+        env.vars["SYNCER_CLIENT_SECRET"] = secret
+    else:
+        credentials = env.tmp / "credentials"
+        credentials.mkdir()
+        (credentials / "client_secret").write_text(secret)
+        env.vars["CREDENTIALS_DIRECTORY"] = str(credentials)
+    hook = CommandHook(env.tmp, "everything")
+    configure(
+        env,
+        {"name": "everything", "command": hook.command, "observations": True},
+        {"name": "web", "url": f"{receiver.url}/hook", "observations": True},
+        client_id=client_id, healthcheck_url=f"{receiver.url}/ping", metrics_file="syncer.prom",
+    )
+    result = env.run("-vv", "sync")
+    assert result.returncode == 0, result.output
+    [call] = hook.calls()
+    assert call["lines"] and source not in call["env"]
+    sent = [json.dumps(call), result.output, (env.tmp / "syncer.prom").read_text()]
+    sent += [json.dumps(r.headers) + r.path + r.body.decode() for r in receiver.requests]
+    assert {r.path for r in receiver.requests} == {"/ping/start", "/ping", "/hook"}
+    for text in sent:
+        assert secret not in text
+        assert all(token not in text for token in env.sim.issued_tokens)
