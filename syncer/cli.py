@@ -146,11 +146,13 @@ def _read_code(url: str) -> str:
 def logout(settings: _Settings) -> None:
     """Revoke the stored tokens at Globus Auth and delete them."""
     from syncer.auth import logout as do_logout
-    from syncer.token_store import TokenStore
+    from syncer.auth import open_token_store
+    from syncer.client_secret import load_client_secret
 
     config = settings.config()
-    with TokenStore(config.token_storage) as store:
-        do_logout(config, store, say=click.echo)
+    secret = load_client_secret(config)
+    with open_token_store(config, secret) as store:
+        do_logout(config, store, say=click.echo, secret=secret)
 
 
 @cli.command()
