@@ -150,7 +150,7 @@ def _hierarchies() -> list[_Hierarchy]:
         if fstype == "cgroup2":
             key, options = "", "nsdelegate" if "nsdelegate" in super_options else "defaults"
         else:
-            names = [o for o in super_options.split(",") if o not in ("rw", "ro", "relatime") and not o.startswith("release_agent")]
+            names = [o for o in super_options.split(",") if o not in ("rw", "ro") and not o.startswith("release_agent")]
             if "cpuset" in names:
                 continue
             key, options = ",".join(names), ",".join(names)
@@ -292,7 +292,7 @@ def boot(name: str, workdir: Path, units: dict[str, str] | None = None, timeout:
                 ["unshare", "--pid", "--fork", "--mount", "--uts", "--ipc", "--cgroup", "--propagation", "private",
                  "/bin/sh", "-c", _BOOT_SCRIPT, "boot", str(workdir), name,
                  str(SYSTEMD), "--system", f"--unit={TARGET}", "--show-status=no"],
-                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, preexec_fn=join_cgroups,  # noqa: PLW1509 - only file writes
+                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, preexec_fn=join_cgroups,
             )
         container = Container(name=name, workdir=workdir, process=process, cgroups=cgroups, console=console)
         assert process.stdin is not None
@@ -352,7 +352,8 @@ def _remove_cgroups(cgroups: list[Path]) -> None:
             continue
         for _ in range(50):
             folders = sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
-            pids = {pid for f in [top, *folders] if (f / "cgroup.procs").exists() for pid in (f / "cgroup.procs").read_text().split()}
+            procs = [f / "cgroup.procs" for f in [top, *folders]]
+            pids = {pid for path in procs if path.exists() for pid in path.read_text().split()}
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
-import urllib.request
 
 from conftest import Env, record
 
-
-def browser_step(url: str) -> str:
-    """What a person does: open the URL, log in, copy the code off the page."""
-    with urllib.request.urlopen(url, timeout=30) as page:
-        match = re.search(r'id="auth-code"[^>]*>([^<]+)<', page.read().decode())
-    assert match, "the auth-code page shows the code"
-    return match.group(1).strip()
+from syncer.simulator import answer_cli_login
 
 
 def test_simulate_serves_until_terminated(env: Env) -> None:
@@ -38,9 +30,7 @@ def test_simulate_serves_until_terminated(env: Env) -> None:
         env.vars.update(exported)
 
         login = env.popen("login", "--no-browser", stdin=subprocess.PIPE)
-        assert login.stdout is not None
-        url = next(line.strip() for line in login.stdout if line.startswith("http"))
-        out, err = login.communicate(browser_step(url) + "\n", timeout=60)
+        out, err = answer_cli_login(login, exported["GLOBUS_SDK_SERVICE_URL_AUTH"].removesuffix("/auth/"))
         record(out, err)
         assert login.returncode == 0, err
         result = env.run("sync")

@@ -92,7 +92,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Live]:
         ),
         "syncer-sync.service.d/live-test.conf": f"[Unit]\nAfter=syncer-simulator.service\n[Service]\n{environment}",
         # every 2 s, so the test sees it fire
-        "syncer-sync.timer.d/live-test.conf": "[Timer]\nOnCalendar=\nOnCalendar=*:*:0/2\nRandomizedDelaySec=0\nPersistent=false\n",
+        "syncer-sync.timer.d/live-test.conf": (
+            "[Timer]\nOnCalendar=\nOnCalendar=*:*:0/2\nRandomizedDelaySec=0\nPersistent=false\n"
+        ),
     }
     box = boot(f"syncer-live-{os.getpid()}", work / "container", units)
     try:
