@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import conftest
+import globus_sdk
 import pytest
 from conftest import Env, Result
 from globus_sdk.transport import RetryCheckResult
@@ -34,7 +35,8 @@ from helpers import (
     wait_for,
 )
 
-from syncer.auth import MAX_RETRIES, MAX_RETRY_SLEEP, authorizer_from_store
+import syncer.auth
+from syncer.auth import MAX_RETRIES, MAX_RETRY_SLEEP, authorizer_from_store, client_options
 from syncer.config import load_config
 from syncer.errors import LoginRequired
 from syncer.globus_groups import AdaptiveLimit
@@ -248,15 +250,6 @@ def test_transient_errors_and_timeouts_are_retried(logged_in: Env) -> None:
     # the stalled attempt cost one timeout (3 s in the test config); retries are bounded
     assert elapsed >= 3
     assert elapsed < 3 + _BACKOFF_MAX + _STARTUP
-
-
-def test_retry_bounds_are_sensible() -> None:
-    """The worst case one request may take, with the settings syncer uses."""
-    assert MAX_RETRIES == 3 and MAX_RETRY_SLEEP == 20
-    # default http_timeout 30 s: at most ~2 minutes without Retry-After, 3 minutes with
-    assert worst_case_request(30) == pytest.approx(125.25)
-    assert worst_case_request(30, retry_after=True) == 180
-    assert worst_case_request(3) == pytest.approx(17.25)
 
 
 # --------------------------------------------------------- 3. 429 and Retry-After
@@ -473,6 +466,25 @@ def shared_authorizer(logged_in: Env, monkeypatch: pytest.MonkeyPatch) -> t.Iter
     config = load_config(logged_in.config)
     with TokenStore(config.token_storage) as store:
         yield authorizer_from_store(config, store)
+
+
+def test_retries_are_bounded_in_number_and_wait(
+    logged_in: Env, shared_authorizer: t.Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Groups client built with syncer's settings: a Retry-After of a minute waits at
+    most MAX_RETRY_SLEEP (shortened here), and the (MAX_RETRIES + 1)th 429 is final."""
+    env = logged_in
+    monkeypatch.setattr(syncer.auth, "MAX_RETRY_SLEEP", 0.2)
+    client = globus_sdk.GroupsClient(authorizer=shared_authorizer, **client_options(load_config(env.config)))
+    env.sim.faults.rate_limit(MAX_RETRIES, retry_after=60)
+    began = time.monotonic()
+    assert client.get_my_groups().http_status == 200
+    assert time.monotonic() - began < 20  # not 3 x 60 s, nor 3 x the SDK default of 10 s
+    env.sim.faults.rate_limit(MAX_RETRIES + 1, retry_after=60)
+    with pytest.raises(globus_sdk.GroupsAPIError) as refused:
+        client.get_my_groups()
+    assert refused.value.http_status == 429
+    assert env.sim.stats["responses_429"] == 2 * MAX_RETRIES + 1
 
 
 def test_401_for_an_already_renewed_token_does_not_renew_again(logged_in: Env, shared_authorizer: t.Any) -> None:
