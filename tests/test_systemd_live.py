@@ -114,6 +114,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Live]:
         leftovers = [str(path) for path in box.cgroups if path.exists()]
         assert not leftovers, f"cgroups left behind: {leftovers}"
         assert box.process.poll() is not None
+        assert "syncer-live" not in Path("/proc/self/mountinfo").read_text()  # the container's mounts stayed inside
 
 
 def _answers(base_url: str) -> bool:
