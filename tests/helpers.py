@@ -6,11 +6,12 @@ import contextlib
 import json
 import socket
 import sqlite3
+import subprocess
 import time
 import typing as t
 from pathlib import Path
 
-from syncer.simulator import World
+from syncer.simulator import Simulator, World
 from syncer.token_store import TokenStore
 
 State = dict[tuple[str, str], tuple[str, str]]
@@ -117,3 +118,11 @@ class NotifyListener:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def answer_login_prompt(proc: subprocess.Popen[str], base_url: str) -> tuple[str, str]:
+    """Be the user of ``syncer login --no-browser`` against a simulator that another process
+    serves (``syncer simulate``, a unit): a Simulator that is not started knows the address,
+    which is all its browser step needs."""
+    port = int(base_url.rsplit(":", 1)[1])
+    return Simulator(World.generate(groups=1, members=1), port=port).answer_cli_login(proc)

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 from conftest import Env, record
-
-from syncer.simulator import answer_cli_login
+from helpers import answer_login_prompt
 
 
 def test_simulate_serves_until_terminated(env: Env) -> None:
@@ -30,7 +29,7 @@ def test_simulate_serves_until_terminated(env: Env) -> None:
         env.vars.update(exported)
 
         login = env.popen("login", "--no-browser", stdin=subprocess.PIPE)
-        out, err = answer_cli_login(login, exported["GLOBUS_SDK_SERVICE_URL_AUTH"].removesuffix("/auth/"))
+        out, err = answer_login_prompt(login, exported["GLOBUS_SDK_SERVICE_URL_AUTH"].removesuffix("/auth/"))
         record(out, err)
         assert login.returncode == 0, err
         result = env.run("sync")

@@ -22,9 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import answer_login_prompt
 from systemd_container import Container, boot, unavailable_reason
-
-from syncer.simulator import answer_cli_login
 
 ROOT = Path(__file__).resolve().parent.parent
 UNAVAILABLE = unavailable_reason()
@@ -131,7 +130,7 @@ def login(live: Live) -> str:
         "/bin/sh", "-ec", live.steps[5], env=live.globus,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
-    out, err = answer_cli_login(proc, live.base_url)
+    out, err = answer_login_prompt(proc, live.base_url)
     assert proc.returncode == 0, out + err
     assert "Logged in as" in out, out + err
     return out

@@ -9,7 +9,7 @@ environment variables in :attr:`Simulator.env`; shape the data with a
     os.environ.update(sim.env)
 """
 
-from .server import MALFORMED_KINDS, Faults, Simulator, answer_cli_login, serve, serve_cli
+from .server import MALFORMED_KINDS, Faults, Simulator, serve, serve_cli
 from .world import ROLES, STATUSES, Membership, World
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "Membership",
     "Simulator",
     "World",
-    "answer_cli_login",
     "serve",
     "serve_cli",
 ]

@@ -534,12 +534,57 @@ class Simulator:
     # --------------------------------------------------------- test hooks
 
     def answer_cli_login(self, proc: subprocess.Popen[str], timeout: float = 60) -> tuple[str, str]:
-        """Be the user of ``syncer login --no-browser`` (see :func:`answer_cli_login`)."""
-        return answer_cli_login(proc, self.url, timeout)
+        """Be the user of ``syncer login --no-browser``: read the URL it prints on its
+        own line, do the browser step, type the code in. Returns all of its (stdout,
+        stderr); when it prints no URL (e.g. "already logged in") it is just waited for.
+        """
+        assert proc.stdout is not None
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("http"):
+                out, err = proc.communicate(self.authorize(line.strip()) + "\n", timeout=timeout)
+                return "".join(seen) + out, err
+        out, err = proc.communicate(timeout=timeout)
+        return "".join(seen) + out, err
 
     def authorize(self, url: str) -> str:
-        """Play the browser on an authorize URL and return the code (see :func:`authorize`)."""
-        return authorize(url, self.url)
+        """Play the browser: open the authorize URL, follow the redirect and
+        return the auth code.
+
+        When the redirect goes to the simulator's own auth-code page, the code
+        is read off that HTML page (as a user would copy it). When it goes to
+        another loopback URL (an app's local callback server) it is followed
+        so the app receives the code, and the code is taken from the URL.
+        Raises ``RuntimeError`` if the authorize request is rejected.
+        """
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        try:
+            with opener.open(url, timeout=30) as resp:
+                raise RuntimeError(f"authorize did not redirect (HTTP {resp.status})")
+        except urllib.error.HTTPError as e:
+            if e.code not in (301, 302, 303, 307, 308):
+                body = e.read().decode("utf-8", "replace")
+                raise RuntimeError(f"authorize failed: HTTP {e.code}: {_strip_tags(body)[:300]}") from None
+            location = e.headers.get("Location", "")
+        parts = urllib.parse.urlsplit(location)
+        code = urllib.parse.parse_qs(parts.query).get("code", [""])[0]
+        page = f"{self.url}/auth/v2/web/auth-code"
+        if location.startswith(page):
+            with opener.open(location, timeout=30) as resp:
+                m = _AUTH_CODE_RE.search(resp.read().decode("utf-8"))
+            if not m:
+                raise RuntimeError("auth-code page did not contain a code")
+            return html.unescape(m.group(1))
+        if _is_loopback(parts.hostname):
+            try:
+                with opener.open(location, timeout=30) as resp:
+                    resp.read()
+            except (urllib.error.URLError, OSError):
+                pass  # the app's callback may already be gone; code is known
+        if not code:
+            raise RuntimeError("redirect carried no code")
+        return code
 
     def revoke_all_refresh_tokens(self, status: int = 400) -> None:
         """Invalidate every refresh token issued so far; refresh grants
@@ -1155,62 +1200,6 @@ def _strip_tags(text: str) -> str:
 
 
 # -------------------------------------------------------------- entry points
-
-
-def answer_cli_login(proc: subprocess.Popen[str], base_url: str, timeout: float = 60) -> tuple[str, str]:
-    """Be the user of ``syncer login --no-browser`` against the simulator at ``base_url``
-    (for example one that ``syncer simulate`` serves): read the URL it prints on its
-    own line, do the browser step, type the code in. Returns all of its (stdout,
-    stderr); when it prints no URL (e.g. "already logged in") it is just waited for.
-    """
-    assert proc.stdout is not None
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith("http"):
-            out, err = proc.communicate(authorize(line.strip(), base_url) + "\n", timeout=timeout)
-            return "".join(seen) + out, err
-    out, err = proc.communicate(timeout=timeout)
-    return "".join(seen) + out, err
-
-
-def authorize(url: str, base_url: str) -> str:
-    """Play the browser: open the authorize URL of the simulator at ``base_url``,
-    follow the redirect and return the auth code.
-
-    When the redirect goes to the simulator's own auth-code page, the code
-    is read off that HTML page (as a user would copy it). When it goes to
-    another loopback URL (an app's local callback server) it is followed
-    so the app receives the code, and the code is taken from the URL.
-    Raises ``RuntimeError`` if the authorize request is rejected.
-    """
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
-    try:
-        with opener.open(url, timeout=30) as resp:
-            raise RuntimeError(f"authorize did not redirect (HTTP {resp.status})")
-    except urllib.error.HTTPError as e:
-        if e.code not in (301, 302, 303, 307, 308):
-            body = e.read().decode("utf-8", "replace")
-            raise RuntimeError(f"authorize failed: HTTP {e.code}: {_strip_tags(body)[:300]}") from None
-        location = e.headers.get("Location", "")
-    parts = urllib.parse.urlsplit(location)
-    code = urllib.parse.parse_qs(parts.query).get("code", [""])[0]
-    page = f"{base_url}/auth/v2/web/auth-code"
-    if location.startswith(page):
-        with opener.open(location, timeout=30) as resp:
-            m = _AUTH_CODE_RE.search(resp.read().decode("utf-8"))
-        if not m:
-            raise RuntimeError("auth-code page did not contain a code")
-        return html.unescape(m.group(1))
-    if _is_loopback(parts.hostname):
-        try:
-            with opener.open(location, timeout=30) as resp:
-                resp.read()
-        except (urllib.error.URLError, OSError):
-            pass  # the app's callback may already be gone; code is known
-    if not code:
-        raise RuntimeError("redirect carried no code")
-    return code
 
 
 def serve(
