@@ -60,11 +60,12 @@ class Live(t.NamedTuple):
     base_url: str
 
 
-def test_system_python_can_make_a_venv() -> None:
+def test_system_python_can_make_a_venv(tmp_path: Path) -> None:
     """The README's install uses the system Python; CI installs python3-venv (.ci/run)."""
     assert SYSTEM_PYTHON.exists(), f"{SYSTEM_PYTHON} is missing"
-    made = subprocess.run([SYSTEM_PYTHON, "-c", "import venv, ensurepip"], capture_output=True, text=True)
+    made = subprocess.run([SYSTEM_PYTHON, "-m", "venv", tmp_path / "venv"], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
+    assert (tmp_path / "venv" / "bin" / "pip").exists()
 
 
 @pytest.fixture(scope="module")
