@@ -174,10 +174,8 @@ def sync(ctx: click.Context) -> None:
     run = run_sync(config, cancelled=cancelled, progress=progress)
     if progress:
         click.echo("", err=True)
-    click.echo(
-        f"run {run.run_id} {run.status}: {run.groups_synced} groups read, {run.groups_failed} failed,"
-        f" {run.memberships} memberships, {run.changes} changes"
-    )
+    # the run's summary is run_sync's log line: printed here too, it reached the journal
+    # (and cron's mail) twice
     ctx.exit(EXIT_PARTIAL if run.status == "partial" else EXIT_OK)
 
 
