@@ -163,7 +163,7 @@ def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
     assert changes == events | observations
     run = env.query("SELECT * FROM sync_runs WHERE id = 2")[0]
     assert run["changes"] == len(events)
-    assert f", {len(events)} changes" in result.stdout
+    assert f", {len(events)} changes" in result.stderr  # the run's summary line
     assert env.query("SELECT name FROM groups WHERE id = ?", [g3])[0][0] == "Renamed group"
     assert env.query("SELECT group_name FROM membership_changes WHERE group_id = ? LIMIT 1", [g1])
     gone = env.query("SELECT removed_at, my_status FROM groups WHERE id = ?", [left])[0]
