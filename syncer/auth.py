@@ -228,6 +228,13 @@ def client_credentials_namespace(config: Config) -> str:
     return f"client_credentials:{config.client_id}"
 
 
+def open_token_store(config: Config, secret: ClientSecret | None) -> TokenStore:
+    """The token store, in the namespace of the client that uses it: a login's tokens,
+    or with ``secret`` the confidential client's cached ones."""
+    namespace = client_credentials_namespace(config) if secret else "DEFAULT"
+    return TokenStore(config.token_storage, namespace=namespace)
+
+
 def client_credentials_authorizer(
     config: Config, secret: ClientSecret, store: TokenStore
 ) -> SharedClientCredentialsAuthorizer:
@@ -253,16 +260,18 @@ def groups_authorizer(config: Config) -> t.Iterator[globus_sdk.authorizers.Globu
     configured, else the stored login's refresh token. Its token store stays open
     for the block (renewals are written back to it)."""
     secret = load_client_secret(config)
-    namespace = client_credentials_namespace(config) if secret else "DEFAULT"
-    with TokenStore(config.token_storage, namespace=namespace) as store:
+    with open_token_store(config, secret) as store:
         if secret is not None:
             yield client_credentials_authorizer(config, secret, store)
         else:
             yield authorizer_from_store(config, store)
 
 
-def logout(config: Config, store: TokenStore, say: t.Callable[[str], None]) -> bool:
-    """Revoke every stored token at Globus Auth, then delete them.
+def logout(
+    config: Config, store: TokenStore, say: t.Callable[[str], None], secret: ClientSecret | None = None
+) -> bool:
+    """Revoke every stored token at Globus Auth, then delete them: a login's, or with
+    ``secret`` a confidential client's cached ones (revoked as that client).
 
     Tokens are deleted only once Globus confirmed the revocation, so a network
     failure leaves the user able to try again. Returns False when nothing was stored.
@@ -271,7 +280,10 @@ def logout(config: Config, store: TokenStore, say: t.Callable[[str], None]) -> b
     if not tokens:
         say(f"Not logged in (no tokens in {store.path}).")
         return False
-    client = auth_client(config)
+    client: globus_sdk.AuthLoginClient = (
+        globus_sdk.ConfidentialAppAuthClient(config.client_id, secret.value, **client_options(config))
+        if secret else auth_client(config)
+    )
     try:
         for data in tokens.values():
             # revoking the refresh token also ends access tokens issued from it

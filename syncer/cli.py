@@ -146,11 +146,13 @@ def _read_code(url: str) -> str:
 def logout(settings: _Settings) -> None:
     """Revoke the stored tokens at Globus Auth and delete them."""
     from syncer.auth import logout as do_logout
-    from syncer.token_store import TokenStore
+    from syncer.auth import open_token_store
+    from syncer.client_secret import load_client_secret
 
     config = settings.config()
-    with TokenStore(config.token_storage) as store:
-        do_logout(config, store, say=click.echo)
+    secret = load_client_secret(config)
+    with open_token_store(config, secret) as store:
+        do_logout(config, store, say=click.echo, secret=secret)
 
 
 @cli.command()
@@ -172,10 +174,8 @@ def sync(ctx: click.Context) -> None:
     run = sync_and_report(config, cancelled=cancelled, progress=progress)
     if progress:
         click.echo("", err=True)
-    click.echo(
-        f"run {run.run_id} {run.status}: {run.groups_synced} groups read, {run.groups_failed} failed,"
-        f" {run.memberships} memberships, {run.changes} changes"
-    )
+    # the run's summary is run_sync's log line: printed here too, it reached the journal
+    # (and cron's mail) twice
     ctx.exit(EXIT_PARTIAL if run.status == "partial" else EXIT_OK)
 
 

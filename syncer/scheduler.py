@@ -84,7 +84,8 @@ class Daemon:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        notify.notify(stopping="1", status="stopping")
+        # a stop for a reason (login required) keeps that STATUS= line in `systemctl status`
+        notify.notify(stopping="1", **({"status": "stopping"} if self.state.exit_code == EXIT_OK else {}))
         if not self.idle.wait(STOP_GRACE_S):
             log.warning("the run in flight did not stop within %.0fs; it will be marked aborted", STOP_GRACE_S)
         log.info("scheduler stopped after %d run(s)", self.state.runs)

@@ -88,6 +88,19 @@ def test_a_confidential_client_syncs_without_a_login(env: Env, client: Client, s
     assert_secret_nowhere(env, client.secret, login, sync, again, status)
 
 
+def test_logout_revokes_a_confidential_clients_cached_token(env: Env, client: Client) -> None:
+    configure(env, client, "SYNCER_CLIENT_SECRET", client.secret)
+    assert env.run("sync").returncode == 0
+    logout = env.run("logout")
+    assert logout.returncode == 0 and "Logged out" in logout.stdout, logout.output
+    assert env.sim.stats["revocations"] == 1
+    assert env.run("logout").stdout.startswith("Not logged in")
+    # the next run asks for a new token: the revoked one is neither kept nor used
+    assert env.run("sync").returncode == 0
+    assert env.sim.stats["client_credentials_grants"] == 2
+    assert_secret_nowhere(env, client.secret, logout)
+
+
 @pytest.mark.parametrize("source", SOURCES)
 def test_a_rejected_secret_is_a_configuration_error_naming_its_source(env: Env, client: Client, source: str) -> None:
     wrong = "not-the-secret-" + client.secret[::-1]

@@ -109,7 +109,7 @@ def test_a_login_survives_a_simulator_restart_with_state(env: Env) -> None:
         assert len(admin(served, "world")["groups"]) == 3  # the same world, not a new one
         result = env.run("sync")  # the stored tokens still work: no new login
         assert result.returncode == 0, result.output
-        assert "0 changes" in result.stdout
+        assert "0 changes" in result.stderr
         status = env.run("status")
         assert status.returncode == 0, status.output
 

@@ -206,13 +206,6 @@ def test_both_services_share_identity_and_hardening(units):
     assert daemon == oneshot
 
 
-def test_sysusers_entry():
-    text = (UNIT_DIR / "syncer.sysusers").read_text()
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    assert lines == ['u syncer - "syncer Globus group snapshotter" /var/lib/syncer']
-    assert "useradd --system" in text
-
-
 def test_sysusers_file_creates_the_user(tmp_path):
     exe = shutil.which("systemd-sysusers")
     if exe is None:
