@@ -291,17 +291,21 @@ def test_a_hook_added_later_starts_with_the_next_run_and_replay_sends_older_ones
         assert "Traceback" not in bad.output
 
 
-def test_the_scheduler_delivers_hooks_after_each_run(logged_in: Env, receiver: Receiver) -> None:
+def test_the_scheduler_pings_delivers_hooks_and_writes_metrics_after_each_run(logged_in: Env, receiver: Receiver) -> None:
     env = logged_in
     observer = CommandHook(env.tmp, "everything")
     configure(
         env,
         {"name": "everything", "command": observer.command, "observations": True},
-        {"name": "web", "url": receiver.url, "observations": True},
+        {"name": "web", "url": f"{receiver.url}/hook", "observations": True},
+        healthcheck_url=f"{receiver.url}/ping", metrics_file="syncer.prom",
     )
+    metrics = env.tmp / "syncer.prom"
     daemon = env.popen("run", "--interval", "1h")
     try:
-        wait_for(lambda: observer.runs() == [1] and len(receiver.posts()) == 1, timeout=60, what="the first run's hooks")
+        wait_for(metrics.exists, timeout=60, what="the first run's metrics file")  # written last
+        assert observer.runs() == [1] and receiver.paths() == ["/ping/start", "/ping", "/hook"]
+        assert "syncer_hook_backlog_runs{hook=\"web\"} 0.0" in metrics.read_text()
         daemon.send_signal(signal.SIGTERM)
         _out, err = daemon.communicate(timeout=30)
     finally:
