@@ -384,3 +384,20 @@ def test_when_takes_a_day_a_moment_a_span_or_a_run() -> None:
     for bad in ("run:0", "2026-13-01", "yesterday", "2026-11-01T10:00", "", "90", "400d"):
         with pytest.raises(ValueError):
             parse_when(bad, now)
+
+
+def test_a_hook_that_cannot_start_or_answers_an_error_is_retried(logged_in: Env, receiver: Receiver) -> None:
+    env, world = logged_in, logged_in.world
+    receiver.status = 500
+    configure(
+        env, {"name": "missing", "command": ["./no-such-hook", "--flag"]}, {"name": "web", "url": receiver.url},
+    )
+    sync(env)
+    churn(world, 1)
+    stderr = sync(env)
+    assert f"hook missing: run 2 not delivered (3 changes): cannot start {env.tmp / 'no-such-hook'}" in stderr
+    assert "hook web: run 2 not delivered (3 changes): HTTP 500; output: ok" in stderr
+    receiver.status = 202
+    sync(env)
+    assert [p.json()["run_id"] for p in receiver.posts()] == [2, 2]
+    assert "missing: 1 run(s) undelivered" in env.run("status").stdout
