@@ -11,6 +11,8 @@ import typing as t
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from conftest import Env
+
 
 @dataclasses.dataclass
 class Request:
@@ -183,6 +185,29 @@ class CommandHook:
 
     def runs(self) -> list[int]:
         return [int(call["run_id"]) for call in self.calls()]
+
+
+def configure(env: Env, *hooks: dict[str, t.Any], **settings: t.Any) -> None:
+    """The test's configuration with these settings and ``[[hooks]]`` tables."""
+    env.write_config(**settings)
+    with env.config.open("a") as fh:
+        fh.write(hooks_toml(*hooks))
+
+
+def watch_everything(
+    env: Env, receiver: Receiver, hook_path: str = "/hook", ping_path: str = "/ping", **settings: t.Any
+) -> CommandHook:
+    """Every way out at once: a command hook and a webhook (both ``observations = true``,
+    named ``everything`` and ``web``), pings to the receiver, and the metrics file
+    ``syncer.prom``. Returns the command hook."""
+    hook = CommandHook(env.tmp, "everything")
+    configure(
+        env,
+        {"name": "everything", "command": hook.command, "observations": True},
+        {"name": "web", "url": receiver.url + hook_path, "observations": True},
+        healthcheck_url=receiver.url + ping_path, metrics_file="syncer.prom", **settings,
+    )
+    return hook
 
 
 def hooks_toml(*tables: dict[str, t.Any]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import Env
 from helpers import admin_groups, expected_state, others, wait_for
-from receivers import CommandHook, Receiver, hooks_toml
+from receivers import CommandHook, Receiver, configure, watch_everything
 
 from syncer.lock import SyncLock
 from syncer.simulator import World
@@ -38,11 +38,6 @@ def churn(world: World, step: int) -> set[Change]:
     world.remove_member(g2, gone)
     return {(g1, newcomer, "added"), (g1, promoted, "changed"), (g2, gone, "removed")}
 
-
-def configure(env: Env, *hooks: dict[str, t.Any], **settings: t.Any) -> None:
-    env.write_config(**settings)
-    with env.config.open("a") as fh:
-        fh.write(hooks_toml(*hooks))
 
 
 def sync(env: Env, expected: int = 0) -> str:
@@ -293,13 +288,7 @@ def test_a_hook_added_later_starts_with_the_next_run_and_replay_sends_older_ones
 
 def test_the_scheduler_pings_delivers_hooks_and_writes_metrics_after_each_run(logged_in: Env, receiver: Receiver) -> None:
     env = logged_in
-    observer = CommandHook(env.tmp, "everything")
-    configure(
-        env,
-        {"name": "everything", "command": observer.command, "observations": True},
-        {"name": "web", "url": f"{receiver.url}/hook", "observations": True},
-        healthcheck_url=f"{receiver.url}/ping", metrics_file="syncer.prom",
-    )
+    observer = watch_everything(env, receiver)
     metrics = env.tmp / "syncer.prom"
     daemon = env.popen("run", "--interval", "1h")
     try:

@@ -16,7 +16,7 @@ import pytest
 from conftest import Env
 from helpers import admin_groups, my_active_groups, others
 from prometheus_client.parser import text_string_to_metric_families
-from receivers import CommandHook, Receiver, Silent, hooks_toml
+from receivers import CommandHook, Receiver, Silent, configure, watch_everything
 
 from syncer.config import HookConfig
 from syncer.healthcheck import ping_url
@@ -29,11 +29,6 @@ REQUIRED_METRICS = {
     "syncer_last_run_groups_failed", "syncer_hook_backlog_runs",
 }
 
-
-def configure(env: Env, *hooks: dict[str, t.Any], **settings: t.Any) -> None:
-    env.write_config(**settings)
-    with env.config.open("a") as fh:
-        fh.write(hooks_toml(*hooks))
 
 
 @pytest.fixture
@@ -188,13 +183,7 @@ def test_no_token_or_secret_reaches_hooks_pings_or_metrics(logged_in: Env, recei
     }
     env.vars.update(secrets)
     env.vars["HARMLESS_SETTING"] = "kept"
-    hook = CommandHook(env.tmp, "everything")
-    configure(
-        env,
-        {"name": "everything", "command": hook.command, "observations": True},
-        {"name": "web", "url": f"{receiver.url}/hook/T0-B0-webhook-key", "observations": True},
-        healthcheck_url=f"{receiver.url}/ping/check-uuid-0123", metrics_file="syncer.prom",
-    )
+    hook = watch_everything(env, receiver, hook_path="/hook/T0-B0-webhook-key", ping_path="/ping/check-uuid-0123")
     logs = [env.run("-vv", "sync")]
     env.sim.expire_access_tokens()  # a renewal: a new access token exists during the next run
     world.add_member(admin_groups(world)[0])
@@ -316,13 +305,7 @@ def test_a_confidential_clients_secret_reaches_no_hook_ping_or_metric(env: Env, 
         credentials.mkdir()
         (credentials / "client_secret").write_text(secret)
         env.vars["CREDENTIALS_DIRECTORY"] = str(credentials)
-    hook = CommandHook(env.tmp, "everything")
-    configure(
-        env,
-        {"name": "everything", "command": hook.command, "observations": True},
-        {"name": "web", "url": f"{receiver.url}/hook", "observations": True},
-        client_id=client_id, healthcheck_url=f"{receiver.url}/ping", metrics_file="syncer.prom",
-    )
+    hook = watch_everything(env, receiver, client_id=client_id)
     result = env.run("-vv", "sync")
     assert result.returncode == 0, result.output
     [call] = hook.calls()
