@@ -226,6 +226,7 @@ def render_text(data: dict[str, t.Any]) -> str:
         lines.append(f"tokens: refresh token present; access token valid {expiry} ({tokens['path']})")
     else:
         lines.append(f"tokens: none ({tokens['path']})")
+    lines += _hook_lines(data.get("hooks") or [])
     if not database.get("exists"):
         lines.append(f"database: not created yet ({database['path']})")
         return "\n".join(lines)
@@ -237,7 +238,6 @@ def render_text(data: dict[str, t.Any]) -> str:
             "  {groups} groups ({groups_removed} removed), {memberships} memberships,"
             " {identities} identities, {history_rows} history rows, {runs} runs".format(**counts)
         )
-    lines += _hook_lines(data.get("hooks") or [])
     runs = database.get("recent_runs") or []
     if runs:
         lines.append("recent runs:")
