@@ -55,7 +55,7 @@ def metadata(database: Path) -> dict[str, t.Any]:
     finally:
         db.close()
     for name in tables:
-        if name not in USER_FACING and not name.startswith("sqlite_"):
+        if name not in USER_FACING:
             described["tables"].setdefault(name, {})["hidden"] = True
     meta["databases"][database.stem] = described
     return meta
