@@ -58,10 +58,10 @@ def _cell(value: t.Any) -> str:
 
 def _fit(widths: list[int], fields: t.Sequence[str], room: int) -> None:
     """Narrow ``widths`` in place until they sum to ``room``: the widest name column
-    first, then the widest of any column, none below a few characters."""
+    first, then the widest of any column, none below its header or a few characters."""
     for candidates in ([i for i, f in enumerate(fields) if f in _NAME_COLUMNS], range(len(fields))):
         while sum(widths) > room:
-            shrinkable = [i for i in candidates if widths[i] > _MIN_WIDTH]
+            shrinkable = [i for i in candidates if widths[i] > max(_MIN_WIDTH, len(fields[i]))]
             if not shrinkable:
                 break
             widest = max(shrinkable, key=lambda i: widths[i])

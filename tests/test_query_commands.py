@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import pwd
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from history_scenario import LONG_NAME, Scenario, expected_changes, versions
 from syncer.when import EXAMPLES
 
 RUNS = (2, 3, 4, 5)
+NOBODY = 65534
 
 
 def query(history: Scenario, *args: str, env: dict[str, str] | None = None) -> Result:
@@ -218,7 +218,7 @@ def test_every_format_holds_the_same_rows(history: Scenario) -> None:
         assert parsed[1:] == [["" if v is None else str(v) for v in r.values()] for r in rows]
 
 
-@pytest.mark.parametrize("width", [60, 100])
+@pytest.mark.parametrize("width", [72, 100])
 def test_tables_fit_the_terminal_with_ellipses(history: Scenario, width: int) -> None:
     result = query(history, "members", history.a, "--at", "run:3", env={"COLUMNS": str(width)})
     assert result.returncode == 0, result.output
@@ -290,30 +290,51 @@ def test_a_database_without_a_successful_run_says_to_sync(env: Env) -> None:
 # ------------------------------------------------------------------- read-only use
 
 
-def test_a_reader_who_may_only_read_the_file(history: Scenario) -> None:
-    """The file 0444 in a folder 0555: as root, the commands run as `nobody`, for whom
-    the bits hold."""
+@pytest.fixture
+def read_only_copy(history: Scenario) -> t.Iterator[tuple[Path, dict[str, str]]]:
+    """A copy of the database, 0444 in a folder 0555 (reachable by every user), and the
+    environment that points syncer at it."""
     folder = Path(tempfile.mkdtemp(prefix="syncer-ro-"))
+    folder.chmod(0o755)
+    shutil.copy(history.env.database, folder / "groups.db")
+    (folder / "syncer.toml").write_text('database = "groups.db"\n')
+    (folder / "syncer.toml").chmod(0o444)
+    (folder / "groups.db").chmod(0o444)
+    folder.chmod(0o555)
     try:
-        shutil.copy(history.env.database, folder / "groups.db")
-        (folder / "syncer.toml").write_text('database = "groups.db"\n')
-        (folder / "groups.db").chmod(0o444)
-        folder.chmod(0o555)
-        user = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else None
-        variables = {**history.env.vars, "SYNCER_CONFIG": str(folder / "syncer.toml"), "HOME": str(folder)}
-        expected = as_json(history, "members", history.a, "--all")
-        proc = subprocess.run([sys.executable, "-m", "syncer", "members", history.a, "--all", "--format", "json"],
-                              env=variables, cwd=folder, text=True, capture_output=True, timeout=60, user=user)
-        assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout) == expected
-        for args in (("changes", "--all"), ("groups",), ("identity", history.p)):
-            proc = subprocess.run([sys.executable, "-m", "syncer", *args], env=variables, cwd=folder, text=True,
-                                  capture_output=True, timeout=60, user=user)
-            assert proc.returncode == 0, proc.stderr
-        assert sorted(p.name for p in folder.iterdir()) == ["groups.db", "syncer.toml"]  # no journal, no lock file
+        yield folder, {**history.env.vars, "SYNCER_CONFIG": str(folder / "syncer.toml"), "HOME": str(folder)}
     finally:
         folder.chmod(0o755)
         shutil.rmtree(folder)
+
+
+QUERIES = (("members", "{a}", "--all"), ("changes", "--all"), ("groups",), ("identity", "{p}"))
+
+
+def _check_read_only_use(history: Scenario, folder: Path, variables: dict[str, str], prefix: list[str]) -> None:
+    for args in QUERIES:
+        args = tuple(a.format(a=history.a, p=history.p) for a in args)
+        proc = subprocess.run([*prefix, sys.executable, "-m", "syncer", *args, "--format", "json"], env=variables,
+                              cwd=folder, text=True, capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == as_json(history, *args)
+    assert sorted(p.name for p in folder.iterdir()) == ["groups.db", "syncer.toml"]  # no journal, no lock file
+
+
+def test_a_copy_in_a_read_only_folder(history: Scenario, read_only_copy: tuple[Path, dict[str, str]]) -> None:
+    _check_read_only_use(history, *read_only_copy, prefix=[])
+
+
+def test_another_user_with_read_permission_only(history: Scenario, read_only_copy: tuple[Path, dict[str, str]]) -> None:
+    """As `nobody` (via setpriv), for whom the 0444/0555 bits hold (they do not for root)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    probe = subprocess.run([*as_nobody, sys.executable, "-c", "import syncer"], capture_output=True, text=True,
+                           env=read_only_copy[1], timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"this interpreter cannot be run by another user here: {probe.stderr.strip()[-120:]}")
+    _check_read_only_use(history, *read_only_copy, prefix=as_nobody)
 
 
 def test_queries_answer_while_a_sync_holds_the_lock(logged_in: Env) -> None:
