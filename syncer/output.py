@@ -2,8 +2,8 @@
 
 Machine formats are complete and stable: every field, in the documented order, under
 its documented name, values as stored (NULL is JSON null and an empty CSV cell). A
-table fits the terminal: the widest columns, names first, are shortened with an
-ellipsis rather than wrapped.
+table fits the terminal: the widest columns are shortened with an ellipsis rather
+than wrapped.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ FORMATS = ("table", "csv", "tsv", "json", "jsonl")
 
 ELLIPSIS = "…"
 GAP = "  "
-# shortened first: the names people read; ids and times only when that is not enough
-_NAME_COLUMNS = ("name", "group_name", "username")
 _MIN_WIDTH = 8
 
 
@@ -57,15 +55,14 @@ def _cell(value: t.Any) -> str:
 
 
 def _fit(widths: list[int], fields: t.Sequence[str], room: int) -> None:
-    """Narrow ``widths`` in place until they sum to ``room``: the widest name column
-    first, then the widest of any column, none below its header or a few characters."""
-    for candidates in ([i for i, f in enumerate(fields) if f in _NAME_COLUMNS], range(len(fields))):
-        while sum(widths) > room:
-            shrinkable = [i for i in candidates if widths[i] > max(_MIN_WIDTH, len(fields[i]))]
-            if not shrinkable:
-                break
-            widest = max(shrinkable, key=lambda i: widths[i])
-            widths[widest] -= 1
+    """Narrow ``widths`` in place until they sum to ``room``, always the widest column
+    (long names and ids alike end up equally shortened), none below its header."""
+    floors = [max(_MIN_WIDTH, len(f)) for f in fields]
+    while sum(widths) > room:
+        shrinkable = [i for i, w in enumerate(widths) if w > floors[i]]
+        if not shrinkable:
+            break
+        widths[max(shrinkable, key=lambda i: widths[i])] -= 1
 
 
 def _clip(text: str, width: int) -> str:
