@@ -250,6 +250,9 @@ def changes(
         params.update({f"i{n}": iid for n, iid in enumerate(identity_ids)})
     if not observations:
         where.append(f"reason NOT IN ({', '.join(repr(r) for r in OBSERVATIONS)})")
+        # sync_runs.changes counts a run's events: runs without any (a first snapshot's
+        # million first_seen rows) need not be read at all
+        where.append("run_id IN (SELECT id FROM sync_runs WHERE id BETWEEN :low AND :high AND changes > 0)")
     sql = f"""
         SELECT {', '.join(CHANGE_FIELDS)} FROM membership_changes
         WHERE {' AND '.join(where)}
