@@ -1,3 +1,3 @@
 """syncer: snapshot Globus group memberships into SQLite, with full change history."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

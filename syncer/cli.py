@@ -7,7 +7,6 @@ exit code (see ``syncer.errors``); a traceback means a bug.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import logging
 import signal
@@ -413,11 +412,4 @@ def serve(settings: _Settings, host: str, port: int) -> None:
 
 
 def main() -> None:
-    try:
-        cli(prog_name="syncer")
-    finally:
-        # The process ends next. Interpreter shutdown runs full garbage collections
-        # over every object the SDK, requests and sqlite-utils created; frozen objects
-        # are skipped, which saves ~40 ms at every exit. Nothing here needs a collector's
-        # finalizer: the database and token store are closed, logs are flushed at exit.
-        gc.freeze()
+    cli(prog_name="syncer")

@@ -18,7 +18,7 @@ from pathlib import Path
 from syncer.auth import login
 from syncer.config import Config
 from syncer.errors import SyncerError
-from syncer.schema import connect
+from syncer.schema import EVENTS, connect
 from syncer.simulator import Simulator, World
 from syncer.sync import run_sync
 from syncer.token_store import TokenStore
@@ -84,12 +84,12 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
 
         say("== 4. second snapshot")
         second = run_sync(config)
-        say(f"   run {second.run_id}: {second.groups_synced} groups, {second.changes} changes")
+        say(f"   run {second.run_id}: {second.groups_synced} groups, {second.changes} changes (events)")
         db = connect(config.database, readonly=True)
         try:
-            say("== What changed (view membership_changes):")
+            say("== What changed (view membership_changes; the reason says why, observations are marked):")
             for row in db.query(
-                "SELECT change, username, group_name, old_role, new_role, old_status, new_status"
+                "SELECT change, reason, username, group_name, old_role, new_role, old_status, new_status"
                 " FROM membership_changes WHERE run_id = ? ORDER BY group_name, username",
                 [second.run_id],
             ):
@@ -105,10 +105,11 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
 
 def _describe(row: dict[str, t.Any]) -> str:
     who = row["username"] or "?"
+    why = row["reason"] if row["reason"] in EVENTS else f"{row['reason']}, an observation"
     if row["change"] == "added":
-        return f"added    {who} to {row['group_name']!r} as {row['new_role']} ({row['new_status']})"
+        return f"added    {who} to {row['group_name']!r} as {row['new_role']} ({row['new_status']}) [{why}]"
     if row["change"] == "removed":
-        return f"removed  {who} from {row['group_name']!r} (was {row['old_role']}, {row['old_status']})"
+        return f"removed  {who} from {row['group_name']!r} (was {row['old_role']}, {row['old_status']}) [{why}]"
     return (
         f"changed  {who} in {row['group_name']!r}: {row['old_role']}/{row['old_status']}"
         f" -> {row['new_role']}/{row['new_status']}"
@@ -117,7 +118,8 @@ def _describe(row: dict[str, t.Any]) -> str:
 
 _EXAMPLE_QUERIES = (
     "SELECT group_name, username, role FROM active_members ORDER BY group_name LIMIT 10",
-    "SELECT at, change, username, group_name FROM membership_changes ORDER BY at DESC LIMIT 10",
+    "SELECT at, change, reason, username, group_name FROM membership_events ORDER BY at DESC LIMIT 10",
+    "SELECT name, valid_from, valid_to FROM group_history ORDER BY group_id, from_run",
     "SELECT id, started_at, status, memberships, changes FROM sync_runs",
 )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import enum
 import json
 import logging
 import queue
@@ -32,6 +33,50 @@ log = logging.getLogger(__name__)
 MANAGER_ROLES = ("admin", "manager")
 
 
+class MembersView(enum.StrEnum):
+    """Which of a group's memberships Globus shows the identity: every membership (to
+    its active admins and managers), the active ones (to its active members, where the
+    group's members are visible to members), or only its own. Whether a membership
+    missing from a read has ended or is merely out of view depends on it."""
+
+    ALL = "all"
+    ACTIVE = "active"
+    OWN = "own"
+
+
+class MembershipRow(t.NamedTuple):
+    """One membership as read from Globus, ready to stage: the staging table's columns
+    are these fields, in this order (see ``syncer.history``)."""
+
+    group_id: str
+    identity_id: str
+    username: str | None
+    role: str | None
+    status: str | None
+    status_reason: str | None
+    membership_fields: str  # JSON text
+    updated: str | None
+    # the identity's details, from membership_fields
+    name: str | None
+    email: str | None
+    institution: str | None
+
+
+class GroupRow(t.NamedTuple):
+    """One group's document as read from Globus, with the identity's standing in it."""
+
+    id: str
+    name: str | None
+    description: str | None
+    parent_id: str | None
+    group_type: str | None
+    group_visibility: str | None
+    group_members_visibility: str | None
+    members_view: str  # which memberships the identity may see: see MembersView
+    my_role: str | None
+    my_status: str | None
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupListing:
     """A group as ``my_groups`` lists it, with the identity's own standing in it."""
@@ -41,30 +86,34 @@ class GroupListing:
     my_role: str | None
     my_status: str | None
     members_visibility: str | None
-    # the identity's own memberships, as stage rows (see GroupRead.memberships)
-    own: tuple[tuple[str | None, ...], ...] = ()
+    # the identity's own memberships
+    own: tuple[MembershipRow, ...] = ()
 
     @property
-    def members_visible(self) -> bool:
-        """False when the identity may see only its own membership."""
-        if self.my_role in MANAGER_ROLES and self.my_status == "active":
-            return True
-        return self.members_visibility == "members" and self.my_status == "active"
+    def members_view(self) -> str:
+        """Which of the group's memberships Globus shows the identity (``MembersView``)."""
+        if self.my_status != "active":
+            return MembersView.OWN
+        if self.my_role in MANAGER_ROLES:
+            return MembersView.ALL
+        return MembersView.ACTIVE if self.members_visibility == "members" else MembersView.OWN
+
+
+class MyGroups(t.NamedTuple):
+    """What ``my_groups`` says: the identity's groups, and the groups where it has a
+    membership in another status (left, removed, ...), which say why a group is no
+    longer among its groups."""
+
+    mine: list[GroupListing]
+    others: list[GroupListing]
 
 
 @dataclasses.dataclass
 class GroupRead:
-    """One group's document and its memberships, checked and ready to store.
+    """One group's document and its memberships, checked and ready to store."""
 
-    Each membership is a tuple in the column order of ``history``'s
-    ``stage_memberships`` (group_id, identity_id, username, role, status,
-    status_reason, membership_fields, updated, name, email, institution): tuples bind
-    straight into SQLite, with no per-row dict.
-    """
-
-    listing: GroupListing
-    group: dict[str, t.Any]
-    memberships: list[tuple[str | None, ...]]
+    group: GroupRow
+    memberships: list[MembershipRow]
 
 
 class GroupReadError(Exception):
@@ -98,14 +147,20 @@ def pin_environment_proxies(client: globus_sdk.BaseClient) -> None:
     session.trust_env = False
 
 
-def list_my_groups(client: globus_sdk.GroupsClient, statuses: t.Sequence[str]) -> list[GroupListing]:
-    """The groups in which the identity has a membership in one of ``statuses``."""
-    response = renewing(lambda: client.get_my_groups(statuses=list(statuses)))
+# Every membership status Globus has: listing them all tells why a group is no longer
+# among the identity's groups (it left, was removed, ...), not only that it is not.
+GLOBUS_STATUSES = ("active", "invited", "pending", "rejected", "removed", "left", "declined")
+
+
+def list_my_groups(client: globus_sdk.GroupsClient, statuses: t.Sequence[str]) -> MyGroups:
+    """The groups in which the identity has a membership in one of ``statuses`` (mine),
+    and those where its memberships are all in other statuses (others)."""
+    response = renewing(lambda: client.get_my_groups(statuses=list(GLOBUS_STATUSES)))
     data = response.data
     if not isinstance(data, list):
         raise GroupReadError("my_groups did not return a list")
     seen: set[str] = set()
-    listings = []
+    found = MyGroups([], [])
     for doc in data:
         if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
             log.warning("skipping a my_groups entry without an id")
@@ -113,21 +168,22 @@ def list_my_groups(client: globus_sdk.GroupsClient, statuses: t.Sequence[str]) -
         if doc["id"] in seen:
             continue
         seen.add(doc["id"])
-        mine = [m for m in doc.get("my_memberships") or [] if isinstance(m, dict)]
+        own = [m for m in doc.get("my_memberships") or [] if isinstance(m, dict)]
+        counting = [m for m in own if m.get("status") in statuses]
+        standing = counting or own
         # the best standing counts when the identity holds several memberships
-        mine.sort(key=lambda m: (m.get("status") != "active", m.get("role") not in MANAGER_ROLES))
+        standing.sort(key=lambda m: (m.get("status") != "active", m.get("role") not in MANAGER_ROLES))
         policies = doc.get("policies") if isinstance(doc.get("policies"), dict) else {}
-        listings.append(
-            GroupListing(
-                id=doc["id"],
-                name=_text(doc.get("name")),
-                my_role=_text(mine[0].get("role")) if mine else None,
-                my_status=_text(mine[0].get("status")) if mine else None,
-                members_visibility=_text(policies.get("group_members_visibility")),
-                own=tuple(_membership_row(doc["id"], m) for m in mine if _identity_id(m)),
-            )
+        listing = GroupListing(
+            id=doc["id"],
+            name=_text(doc.get("name")),
+            my_role=_text(standing[0].get("role")) if standing else None,
+            my_status=_text(standing[0].get("status")) if standing else None,
+            members_visibility=_text(policies.get("group_members_visibility")),
+            own=tuple(_membership_row(doc["id"], m) for m in counting if _identity_id(m)),
         )
-    return listings
+        (found.mine if counting else found.others).append(listing)
+    return found
 
 
 def _identity_id(item: t.Any) -> str | None:
@@ -135,13 +191,13 @@ def _identity_id(item: t.Any) -> str | None:
     return identity_id if isinstance(identity_id, str) and identity_id else None
 
 
-def _membership_row(group_id: str, item: dict[str, t.Any]) -> tuple[str | None, ...]:
-    """A membership document as a stage row; the caller has checked its identity_id."""
+def _membership_row(group_id: str, item: dict[str, t.Any]) -> MembershipRow:
+    """A membership document as a row; the caller has checked its identity_id."""
     fields = item.get("membership_fields")
     if not isinstance(fields, dict):
         fields = {}
     text = _text
-    return (
+    return MembershipRow(
         group_id, item["identity_id"], text(item.get("username")), text(item.get("role")),
         text(item.get("status")), text(item.get("status_reason")), _JSON(fields),
         text(item.get("updated")), text(fields.get("name")), text(fields.get("email")),
@@ -165,28 +221,28 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
     if not withheld and not isinstance(memberships, list):
         raise GroupReadError("response has no memberships list")
     policies = data.get("policies") if isinstance(data.get("policies"), dict) else {}
-    group = {
-        "id": listing.id,
-        "name": _text(data.get("name")),
-        "description": _text(data.get("description")),
-        "parent_id": _text(data.get("parent_id")),
-        "group_type": _text(data.get("group_type")),
-        "group_visibility": _text(policies.get("group_visibility")),
-        "group_members_visibility": _text(policies.get("group_members_visibility")),
-        "members_visible": int(listing.members_visible),
-        "my_role": listing.my_role,
-        "my_status": listing.my_status,
-    }
+    group = GroupRow(
+        id=listing.id,
+        name=_text(data.get("name")),
+        description=_text(data.get("description")),
+        parent_id=_text(data.get("parent_id")),
+        group_type=_text(data.get("group_type")),
+        group_visibility=_text(policies.get("group_visibility")),
+        group_members_visibility=_text(policies.get("group_members_visibility")),
+        members_view=listing.members_view,
+        my_role=listing.my_role,
+        my_status=listing.my_status,
+    )
     if withheld:
-        return GroupRead(listing=listing, group=group, memberships=list(listing.own))
-    kept: list[tuple[str | None, ...]] = []
+        return GroupRead(group=group, memberships=list(listing.own))
+    kept: list[MembershipRow] = []
     for item in memberships:
         if _identity_id(item) is None:
             # whose membership it is cannot be told, and storing the rest would
             # record that member as removed: the whole read is unusable
             raise GroupReadError("a membership without an identity_id; the group is left as it was")
         kept.append(_membership_row(listing.id, item))
-    return GroupRead(listing=listing, group=group, memberships=kept)
+    return GroupRead(group=group, memberships=kept)
 
 
 class AdaptiveLimit:

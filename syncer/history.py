@@ -5,19 +5,20 @@ so memory does not grow with the number of memberships). Every few thousand stag
 memberships, and after each of the last reads (those still in flight when the rest
 are done), a batch of set-based SQL statements applies the staged groups' diff to
 current state and history, and the batch's staging rows are dropped. Groups no longer
-among the identity's groups are removed as soon as the listing is known. All of it is
-one transaction, opened when the run starts staging and committed by
+among the identity's groups are recorded as gone as soon as the listing is known. All
+of it is one transaction, opened when the run starts staging and committed by
 ``Recorder.finish`` once every group has been read, so readers see all of a run or
 none of it.
 
-Applying while the reads are in flight keeps the database work off the run's
-critical path: SQLite runs each statement without holding the GIL while the reader
-threads wait on the network. Batches write only what changed: current state lives in
-``membership_state`` and ``identity_state``, and the ``memberships`` and ``identities``
-views derive ``last_seen`` from each group's last read (``groups.last_seen``). So an
-unchanged run writes its run row and the ``groups`` rows, and readers (who must wait
-while a writer flushes pages to the file) are kept out only briefly at its end; a run
-that changes many rows, like the first, may keep them out longer.
+Each version of a membership records why it began and ended (SPEC's reasons): a
+member new in a group whose members were visible at its previous read 'joined', any
+other new member was 'first_seen'; a member no longer listed 'left', or is 'hidden'
+when the identity can no longer see the group's members; a role or status that
+differs 'changed'; a group no longer among the identity's groups is 'group_gone'.
+
+Batches write only what changed: current state lives in ``membership_state`` and
+``identity_state``, and the views derive times from run ids, so an unchanged run
+writes its run row and the groups' ``last_run``.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import typing as t
 
 import sqlite_utils
 
 from syncer.errors import EXIT_OK, EXIT_PARTIAL
-from syncer.globus_groups import GroupListing, GroupRead
+from syncer.globus_groups import GroupRead, GroupRow, MembershipRow, MyGroups
 from syncer.schema import utc_now
 
 # Staged memberships per applied batch: large enough that a batch's fixed cost is
@@ -38,120 +40,117 @@ from syncer.schema import utc_now
 # quick and the staging tables stay small.
 BATCH_ROWS = 2000
 
-# stage_groups and stage_memberships hold the batch being staged; stage_ended the
-# memberships of current state that end (gone from their group's list, or their group
-# gone), about to be removed.
-_STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
-CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_id TEXT PRIMARY KEY);
-CREATE TEMP TABLE IF NOT EXISTS stage_groups (
-    id TEXT PRIMARY KEY, name TEXT, description TEXT, parent_id TEXT, group_type TEXT,
-    group_visibility TEXT, group_members_visibility TEXT, members_visible INTEGER,
-    my_role TEXT, my_status TEXT);
-CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
-    group_id TEXT NOT NULL, identity_id TEXT NOT NULL, username TEXT, role TEXT,
-    status TEXT, status_reason TEXT, membership_fields TEXT, updated TEXT,
-    name TEXT, email TEXT, institution TEXT,
-    PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
-CREATE TEMP TABLE IF NOT EXISTS stage_ended (
-    group_id TEXT NOT NULL, identity_id TEXT NOT NULL,
-    PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
-"""
-_STAGING_TABLES = ("stage_listed", "stage_gone", "stage_groups", "stage_memberships", "stage_ended")
+# Re-analyze once history or the runs have grown by this factor since the planner's
+# statistics were taken.
+ANALYZE_GROWTH = 1.5
 
-# Statements named because the run's changes are counted from what they do: each new
-# history version is one change ('added' or 'changed'), and each membership removed
-# from current state is one 'removed' (its version closed with no successor), exactly
-# as membership_changes shows them. :now is the run's time, :run its id.
-_OPEN_VERSIONS = """
-INSERT INTO membership_history (group_id, identity_id, role, status, valid_from, from_run)
-SELECT s.group_id, s.identity_id, s.role, s.status, :now, :run
-FROM stage_memberships s
-WHERE NOT EXISTS (
-  SELECT 1 FROM membership_history h
-  WHERE h.group_id = s.group_id AND h.identity_id = s.identity_id AND h.to_run IS NULL)"""
-_REMOVE_ENDED = """
-DELETE FROM membership_state
-WHERE (group_id, identity_id) IN (SELECT group_id, identity_id FROM stage_ended)"""
-_CHANGES = frozenset((_OPEN_VERSIONS, _REMOVE_ENDED))
+
+def _columns(row_type: type[t.NamedTuple]) -> str:
+    return ", ".join(f"{name} TEXT" for name in row_type._fields)
+
+
+# stage_listed and stage_others hold the listing: the identity's groups, and the groups
+# where its memberships are in other statuses. stage_groups and stage_memberships hold
+# the batch being staged (their columns are GroupRow's and MembershipRow's fields);
+# stage_context what each of its groups was before this run, and stage_keyed its
+# memberships with the groups' and identities' keys. stage_ended: memberships of
+# current state that end (gone from their group's list, or their group gone), with
+# their group's last read before this run.
+_STAGING = f"""
+CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS stage_others (group_id TEXT PRIMARY KEY, my_role TEXT, my_status TEXT);
+CREATE TEMP TABLE IF NOT EXISTS stage_gone (group_key INTEGER PRIMARY KEY);
+CREATE TEMP TABLE IF NOT EXISTS stage_groups ({_columns(GroupRow)}, PRIMARY KEY (id));
+CREATE TEMP TABLE IF NOT EXISTS stage_memberships (
+    {_columns(MembershipRow)}, PRIMARY KEY (group_id, identity_id)) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS stage_context (
+    id TEXT PRIMARY KEY, group_key INTEGER UNIQUE, was_view TEXT, now_view TEXT,
+    new_version INTEGER, last_run INTEGER);
+CREATE TEMP TABLE IF NOT EXISTS stage_keyed (
+    group_key INTEGER NOT NULL, identity_key INTEGER NOT NULL, role TEXT, status TEXT,
+    status_reason TEXT, membership_fields TEXT, updated TEXT,
+    PRIMARY KEY (group_key, identity_key)) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS stage_ended (
+    group_key INTEGER NOT NULL, identity_key INTEGER NOT NULL, last_run INTEGER NOT NULL,
+    PRIMARY KEY (group_key, identity_key)) WITHOUT ROWID;
+"""
+_STAGING_TABLES = (
+    "stage_listed", "stage_others", "stage_gone", "stage_groups", "stage_memberships",
+    "stage_context", "stage_keyed", "stage_ended",
+)
+_INSERT_GROUP = f"INSERT OR REPLACE INTO temp.stage_groups VALUES ({', '.join('?' * len(GroupRow._fields))})"
+# a membership listed twice keeps its last occurrence
+_INSERT_MEMBERSHIP = (
+    f"INSERT OR REPLACE INTO temp.stage_memberships VALUES ({', '.join('?' * len(MembershipRow._fields))})"
+)
 
 # Ending the memberships in stage_ended. Each identity keeps when it was last seen in
-# a membership that ended: its group's last read, taken before this run's reads move
-# it (the identities view adds the groups it is still in).
+# a membership that ended: its group's last read before this run (the identities view
+# adds the groups it is still in).
 _END_MEMBERSHIPS = (
-    """UPDATE identity_state SET last_seen_ended = max(last_seen_ended, (
-         SELECT max(g.last_seen) FROM stage_ended e JOIN groups g ON g.id = e.group_id
-         WHERE e.identity_id = identity_state.id))
-       WHERE id IN (SELECT identity_id FROM stage_ended)""",
-    _REMOVE_ENDED,
+    """UPDATE identity_state SET last_run_ended = max(last_run_ended, (
+         SELECT max(e.last_run) FROM stage_ended e WHERE e.identity_key = identity_state.key))
+       WHERE key IN (SELECT identity_key FROM stage_ended)""",
+    """DELETE FROM membership_state
+       WHERE (group_key, identity_key) IN (SELECT group_key, identity_key FROM stage_ended)""",
     "DELETE FROM stage_ended",
 )
 
-# Once the identity's groups are listed: groups no longer among them are removed, with
-# their memberships, and their history closed.
+# Once the identity's groups are listed: groups no longer among them are gone, with
+# their memberships (an observation: 'group_gone'), and keep what Globus last said of
+# the identity's standing in them. :run is the run's id.
 _APPLY_LISTING = (
-    """INSERT INTO stage_gone SELECT id FROM groups
-       WHERE removed_at IS NULL AND id NOT IN (SELECT group_id FROM stage_listed)""",
-    "UPDATE groups SET removed_at = :now WHERE id IN (SELECT group_id FROM stage_gone)",
-    """UPDATE membership_history SET valid_to = :now, to_run = :run
-       WHERE to_run IS NULL AND group_id IN (SELECT group_id FROM stage_gone)""",
-    """INSERT INTO stage_ended SELECT group_id, identity_id FROM membership_state
-       WHERE group_id IN (SELECT group_id FROM stage_gone)""",
+    """INSERT INTO stage_gone SELECT key FROM group_state
+       WHERE removed_run IS NULL AND id NOT IN (SELECT group_id FROM stage_listed)""",
+    """UPDATE group_state SET removed_run = :run,
+           my_role = coalesce((SELECT o.my_role FROM stage_others o WHERE o.group_id = group_state.id), my_role),
+           my_status = coalesce((SELECT o.my_status FROM stage_others o WHERE o.group_id = group_state.id), my_status)
+       WHERE key IN (SELECT group_key FROM stage_gone)""",
+    """UPDATE group_versions SET to_run = :run
+       WHERE to_run IS NULL AND group_key IN (SELECT group_key FROM stage_gone)""",
+    """UPDATE membership_versions SET to_run = :run, ended = 'group_gone'
+       WHERE to_run IS NULL AND group_key IN (SELECT group_key FROM stage_gone)""",
+    """INSERT INTO stage_ended SELECT m.group_key, m.identity_key, g.last_run
+       FROM membership_state m JOIN group_state g ON g.key = m.group_key
+       WHERE m.group_key IN (SELECT group_key FROM stage_gone)""",
     *_END_MEMBERSHIPS,
 )
+
+# The group attributes kept in history: a change of any starts a new group version.
+_GROUP_ATTRIBUTES = (
+    "name", "description", "parent_id", "group_type", "group_visibility",
+    "group_members_visibility", "members_view", "my_role", "my_status",
+)
+_ANY_ATTRIBUTE_CHANGED = " OR ".join(f"g.{c} IS NOT s.{c}" for c in _GROUP_ATTRIBUTES)
+_ATTRIBUTES = ", ".join(_GROUP_ATTRIBUTES)
 
 # One batch: the groups in stage_groups were read in full and their memberships are
 # in stage_memberships. Groups that were listed but failed to read are never staged:
 # untouched. Each statement is driven by the batch's rows through an index, so a
 # batch costs what it holds, not what the database holds. Only what changed is
-# written: an unchanged group costs its groups row (last_seen) and nothing else.
+# written: an unchanged group costs its group_state row (last_run) and nothing else.
 _APPLY_BATCH = (
-    # close the versions that changed or vanished
-    """UPDATE membership_history SET valid_to = :now, to_run = :run
-       WHERE to_run IS NULL AND group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
-         SELECT 1 FROM stage_memberships s
-         WHERE s.group_id = membership_history.group_id
-           AND s.identity_id = membership_history.identity_id
-           AND s.role IS membership_history.role
-           AND s.status IS membership_history.status)""",
-    # open a version for every staged membership without a current one
-    _OPEN_VERSIONS,
-    # memberships the read no longer lists end, before the groups' last_seen moves
-    """INSERT INTO stage_ended SELECT m.group_id, m.identity_id FROM membership_state m
-       WHERE m.group_id IN (SELECT id FROM stage_groups) AND NOT EXISTS (
-         SELECT 1 FROM stage_memberships s
-         WHERE s.group_id = m.group_id AND s.identity_id = m.identity_id)""",
-    *_END_MEMBERSHIPS,
-    """INSERT INTO groups (id, name, description, parent_id, group_type, group_visibility,
-           group_members_visibility, members_visible, my_role, my_status, first_seen, last_seen)
-       SELECT id, name, description, parent_id, group_type, group_visibility,
-           group_members_visibility, members_visible, my_role, my_status, :now, :now
-       FROM stage_groups WHERE true
-       ON CONFLICT (id) DO UPDATE SET name = excluded.name, description = excluded.description,
-           parent_id = excluded.parent_id, group_type = excluded.group_type,
-           group_visibility = excluded.group_visibility,
-           group_members_visibility = excluded.group_members_visibility,
-           members_visible = excluded.members_visible, my_role = excluded.my_role,
-           my_status = excluded.my_status, last_seen = excluded.last_seen, removed_at = NULL""",
-    # new memberships, and changed ones rewritten; unchanged rows are left alone
-    """INSERT INTO membership_state (group_id, identity_id, username, role, status, status_reason,
-           membership_fields, updated, first_seen)
-       SELECT group_id, identity_id, username, role, status, status_reason,
-           membership_fields, updated, :now
-       FROM stage_memberships WHERE true
-       ON CONFLICT (group_id, identity_id) DO UPDATE SET username = excluded.username,
-           role = excluded.role, status = excluded.status, status_reason = excluded.status_reason,
-           membership_fields = excluded.membership_fields, updated = excluded.updated
-       WHERE membership_state.username IS NOT excluded.username
-          OR membership_state.role IS NOT excluded.role
-          OR membership_state.status IS NOT excluded.status
-          OR membership_state.status_reason IS NOT excluded.status_reason
-          OR membership_state.membership_fields IS NOT excluded.membership_fields
-          OR membership_state.updated IS NOT excluded.updated""",
+    # what each group was before this run: which of its members the identity saw at
+    # its last read (none: the group is new or back)
+    f"""INSERT INTO stage_context (id, group_key, was_view, now_view, new_version, last_run)
+       SELECT s.id, g.key, CASE WHEN g.removed_run IS NULL THEN g.members_view END, s.members_view,
+           g.key IS NULL OR g.removed_run IS NOT NULL OR {_ANY_ATTRIBUTE_CHANGED}, g.last_run
+       FROM stage_groups s LEFT JOIN group_state g ON g.id = s.id""",
+    f"""INSERT INTO group_state (id, {_ATTRIBUTES}, first_run, last_run)
+       SELECT id, {_ATTRIBUTES}, :run, :run FROM stage_groups WHERE true
+       ON CONFLICT (id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in _GROUP_ATTRIBUTES)},
+           last_run = excluded.last_run, removed_run = NULL""",
+    """UPDATE stage_context SET group_key = (SELECT key FROM group_state g WHERE g.id = stage_context.id)
+       WHERE group_key IS NULL""",
+    """UPDATE group_versions SET to_run = :run
+       WHERE to_run IS NULL AND group_key IN (SELECT group_key FROM stage_context WHERE new_version)""",
+    f"""INSERT INTO group_versions (group_key, from_run, {_ATTRIBUTES})
+       SELECT c.group_key, :run, {", ".join(f"s.{c}" for c in _GROUP_ATTRIBUTES)}
+       FROM stage_groups s JOIN stage_context c ON c.id = s.id WHERE c.new_version""",
     # identities: new ones, and known ones whose details changed; a detail missing now
     # keeps its earlier value
-    """INSERT INTO identity_state (id, username, name, email, institution, first_seen, last_seen_ended)
-       SELECT identity_id, username, name, email, institution, :now, :now
+    """INSERT INTO identity_state (id, username, name, email, institution, first_run, last_run_ended)
+       SELECT identity_id, username, name, email, institution, :run, :run
        FROM stage_memberships WHERE true ORDER BY identity_id
        ON CONFLICT (id) DO UPDATE SET username = excluded.username,
            name = coalesce(excluded.name, identity_state.name),
@@ -161,13 +160,75 @@ _APPLY_BATCH = (
           OR (excluded.name IS NOT NULL AND excluded.name IS NOT identity_state.name)
           OR (excluded.email IS NOT NULL AND excluded.email IS NOT identity_state.email)
           OR (excluded.institution IS NOT NULL AND excluded.institution IS NOT identity_state.institution)""",
+    """INSERT INTO stage_keyed
+       SELECT c.group_key, i.key, s.role, s.status, s.status_reason, s.membership_fields, s.updated
+       FROM stage_memberships s
+       JOIN stage_context c ON c.id = s.group_id
+       JOIN identity_state i ON i.id = s.identity_id""",
+    # close the versions that changed or vanished: a member no longer listed 'left' if
+    # the identity would still see it, else it is out of view ('hidden')
+    """UPDATE membership_versions SET to_run = :run, ended = CASE
+           WHEN EXISTS (SELECT 1 FROM stage_keyed s WHERE s.group_key = membership_versions.group_key
+                        AND s.identity_key = membership_versions.identity_key) THEN 'changed'
+           WHEN (SELECT c.now_view = 'all' OR (c.now_view = 'active' AND membership_versions.status = 'active')
+                 FROM stage_context c WHERE c.group_key = membership_versions.group_key) THEN 'left'
+           ELSE 'hidden' END
+       WHERE to_run IS NULL AND group_key IN (SELECT group_key FROM stage_context) AND NOT EXISTS (
+         SELECT 1 FROM stage_keyed s
+         WHERE s.group_key = membership_versions.group_key
+           AND s.identity_key = membership_versions.identity_key
+           AND s.role IS membership_versions.role
+           AND s.status IS membership_versions.status)""",
+    # open a version for every staged membership without a current one: a member the
+    # identity would have seen at the group's last read 'joined', else it came into view
+    """INSERT INTO membership_versions (group_key, identity_key, from_run, role, status, began)
+       SELECT s.group_key, s.identity_key, :run, s.role, s.status, CASE
+           WHEN EXISTS (SELECT 1 FROM membership_versions p
+                        WHERE p.group_key = s.group_key AND p.identity_key = s.identity_key
+                          AND p.to_run = :run AND p.ended = 'changed') THEN 'changed'
+           WHEN c.was_view = 'all' OR (c.was_view = 'active' AND s.status = 'active') THEN 'joined'
+           ELSE 'first_seen' END
+       FROM stage_keyed s JOIN stage_context c ON c.group_key = s.group_key
+       WHERE NOT EXISTS (
+         SELECT 1 FROM membership_versions h
+         WHERE h.group_key = s.group_key AND h.identity_key = s.identity_key AND h.to_run IS NULL)""",
+    # memberships the read no longer lists end
+    """INSERT INTO stage_ended SELECT m.group_key, m.identity_key, c.last_run
+       FROM membership_state m JOIN stage_context c ON c.group_key = m.group_key
+       WHERE NOT EXISTS (
+         SELECT 1 FROM stage_keyed s WHERE s.group_key = m.group_key AND s.identity_key = m.identity_key)""",
+    *_END_MEMBERSHIPS,
+    # new memberships, and changed ones rewritten; unchanged rows are left alone
+    """INSERT INTO membership_state (group_key, identity_key, role, status, status_reason,
+           membership_fields, updated, first_run)
+       SELECT group_key, identity_key, role, status, status_reason, membership_fields, updated, :run
+       FROM stage_keyed WHERE true
+       ON CONFLICT (group_key, identity_key) DO UPDATE SET
+           role = excluded.role, status = excluded.status, status_reason = excluded.status_reason,
+           membership_fields = excluded.membership_fields, updated = excluded.updated
+       WHERE membership_state.role IS NOT excluded.role
+          OR membership_state.status IS NOT excluded.status
+          OR membership_state.status_reason IS NOT excluded.status_reason
+          OR membership_state.membership_fields IS NOT excluded.membership_fields
+          OR membership_state.updated IS NOT excluded.updated""",
     "DELETE FROM stage_groups",
     "DELETE FROM stage_memberships",
+    "DELETE FROM stage_context",
+    "DELETE FROM stage_keyed",
 )
+
+_VERSIONS_TOUCHED = """
+SELECT EXISTS (SELECT 1 FROM membership_versions WHERE from_run = :run)
+    OR EXISTS (SELECT 1 FROM membership_versions WHERE to_run = :run)"""
+
+# The run's events (SPEC: joined, left, changed), counted once its batches are applied.
+_COUNT_EVENTS = """
+SELECT (SELECT count(*) FROM membership_versions WHERE from_run = :run AND began IN ('joined', 'changed'))
+     + (SELECT count(*) FROM membership_versions WHERE to_run = :run AND ended = 'left')"""
 
 
 @dataclasses.dataclass
-class RunResult:
+class SyncRun:
     """What a run did, as stored in its ``sync_runs`` row."""
 
     run_id: int
@@ -182,7 +243,7 @@ class RunResult:
     failed_groups: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def start_run(db: sqlite_utils.Database, started_at: str | None = None) -> RunResult:
+def start_run(db: sqlite_utils.Database, started_at: str | None = None) -> SyncRun:
     """Mark runs left ``running`` by a crash as ``aborted`` and record a new run.
 
     ``started_at`` (default: now) is when the run began: it is also the time its
@@ -205,19 +266,20 @@ def start_run(db: sqlite_utils.Database, started_at: str | None = None) -> RunRe
     db.executescript(_STAGING)
     for table in _STAGING_TABLES:
         db.execute(f"DELETE FROM temp.{table}")
-    return RunResult(run_id=run_id, started_at=now)
+    return SyncRun(run_id=run_id, started_at=now)
 
 
 class Recorder:
     """Records one run's reads: staged as they arrive, applied in batches, committed once.
 
     Everything between ``listed`` and ``finish`` is one transaction on the run's
-    connection. If the run fails before ``finish``, rolling that transaction back
-    (``finish_without_changes`` does) leaves the database exactly as it was.
+    connection, open while the groups are read. If the run fails before ``finish``,
+    rolling that transaction back (``finish_without_changes`` does) leaves the
+    database exactly as it was.
     """
 
     def __init__(
-        self, db: sqlite_utils.Database, run: RunResult, batch_rows: int = BATCH_ROWS, in_flight: int = 0
+        self, db: sqlite_utils.Database, run: SyncRun, batch_rows: int = BATCH_ROWS, in_flight: int = 0
     ) -> None:
         """``in_flight``: how many reads may be outstanding at once. Once no more groups
         than that are left unread, each read is applied as it arrives, so what is left
@@ -226,36 +288,32 @@ class Recorder:
         self.run = run
         self.batch_rows = batch_rows
         self.in_flight = in_flight
-        self._params = {"now": run.started_at, "run": run.run_id}
+        self._params = {"run": run.run_id}
         self._staged = 0  # membership rows staged since the last batch was applied
         self._to_read = 0
 
-    def listed(self, listings: t.Collection[GroupListing], to_read: int | None = None) -> None:
-        """Open the run's transaction; remove the groups the identity no longer belongs to.
+    def listed(self, listing: MyGroups, to_read: int | None = None) -> None:
+        """Open the run's transaction; record the groups the identity no longer belongs to
+        as gone.
 
-        ``listings`` are all the identity's groups; ``to_read``: how many of them this
-        run reads (default: all).
+        ``listing``: the identity's groups and its other memberships' groups; ``to_read``:
+        how many of its groups this run reads (default: all).
         """
-        self._to_read = len(listings) if to_read is None else to_read
+        self._to_read = len(listing.mine) if to_read is None else to_read
         conn = self.db.conn
         conn.execute("BEGIN")
-        conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listings))
+        conn.executemany("INSERT OR IGNORE INTO temp.stage_listed VALUES (?)", ((g.id,) for g in listing.mine))
+        conn.executemany(
+            "INSERT OR IGNORE INTO temp.stage_others VALUES (?, ?, ?)",
+            ((g.id, g.my_role, g.my_status) for g in listing.others),
+        )
         self._execute(_APPLY_LISTING)
 
     def read(self, read: GroupRead) -> None:
         """Stage one group's document and memberships; apply a batch once enough wait."""
         conn = self.db.conn
-        conn.execute(
-            "INSERT OR REPLACE INTO temp.stage_groups VALUES"
-            " (:id, :name, :description, :parent_id, :group_type, :group_visibility,"
-            " :group_members_visibility, :members_visible, :my_role, :my_status)",
-            read.group,
-        )
-        # a membership listed twice keeps its last occurrence
-        conn.executemany(
-            "INSERT OR REPLACE INTO temp.stage_memberships VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            read.memberships,
-        )
+        conn.execute(_INSERT_GROUP, read.group)
+        conn.executemany(_INSERT_MEMBERSHIP, read.memberships)
         self.run.groups_synced += 1
         self._staged += len(read.memberships)
         unread = self._to_read - self.run.groups_synced - self.run.groups_failed
@@ -274,26 +332,72 @@ class Recorder:
         self._staged = 0
 
     def _execute(self, statements: t.Iterable[str]) -> None:
-        """Run statements with the run's parameters, adding the changes they make to its count."""
-        conn = self.db.conn
+        """Run statements with the run's parameters."""
         for statement in statements:
-            cursor = conn.execute(statement, self._params)
-            if statement in _CHANGES:
-                self.run.changes += cursor.rowcount
+            self.db.conn.execute(statement, self._params)
 
-    def finish(self) -> RunResult:
-        """Apply what is left, write the run's row and commit: the run becomes visible."""
+    def finish(self) -> SyncRun:
+        """Apply what is left, write the run's row and commit: the run becomes visible.
+
+        Then, if the run recorded changes, refresh the query planner's statistics
+        when history has grown much since they were taken.
+        """
         run = self.run
         run.status = "partial" if run.groups_failed else "ok"
         run.exit_code = EXIT_PARTIAL if run.groups_failed else EXIT_OK
         self._apply_batch()
+        run.changes = self.db.conn.execute(_COUNT_EVENTS, self._params).fetchone()[0]
         _write_run_row(self.db, run)
         self.db.conn.commit()
+        if self.db.conn.execute(_VERSIONS_TOUCHED, self._params).fetchone()[0]:
+            refresh_statistics(self.db)
         return run
 
 
+def refresh_statistics(db: sqlite_utils.Database) -> bool:
+    """Take the query planner's statistics anew if history or the runs have grown
+    ANALYZE_GROWTH-fold since they were taken (or there are none); True if it did.
+
+    Without statistics SQLite's planner guesses, and for "as of" queries it guesses a
+    scan of all history. They need not be fresh, only of the right order of
+    magnitude, so this runs rarely and samples (``analysis_limit``). Called after a
+    run that recorded changes, so an unchanged run never rewrites them.
+    """
+    counted_versions, counted_runs = _counted(db, "membership_versions"), _counted(db, "sync_runs")
+    versions = db.execute("SELECT count(*) FROM membership_versions").fetchone()[0]
+    runs = db.execute("SELECT count(*) FROM sync_runs").fetchone()[0]
+    if counted_versions and versions < counted_versions * ANALYZE_GROWTH and runs < counted_runs * ANALYZE_GROWTH:
+        return False
+    db.execute("PRAGMA analysis_limit = 1000")
+    db.execute("ANALYZE")
+    # A run's versions are few, but the mean per run says otherwise: the first run's
+    # snapshot alone outweighs months of changes, and a planner that believes it reads
+    # a week of changes group by group. State the typical run's count instead.
+    for index, column in (("idx_versions_from_run", "from_run"), ("idx_versions_to_run", "to_run")):
+        per_run = [n for (n,) in db.execute(
+            f"SELECT count(*) FROM membership_versions WHERE {column} IS NOT NULL GROUP BY {column}")]
+        stat = db.execute("SELECT stat FROM sqlite_stat1 WHERE idx = ?", [index]).fetchone()
+        if per_run and stat:
+            # "rows, rows per run, rows per run and reason"
+            rows, _, per_reason, *rest = stat[0].split()
+            typical = statistics.median_low(per_run)
+            stat = " ".join([rows, str(typical), str(min(int(per_reason), typical)), *rest])
+            db.execute("UPDATE sqlite_stat1 SET stat = ? WHERE idx = ?", [stat, index])
+    db.conn.commit()
+    return True
+
+
+def _counted(db: sqlite_utils.Database, table: str) -> int:
+    """How many rows ``table`` had when the statistics were taken (0: none taken)."""
+    if not db["sqlite_stat1"].exists():
+        return 0
+    # each index's statistics line starts with the number of rows it covers
+    stat = "SELECT max(CAST(stat AS INTEGER)) FROM sqlite_stat1 WHERE tbl = ?"
+    return db.execute(stat, [table]).fetchone()[0] or 0
+
+
 def finish_without_changes(
-    db: sqlite_utils.Database, run: RunResult, status: str, error: str, exit_code: int
+    db: sqlite_utils.Database, run: SyncRun, status: str, error: str, exit_code: int
 ) -> None:
     """End a run that records nothing but its own row (failed or aborted).
 
@@ -308,7 +412,7 @@ def finish_without_changes(
         _write_run_row(db, run)
 
 
-def _write_run_row(db: sqlite_utils.Database, run: RunResult) -> None:
+def _write_run_row(db: sqlite_utils.Database, run: SyncRun) -> None:
     db.execute(
         "UPDATE sync_runs SET finished_at = ?, status = ?, groups_synced = ?, groups_failed = ?,"
         " memberships = ?, changes = ?, error = ?, failed_groups = ?, exit_code = ? WHERE id = ?",

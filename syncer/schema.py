@@ -5,11 +5,17 @@ release upgrades an existing database in place. Indexes and views are declared a
 data below and applied idempotently on every open: a changed view definition is
 replaced, a missing index is created.
 
+Users query the views (``groups``, ``group_history``, ``identities``, ``memberships``,
+``membership_history``, ``membership_changes``, ``membership_events``,
+``active_members``) and ``sync_runs``. Underneath, every group and identity UUID is
+stored once, in ``group_state`` and ``identity_state``, and referred to by an integer
+key; times are run ids, shown as their run's ``started_at``.
+
 The database uses SQLite's rollback journal, not WAL: a WAL database cannot be read
 by a user who may not write its folder unless the ``-wal`` and ``-shm`` files happen
 to exist, and syncer's readers are often exactly such users (see README, "Reading
-the database as another user"). syncer writes once per run in one short transaction,
-so WAL's concurrency gain is small here.
+the database as another user"). A run writes in one transaction, open while it reads
+its groups and committed at its end; readers meanwhile see the previous run.
 """
 
 from __future__ import annotations
@@ -149,78 +155,258 @@ def _current_state_tables(db: sqlite_utils.Database) -> None:
     )
 
 
+# The reasons, as membership_changes shows them (see SPEC): why a version of a
+# membership began and why it ended. 'unknown' is only in versions recorded before
+# 0004, whose reason could not be inferred.
+EVENTS = ("joined", "left", "changed")
+OBSERVATIONS = ("first_seen", "hidden", "group_gone")
+
+
+@migrations(name="0004_compact_history")
+def _compact_history(db: sqlite_utils.Database) -> None:
+    """Integer keys for groups and identities, run ids for times, reasons, group history.
+
+    Every UUID is stored once (in ``group_state``/``identity_state``); history and
+    current state refer to it by key, and to times by run id, so its rows and indexes
+    hold small integers. The reasons of versions recorded before are inferred where the
+    old tables tell them (a group's first read, a change of role or status, a group
+    gone) and 'unknown' otherwise. Groups get one version each, as last read: earlier
+    names were not kept.
+    """
+    run_at = "(SELECT coalesce(max(r.id), (SELECT min(id) FROM sync_runs)) FROM sync_runs r WHERE r.started_at <= {})"
+    for view in ("memberships", "identities", "membership_changes", "active_members"):
+        db.execute(f"DROP VIEW IF EXISTS {view}")
+    db.executescript(
+        f"""
+        ALTER TABLE groups RENAME TO old_groups;
+        ALTER TABLE identity_state RENAME TO old_identity_state;
+        ALTER TABLE membership_state RENAME TO old_membership_state;
+        ALTER TABLE membership_history RENAME TO old_membership_history;
+        {_TABLES_0004}
+        INSERT INTO group_state (id, name, description, parent_id, group_type, group_visibility,
+            group_members_visibility, members_view, my_role, my_status, first_run, last_run, removed_run)
+        SELECT id, name, description, parent_id, group_type, group_visibility, group_members_visibility,
+            CASE WHEN members_visible = 0 THEN 'own'
+                 WHEN my_role IN ('admin', 'manager') AND my_status = 'active' THEN 'all'
+                 ELSE 'active' END,
+            my_role, my_status, {run_at.format("first_seen")}, {run_at.format("last_seen")},
+            CASE WHEN removed_at IS NOT NULL THEN {run_at.format("removed_at")} END
+        FROM old_groups ORDER BY id;
+        INSERT INTO group_versions (group_key, from_run, to_run, name, description, parent_id, group_type,
+            group_visibility, group_members_visibility, members_view, my_role, my_status)
+        SELECT key, first_run, removed_run, name, description, parent_id, group_type, group_visibility,
+            group_members_visibility, members_view, my_role, my_status
+        FROM group_state ORDER BY key;
+        INSERT INTO identity_state (id, username, name, email, institution, first_run, last_run_ended)
+        SELECT id, username, name, email, institution, {run_at.format("first_seen")},
+            {run_at.format("last_seen_ended")}
+        FROM old_identity_state ORDER BY id;
+        INSERT INTO membership_state (group_key, identity_key, role, status, status_reason,
+            membership_fields, updated, first_run)
+        SELECT g.key, i.key, m.role, m.status, m.status_reason, m.membership_fields, m.updated,
+            {run_at.format("m.first_seen")}
+        FROM old_membership_state m
+        JOIN group_state g ON g.id = m.group_id JOIN identity_state i ON i.id = m.identity_id
+        ORDER BY g.key, i.key;
+        CREATE INDEX IF NOT EXISTS migrate_history ON old_membership_history(group_id, identity_id, from_run);
+        INSERT INTO membership_versions (group_key, identity_key, from_run, to_run, role, status, began, ended)
+        SELECT g.key, i.key, h.from_run, h.to_run, h.role, h.status,
+            CASE
+              WHEN EXISTS (SELECT 1 FROM old_membership_history p WHERE p.group_id = h.group_id
+                           AND p.identity_id = h.identity_id AND p.to_run = h.from_run) THEN 'changed'
+              WHEN h.from_run = g.first_run THEN 'first_seen'
+              ELSE 'unknown' END,
+            CASE
+              WHEN h.to_run IS NULL THEN NULL
+              WHEN EXISTS (SELECT 1 FROM old_membership_history n WHERE n.group_id = h.group_id
+                           AND n.identity_id = h.identity_id AND n.from_run = h.to_run) THEN 'changed'
+              WHEN h.to_run = g.removed_run THEN 'group_gone'
+              ELSE 'unknown' END
+        FROM old_membership_history h
+        JOIN group_state g ON g.id = h.group_id JOIN identity_state i ON i.id = h.identity_id
+        ORDER BY g.key, i.key, h.from_run;
+        DROP TABLE old_membership_history;
+        DROP TABLE old_membership_state;
+        DROP TABLE old_identity_state;
+        DROP TABLE old_groups;
+        """
+    )
+
+
+# The tables as 0004 made them. Frozen: a later change is a new migration. A group's
+# attributes, as read: in its current state and in each of its versions.
+_GROUP_ATTRIBUTES_0004 = """name TEXT,
+            description TEXT,
+            parent_id TEXT,
+            group_type TEXT,
+            group_visibility TEXT,
+            group_members_visibility TEXT,
+            members_view TEXT NOT NULL,
+            my_role TEXT,
+            my_status TEXT,"""
+_TABLES_0004 = f"""
+        CREATE TABLE group_state (
+            key INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            {_GROUP_ATTRIBUTES_0004}
+            first_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            last_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            removed_run INTEGER REFERENCES sync_runs(id)
+        );
+        CREATE TABLE group_versions (
+            group_key INTEGER NOT NULL REFERENCES group_state(key),
+            from_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            to_run INTEGER REFERENCES sync_runs(id),
+            {_GROUP_ATTRIBUTES_0004}
+            PRIMARY KEY (group_key, from_run)
+        ) WITHOUT ROWID;
+        CREATE TABLE identity_state (
+            key INTEGER PRIMARY KEY,
+            id TEXT NOT NULL UNIQUE,
+            username TEXT,
+            name TEXT,
+            email TEXT,
+            institution TEXT,
+            first_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            last_run_ended INTEGER NOT NULL REFERENCES sync_runs(id)
+        );
+        CREATE TABLE membership_state (
+            group_key INTEGER NOT NULL REFERENCES group_state(key),
+            identity_key INTEGER NOT NULL REFERENCES identity_state(key),
+            role TEXT,
+            status TEXT,
+            status_reason TEXT,
+            membership_fields TEXT,
+            updated TEXT,
+            first_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            PRIMARY KEY (group_key, identity_key)
+        ) WITHOUT ROWID;
+        CREATE TABLE membership_versions (
+            group_key INTEGER NOT NULL REFERENCES group_state(key),
+            identity_key INTEGER NOT NULL REFERENCES identity_state(key),
+            from_run INTEGER NOT NULL REFERENCES sync_runs(id),
+            to_run INTEGER REFERENCES sync_runs(id),
+            role TEXT,
+            status TEXT,
+            began TEXT NOT NULL,
+            ended TEXT,
+            PRIMARY KEY (group_key, identity_key, from_run)
+        ) WITHOUT ROWID;
+"""
+
+
 # name -> CREATE statement. ensure_schema creates and replaces these; an index taken
-# out of this list needs a migration that drops it (as 0002 does). One open history
-# row per membership is enforced by the unique partial index, which is also what the
-# diff looks current versions up by.
+# out of this list needs a migration that drops it (as 0002 does). Each serves a
+# documented query or the run's diff; the primary keys serve the rest (a group's
+# versions, a membership's versions in order).
 INDEXES: dict[str, str] = {
-    "idx_history_current": "CREATE UNIQUE INDEX idx_history_current"
-    " ON membership_history(group_id, identity_id) WHERE to_run IS NULL",
-    "idx_history_membership": "CREATE INDEX idx_history_membership"
-    " ON membership_history(group_id, identity_id, from_run)",
-    "idx_history_identity": "CREATE INDEX idx_history_identity"
-    " ON membership_history(identity_id, from_run)",
-    "idx_history_from_run": "CREATE INDEX idx_history_from_run ON membership_history(from_run)",
-    "idx_history_to_run": "CREATE INDEX idx_history_to_run"
-    " ON membership_history(to_run) WHERE to_run IS NOT NULL",
-    "idx_membership_state_identity": "CREATE INDEX idx_membership_state_identity ON membership_state(identity_id)",
-    # people are looked up by username (README's examples): without it, a scan of all history
+    # an identity's history (syncer identity, membership_changes by user)
+    "idx_versions_identity": "CREATE INDEX idx_versions_identity ON membership_versions(identity_key)",
+    # a run's changes: the versions it opened and those it closed, with why, so that
+    # events are found without reading the observations beside them
+    "idx_versions_from_run": "CREATE INDEX idx_versions_from_run ON membership_versions(from_run, began)",
+    "idx_versions_to_run": "CREATE INDEX idx_versions_to_run"
+    " ON membership_versions(to_run, ended) WHERE to_run IS NOT NULL",
+    "idx_membership_state_identity": "CREATE INDEX idx_membership_state_identity ON membership_state(identity_key)",
+    # groups are looked up by any name they have had
+    "idx_group_versions_name": "CREATE INDEX idx_group_versions_name ON group_versions(name)",
+    # people are looked up by username
     "idx_identity_state_username": "CREATE INDEX idx_identity_state_username ON identity_state(username)",
     "idx_sync_runs_started": "CREATE INDEX idx_sync_runs_started ON sync_runs(started_at)",
 }
 
-VIEWS: dict[str, str] = {
-    # The current state. A membership was last seen when its group was last read
-    # (groups.last_seen), so that is not stored per row.
-    "memberships": """
-CREATE VIEW memberships AS
-SELECT m.group_id, m.identity_id, m.username, m.role, m.status, m.status_reason,
-       m.membership_fields, m.updated, m.first_seen, g.last_seen
-FROM membership_state m
-JOIN groups g ON g.id = m.group_id""",
-    # An identity was last seen at the latest read of a group it is still in, or when
-    # it was last seen in a membership that has since ended, whichever is later.
-    "identities": """
-CREATE VIEW identities AS
-SELECT i.id, i.username, i.name, i.email, i.institution, i.first_seen,
-       max(i.last_seen_ended, coalesce((
-         SELECT max(g.last_seen) FROM membership_state m JOIN groups g ON g.id = m.group_id
-         WHERE m.identity_id = i.id), i.last_seen_ended)) AS last_seen
-FROM identity_state i""",
-    # A version that began in run R is 'added' unless an older version ended in R
-    # ('changed'); a version that ended in R with no successor is 'removed'. One join
-    # over both ends of a version rather than a UNION ALL of two selects: SQLite never
-    # pushes a filter that holds a subquery (run_id = (SELECT max(id) ...)) into a
-    # compound view, so every such query read all history (0.63 s over 31 runs, and
-    # growing); this view is flattened into the query and answers it from the run's
-    # versions (16 ms). The unary + keeps SQLite from finding a version's predecessor
-    # through idx_history_to_run (every version the run closed, thousands) rather than
-    # idx_history_membership (the membership's few): without table statistics it
-    # guesses the former, and a query over a month of runs took 47 s instead of 0.6 s.
-    "membership_changes": """
-CREATE VIEW membership_changes AS
-SELECT r.started_at AS at, r.id AS run_id, v.group_id, g.name AS group_name,
-       v.identity_id, i.username,
-       CASE WHEN v.from_run <> r.id THEN 'removed' WHEN o.id IS NULL THEN 'added' ELSE 'changed' END AS change,
+# Times are run ids underneath; the views show each as its run's started_at, looked up
+# by a scalar subquery rather than a join, so that sync_runs never enters the
+# planner's choice of join order: each lookup is one primary-key read per row shown.
+def _at(run: str) -> str:
+    return f"(SELECT started_at FROM sync_runs WHERE id = {run})"
+
+
+# An identity's last run: the latest read of a group it is still in, or its last run in
+# a membership that has since ended, whichever is later.
+_IDENTITY_LAST_RUN = """max(i.last_run_ended, coalesce((
+          SELECT max(g.last_run) FROM membership_state m JOIN group_state g ON g.key = m.group_key
+          WHERE m.identity_key = i.key), 0))"""
+
+def _changes_view(name: str, versions_of_run: str) -> str:
+    """A view of runs' changes, one row per version a run began (``added`` or
+    ``changed``) or ended without a successor (``removed``), ``versions_of_run``
+    choosing which versions of run ``r`` count. The reason is stored with the version;
+    the group's name is the one it had at the run (its latest version begun by then)."""
+    return f"""
+CREATE VIEW {name} AS
+SELECT r.started_at AS at, r.id AS run_id, g.id AS group_id,
+       (SELECT gv.name FROM group_versions gv WHERE gv.group_key = v.group_key AND gv.from_run <= r.id
+        ORDER BY gv.from_run DESC LIMIT 1) AS group_name,
+       i.id AS identity_id, i.username,
+       CASE WHEN v.from_run <> r.id THEN 'removed' WHEN v.began = 'changed' THEN 'changed' ELSE 'added' END AS change,
+       CASE WHEN v.from_run <> r.id THEN v.ended ELSE v.began END AS reason,
        CASE WHEN v.from_run = r.id THEN o.role ELSE v.role END AS old_role,
        CASE WHEN v.from_run = r.id THEN v.role END AS new_role,
        CASE WHEN v.from_run = r.id THEN o.status ELSE v.status END AS old_status,
        CASE WHEN v.from_run = r.id THEN v.status END AS new_status
 FROM sync_runs r
-JOIN membership_history v ON v.from_run = r.id OR v.to_run = r.id
-LEFT JOIN membership_history o
-  ON v.from_run = r.id AND o.group_id = v.group_id AND o.identity_id = v.identity_id AND +o.to_run = r.id
-LEFT JOIN groups g ON g.id = v.group_id
-LEFT JOIN identity_state i ON i.id = v.identity_id
-WHERE v.from_run = r.id OR NOT EXISTS (
-  SELECT 1 FROM membership_history n
-  WHERE n.group_id = v.group_id AND n.identity_id = v.identity_id AND n.from_run = r.id
-)""",
+JOIN membership_versions v ON {versions_of_run}
+LEFT JOIN membership_versions o
+  ON v.from_run = r.id AND v.began = 'changed'
+  AND o.group_key = v.group_key AND o.identity_key = v.identity_key AND o.to_run = r.id
+JOIN group_state g ON g.key = v.group_key
+JOIN identity_state i ON i.key = v.identity_key"""
+
+
+VIEWS: dict[str, str] = {
+    "groups": f"""
+CREATE VIEW groups AS
+SELECT g.id, g.name, g.description, g.parent_id, g.group_type, g.group_visibility,
+       g.group_members_visibility, g.members_view <> 'own' AS members_visible, g.my_role, g.my_status,
+       {_at("g.first_run")} AS first_seen, {_at("g.last_run")} AS last_seen,
+       {_at("g.removed_run")} AS removed_at, g.members_view
+FROM group_state g""",
+    # One version per change of a group's attributes while it is among the identity's
+    # groups; a group that is gone has no version covering the runs after it went.
+    "group_history": f"""
+CREATE VIEW group_history AS
+SELECT g.id AS group_id, v.name, v.description, v.parent_id, v.group_type, v.group_visibility,
+       v.group_members_visibility, v.members_view <> 'own' AS members_visible, v.my_role, v.my_status,
+       {_at("v.from_run")} AS valid_from, {_at("v.to_run")} AS valid_to, v.from_run, v.to_run, v.members_view
+FROM group_versions v
+JOIN group_state g ON g.key = v.group_key""",
+    "identities": f"""
+CREATE VIEW identities AS
+SELECT i.id, i.username, i.name, i.email, i.institution, {_at("i.first_run")} AS first_seen,
+       {_at(_IDENTITY_LAST_RUN)} AS last_seen
+FROM identity_state i""",
+    # The current state; a membership was last seen when its group was last read.
+    "memberships": f"""
+CREATE VIEW memberships AS
+SELECT g.id AS group_id, i.id AS identity_id, i.username, m.role, m.status, m.status_reason,
+       m.membership_fields, m.updated, {_at("m.first_run")} AS first_seen, {_at("g.last_run")} AS last_seen
+FROM membership_state m
+JOIN group_state g ON g.key = m.group_key
+JOIN identity_state i ON i.key = m.identity_key""",
+    "membership_history": f"""
+CREATE VIEW membership_history AS
+SELECT g.id AS group_id, i.id AS identity_id, i.username, v.role, v.status,
+       {_at("v.from_run")} AS valid_from, {_at("v.to_run")} AS valid_to, v.from_run, v.to_run, v.began, v.ended
+FROM membership_versions v
+JOIN group_state g ON g.key = v.group_key
+JOIN identity_state i ON i.key = v.identity_key""",
+    "membership_changes": _changes_view("membership_changes", "v.from_run = r.id OR (v.to_run = r.id AND v.ended <> 'changed')"),
+    # The same rows, events only: the reasons are in the join, where the run indexes
+    # (which hold them) answer it, so a week of events does not read the first run's
+    # snapshot of first_seen versions. Versions from before 0004 whose reason is
+    # unknown may be events: they are kept.
+    "membership_events": _changes_view(
+        "membership_events",
+        "(v.from_run = r.id AND v.began IN ('joined', 'changed', 'unknown'))"
+        " OR (v.to_run = r.id AND v.ended IN ('left', 'unknown'))",
+    ),
     "active_members": """
 CREATE VIEW active_members AS
-SELECT m.group_id, g.name AS group_name, m.identity_id, m.username, m.role
+SELECT g.id AS group_id, g.name AS group_name, i.id AS identity_id, i.username, m.role
 FROM membership_state m
-JOIN groups g ON g.id = m.group_id
+JOIN group_state g ON g.key = m.group_key
+JOIN identity_state i ON i.key = m.identity_key
 WHERE m.status = 'active'""",
 }
 

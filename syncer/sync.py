@@ -31,6 +31,7 @@ from syncer.globus_groups import (
     GroupRead,
     GroupReader,
     GroupReadError,
+    MyGroups,
     list_my_groups,
     pin_environment_proxies,
 )
@@ -40,7 +41,7 @@ from syncer.token_store import TokenStore
 if t.TYPE_CHECKING:
     import sqlite_utils
 
-    from syncer.history import RunResult
+    from syncer.history import SyncRun
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +52,24 @@ class Cancelled(SyncerError):
     """The run was asked to stop (SIGTERM/SIGINT) before it finished."""
 
 
-class _Recording:
+class _RunDatabase:
     """The output database and this run's row, once the run has something to record."""
 
     def __init__(self, config: Config, started_at: dt.datetime) -> None:
-        # Imported here rather than at the top: sqlite-utils takes ~30 ms to import,
-        # which a run spends while its first group reads are in flight.
+        # Imported here rather than at the top: importing sqlite-utils is then done
+        # while the first group reads are in flight.
         from syncer.history import start_run
         from syncer.schema import format_time, open_database
 
         self.db: sqlite_utils.Database = open_database(config.database, config.busy_timeout)
         try:
-            self.run: RunResult = start_run(self.db, format_time(started_at))
+            self.run: SyncRun = start_run(self.db, format_time(started_at))
         except BaseException:
             self.db.close()
             raise
 
     @classmethod
-    def opened_for_failure(cls, config: Config, started_at: dt.datetime) -> _Recording | None:
+    def opened_for_failure(cls, config: Config, started_at: dt.datetime) -> _RunDatabase | None:
         """Open the database to record a run that failed before it got that far;
         None if the database cannot be opened (that is then the error to report)."""
         try:
@@ -95,7 +96,7 @@ def run_sync(
     config: Config,
     cancelled: threading.Event | None = None,
     progress: Progress | None = None,
-) -> RunResult:
+) -> SyncRun:
     """Take one snapshot; raise LockBusy, LoginRequired, Cancelled or SyncerError.
 
     ``progress(done, total)`` is called as group reads complete.
@@ -105,31 +106,31 @@ def run_sync(
     with SyncLock(config.lock_path):
         # the run's time: before any read, although its row is written after the first
         started_at = dt.datetime.now(dt.UTC)
-        recording: _Recording | None = None
+        run_db: _RunDatabase | None = None
         opening = False  # whether the database open was reached (then its error is final)
         try:
             try:
                 # tokens are read fresh each run, so a new `syncer login` applies without restarts
                 with TokenStore(config.token_storage) as store:
                     client, limit = _groups_client(config, store)
-                    mine, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
+                    listing, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
                     with GroupReader(client, to_read, limit, cancelled) as reads:
                         opening = True
-                        recording = _Recording(config, started_at)
-                        _record(recording, mine, to_read, reads, config.concurrency, cancelled, progress)
+                        run_db = _RunDatabase(config, started_at)
+                        _record(run_db, listing, to_read, reads, config.concurrency, cancelled, progress)
             except BaseException as err:
                 if not opening:
-                    recording = _Recording.opened_for_failure(config, started_at)
-                if recording is not None:
-                    recording.fail(err)
+                    run_db = _RunDatabase.opened_for_failure(config, started_at)
+                if run_db is not None:
+                    run_db.fail(err)
                 raise
             finally:
-                if recording is not None:
-                    recording.db.close()
+                if run_db is not None:
+                    run_db.db.close()
         except sqlite3.Error as err:
             raise StorageError(f"{config.database}: database error: {err}") from None
-    assert recording is not None  # the block above completed, so the run was recorded
-    run = recording.run
+    assert run_db is not None  # the block above completed, so the run was recorded
+    run = run_db.run
     log.info(
         "run %d %s: %d groups read, %d failed, %d memberships, %d changes, %.1fs",
         run.run_id, run.status, run.groups_synced, run.groups_failed,
@@ -179,9 +180,9 @@ def _groups_client(config: Config, store: TokenStore) -> tuple[globus_sdk.Groups
     return client, limit
 
 
-def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[list[GroupListing], list[GroupListing]]:
-    """The identity's groups, and those of them to read (``groups`` in the config, or
-    all), each in group id order.
+def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[MyGroups, list[GroupListing]]:
+    """What ``my_groups`` lists, and those of the identity's groups to read (``groups``
+    in the config, or all), in group id order.
 
     A group is gone only when it is no longer among the identity's groups: one left
     out of ``groups`` is not read and stays as it was, never recorded as removed. In
@@ -189,25 +190,25 @@ def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[list[
     indexes, which SQLite appends to far faster than it inserts.
     """
     try:
-        mine = list_my_groups(client, config.my_statuses)
+        listing = list_my_groups(client, config.my_statuses)
     except globus_sdk.GlobusAPIError as err:
         raise SyncerError(f"could not list your groups: {describe_api_error(err)}") from None
     except (globus_sdk.NetworkError, GroupReadError) as err:
         raise SyncerError(f"could not list your groups: {err}") from None
-    mine.sort(key=lambda listing: listing.id)
+    listing.mine.sort(key=lambda group: group.id)
     if not config.groups:
-        return mine, mine
+        return listing, listing.mine
     wanted = set(config.groups)
-    to_read = [listing for listing in mine if listing.id in wanted]
-    missing = wanted - {listing.id for listing in to_read}
+    to_read = [group for group in listing.mine if group.id in wanted]
+    missing = wanted - {group.id for group in to_read}
     if missing:
         log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
-    return mine, to_read
+    return listing, to_read
 
 
 def _record(
-    recording: _Recording,
-    mine: list[GroupListing],
+    run_db: _RunDatabase,
+    listing: MyGroups,
     to_read: list[GroupListing],
     reads: GroupReader,
     in_flight: int,
@@ -217,27 +218,27 @@ def _record(
     from syncer.history import Recorder
 
     began = time.monotonic()
-    run = recording.run
-    recorder = Recorder(recording.db, run, in_flight=in_flight)
-    recorder.listed(mine, to_read=len(to_read))
-    for listing, outcome in reads:
+    run = run_db.run
+    recorder = Recorder(run_db.db, run, in_flight=in_flight)
+    recorder.listed(listing, to_read=len(to_read))
+    for group, outcome in reads:
         if isinstance(outcome, GroupRead):
             recorder.read(outcome)
         else:
-            recorder.failed(listing.id, str(outcome))
-            log.warning("group %s (%s) not read: %s", listing.id, listing.name, outcome)
+            recorder.failed(group.id, str(outcome))
+            log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)
         if progress:
             progress(run.groups_synced + run.groups_failed, len(to_read))
     if cancelled.is_set():
         raise Cancelled("stopped before the run finished; nothing from it was recorded")
     if run.groups_failed and not run.groups_synced:
         # not "partial": nothing could be recorded, and a listing whose every group
-        # fails to read is no ground for recording groups as gone either
+        # fails to read is no ground for run_db groups as gone either
         group_id, reason = next(iter(run.failed_groups.items()))
         raise SyncerError(f"none of the {run.groups_failed} groups could be read (e.g. {group_id}: {reason})")
     fetched = time.monotonic()
     recorder.finish()
     log.debug(
-        "read and staged %d groups in %.2fs, finished recording in %.2fs",
+        "read and staged %d groups in %.2fs, finished run_db in %.2fs",
         len(to_read), fetched - began, time.monotonic() - fetched,
     )

@@ -65,7 +65,9 @@ def test_first_sync_equals_the_world(logged_in: Env) -> None:
     run = env.query("SELECT * FROM sync_runs")[0]
     assert run["status"] == "ok" and run["groups_failed"] == 0
     assert run["memberships"] == len(expected_state(env.world))
-    assert run["changes"] == run["memberships"]  # everything is new in the first run
+    assert run["changes"] == 0  # everything is first_seen in the first run: observations, not events
+    reasons = env.query("SELECT change, reason, count(*) AS n FROM membership_changes GROUP BY 1, 2")
+    assert [tuple(r) for r in reasons] == [("added", "first_seen", run["memberships"])]
     # identities carry what membership_fields tell
     me = env.query("SELECT * FROM identities WHERE id = ?", [env.world.me])[0]
     assert me["username"] == env.world.identities[env.world.me]["username"]
@@ -143,22 +145,28 @@ def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
     assert state_as_of(env, 2) == after
 
     changes = {
-        (r["change"], r["group_id"], r["identity_id"], r["old_role"], r["new_role"], r["old_status"], r["new_status"])
+        (r["change"], r["reason"], r["group_id"], r["identity_id"], r["old_role"], r["new_role"], r["old_status"],
+         r["new_status"])
         for r in env.query("SELECT * FROM membership_changes WHERE run_id = 2")
     }
-    expected = {
-        ("added", g1, added, None, "member", None, "active"),
-        ("removed", g1, g1_others[0], *_removed(before[(g1, g1_others[0])])),
-        ("changed", g1, g1_others[1], before[(g1, g1_others[1])][0], "manager",
+    events = {
+        ("added", "joined", g1, added, None, "member", None, "active"),
+        ("removed", "left", g1, g1_others[0], *_removed(before[(g1, g1_others[0])])),
+        ("changed", "changed", g1, g1_others[1], before[(g1, g1_others[1])][0], "manager",
          before[(g1, g1_others[1])][1], before[(g1, g1_others[1])][1]),
-        ("changed", g2, g2_member, before[(g2, g2_member)][0], before[(g2, g2_member)][0], before[(g2, g2_member)][1], "removed"),
-    } | {("removed", left, i, *_removed(before[(left, i)])) for (_, i) in left_members}
-    assert changes == expected
+        ("changed", "changed", g2, g2_member, before[(g2, g2_member)][0], before[(g2, g2_member)][0],
+         before[(g2, g2_member)][1], "removed"),
+    }
+    # leaving a group is not its members leaving: an observation
+    observations = {("removed", "group_gone", left, i, *_removed(before[(left, i)])) for (_, i) in left_members}
+    assert changes == events | observations
     run = env.query("SELECT * FROM sync_runs WHERE id = 2")[0]
-    assert run["changes"] == len(expected)
+    assert run["changes"] == len(events)
+    assert f", {len(events)} changes" in result.stdout
     assert env.query("SELECT name FROM groups WHERE id = ?", [g3])[0][0] == "Renamed group"
     assert env.query("SELECT group_name FROM membership_changes WHERE group_id = ? LIMIT 1", [g1])
-    assert env.query("SELECT removed_at FROM groups WHERE id = ?", [left])[0][0] is not None
+    gone = env.query("SELECT removed_at, my_status FROM groups WHERE id = ?", [left])[0]
+    assert gone["removed_at"] is not None and gone["my_status"] == "left"  # what Globus says now
     assert not env.query("SELECT 1 FROM memberships WHERE group_id = ?", [left])
 
 

@@ -21,9 +21,13 @@ def test_demo_runs_offline_and_leaves_a_queryable_database(tmp_path: Path) -> No
     record(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stderr
     assert "Logged in as" in proc.stdout
-    changes = proc.stdout.split("What changed (view membership_changes):")[1].split("== Database")[0].strip().splitlines()
+    changes = proc.stdout.split("What changed (view membership_changes")[1].split("== Database")[0].strip().splitlines()[1:]
     kinds = sorted(line.split()[0] for line in changes)
     assert kinds == ["added", "added", "changed", "removed", "removed"]
+    # leaving a group is not its members leaving: the one removal that is an observation
+    assert [line for line in changes if "an observation" in line] == [
+        line for line in changes if "[group_gone, an observation]" in line] and len(changes) > 1
+    assert "run 2: 5 groups, 4 changes (events)" in proc.stdout
     conn = sqlite3.connect(tmp_path / "demo" / "groups.db")
     assert [r[0] for r in conn.execute("SELECT status FROM sync_runs ORDER BY id")] == ["ok", "ok"]
     assert conn.execute("SELECT count(*) FROM membership_changes WHERE run_id = 2").fetchone()[0] == len(changes)

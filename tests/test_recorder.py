@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from syncer import schema
-from syncer.globus_groups import GroupListing, GroupReadError, parse_group
+from syncer.globus_groups import GroupListing, GroupReadError, MembershipRow, MyGroups, parse_group
 from syncer.history import Recorder, finish_without_changes, start_run
 
 Member = tuple[str, str, str]  # identity id, role, status
@@ -73,7 +73,7 @@ def record(
         run = start_run(db)
         recorder = Recorder(db, run, batch_rows=batch_rows, in_flight=in_flight)
         listings = [GroupListing(gid, gid.upper(), "admin", "active", "managers") for gid in groups]
-        recorder.listed(listings)
+        recorder.listed(MyGroups(listings, []))
         for listing in listings:
             members = groups[listing.id]
             if members is None:
@@ -122,26 +122,28 @@ def test_what_the_runs_recorded(tmp_path: Path) -> None:
     conn = record(tmp_path / "groups.db", RUNS, batch_rows=1)
     runs = conn.execute("SELECT id, status, groups_synced, groups_failed, memberships, changes FROM sync_runs").fetchall()
     assert runs == [
-        (1, "ok", 3, 0, 6, 6),
-        (2, "partial", 1, 1, 4, 4),  # bob changed, carol changed, frank added; g3 gone: erin removed
-        (3, "ok", 3, 0, 5, 3),  # alice left g1, dave gone from g2, erin back in g3
+        (1, "ok", 3, 0, 6, 0),  # everyone first_seen: observations, not events
+        (2, "partial", 1, 1, 4, 3),  # bob changed, carol changed, frank joined; g3 gone (erin: an observation)
+        (3, "ok", 3, 0, 5, 2),  # alice left g1, dave left g2; g3 back (erin first_seen again)
         (4, "ok", 3, 0, 5, 0),
     ]
     changes = conn.execute(
-        "SELECT run_id, group_id, identity_id, change FROM membership_changes WHERE run_id > 1"
+        "SELECT run_id, group_id, group_name, identity_id, change, reason FROM membership_changes WHERE run_id > 1"
         " ORDER BY run_id, group_id, identity_id"
     ).fetchall()
     assert changes == [
-        (2, "g1", "bob", "changed"),
-        (2, "g1", "carol", "changed"),
-        (2, "g1", "frank", "added"),
-        (2, "g3", "erin", "removed"),
-        (3, "g1", "alice", "removed"),
-        (3, "g2", "dave", "removed"),
-        (3, "g3", "erin", "added"),
+        (2, "g1", "G1", "bob", "changed", "changed"),
+        (2, "g1", "G1", "carol", "changed", "changed"),
+        (2, "g1", "G1", "frank", "added", "joined"),
+        (2, "g3", "G3", "erin", "removed", "group_gone"),
+        (3, "g1", "G1", "alice", "removed", "left"),
+        (3, "g2", "G2", "dave", "removed", "left"),
+        (3, "g3", "G3", "erin", "added", "first_seen"),
     ]
-    # a run counts its changes as it applies them; the count is what the view shows
-    shown = dict(conn.execute("SELECT run_id, count(*) FROM membership_changes GROUP BY run_id").fetchall())
+    # a run's count of changes is its events as the view shows them
+    shown = dict(conn.execute(
+        "SELECT run_id, count(*) FROM membership_changes WHERE reason IN ('joined', 'left', 'changed') GROUP BY run_id"
+    ).fetchall())
     assert {run_id: changes for run_id, *_, changes in runs if changes} == shown
     # g2 was not read in run 2: its rows kept run 1's last_seen, then run 3's
     last_seen = dict(conn.execute(
@@ -187,8 +189,8 @@ def test_an_unchanged_run_writes_only_its_row_and_the_groups(tmp_path: Path) -> 
         for number in range(len(after) // page_size)
         if before[number * page_size:(number + 1) * page_size] != after[number * page_size:(number + 1) * page_size]
     }
-    assert changed <= {"sqlite_schema", "sync_runs", "sqlite_sequence", "idx_sync_runs_started", "groups"}
-    assert "groups" in changed and "sync_runs" in changed
+    assert changed <= {"sqlite_schema", "sync_runs", "sqlite_sequence", "idx_sync_runs_started", "group_state"}
+    assert "group_state" in changed and "sync_runs" in changed
 
 
 def test_a_failed_run_leaves_no_trace_but_its_row(tmp_path: Path) -> None:
@@ -196,7 +198,7 @@ def test_a_failed_run_leaves_no_trace_but_its_row(tmp_path: Path) -> None:
     run = start_run(db)
     recorder = Recorder(db, run, batch_rows=1)
     listings = [GroupListing(gid, gid, "admin", "active", "managers") for gid in RUNS[0]]
-    recorder.listed(listings)
+    recorder.listed(MyGroups(listings, []))
     for listing in listings[:2]:  # batches already applied inside the open transaction
         recorder.read(parse_group(listing, group_doc(listing.id, RUNS[0][listing.id] or [])))
     finish_without_changes(db, run, "aborted", "stopped", 1)
@@ -216,7 +218,7 @@ def test_identity_details_survive_a_membership_without_them(tmp_path: Path, batc
     run = start_run(db)
     recorder = Recorder(db, run, batch_rows=batch_rows)
     listing = GroupListing("g1", "g1", "admin", "active", "managers")
-    recorder.listed([listing])
+    recorder.listed(MyGroups([listing], []))
     doc = group_doc("g1", [("alice", "member", "active")])
     doc["memberships"][0]["membership_fields"] = {}  # type: ignore[index]
     recorder.read(parse_group(listing, doc))
@@ -231,7 +233,7 @@ def test_reads_in_the_tail_are_applied_as_they_arrive(tmp_path: Path) -> None:
     run = start_run(db)
     recorder = Recorder(db, run, batch_rows=10**9, in_flight=1)
     listings = [GroupListing(gid, gid, "admin", "active", "managers") for gid in RUNS[0]]
-    recorder.listed(listings)
+    recorder.listed(MyGroups(listings, []))
 
     def applied() -> int:
         return db.execute("SELECT count(*) FROM memberships").fetchone()[0]
@@ -254,11 +256,11 @@ def test_a_group_shown_without_its_memberships(memberships: object) -> None:
         del doc["memberships"]
     else:
         doc["memberships"] = memberships
-    own = ("g1", "me", "me@example.org", "member", "invited", None, "{}", None, None, None, None)
+    own = MembershipRow("g1", "me", "me@example.org", "member", "invited", None, "{}", None, None, None, None)
     invited = GroupListing("g1", "g1", "member", "invited", "managers", own=(own,))
     read = parse_group(invited, doc)
-    assert read.memberships == [own] and read.group["members_visible"] == 0
-    active = GroupListing("g1", "g1", "member", "active", "managers", own=((*own[:4], "active", *own[5:]),))
+    assert read.memberships == [own] and read.group.members_view == "own"
+    active = GroupListing("g1", "g1", "member", "active", "managers", own=(own._replace(status="active"),))
     if memberships == "absent":
         with pytest.raises(GroupReadError, match="no memberships list"):
             parse_group(active, doc)

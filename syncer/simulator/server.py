@@ -163,11 +163,6 @@ class Faults:
             self._rate_limited = max(0, int(n))
             self._retry_after = int(retry_after)
 
-    @property
-    def rate_limited_remaining(self) -> int:
-        """How many 429s are still queued by :meth:`rate_limit`."""
-        return self._rate_limited
-
     def set_group_error(self, group_id: str, status: int, times: int | None = None) -> None:
         """Make ``group_id`` fail with ``status`` (for ``times`` reads, or until cleared)."""
         with self._lock:
