@@ -301,7 +301,7 @@ def _emit(rows: t.Sequence[t.Sequence[t.Any]], fields: t.Sequence[str], fmt: str
     click.echo(render(rows, fields, fmt), nl=False)
 
 
-def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str) -> None:
+def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str, every_status: bool = False) -> None:
     from syncer import queries
 
     version = queries.group_version(db, group.id, run.id)
@@ -311,6 +311,11 @@ def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str) -> None:
         _note(
             f"the members of {version.name!r} were not visible to your identity as of run {run.id}"
             f" (members_visible = 0): {what}"
+        )
+    elif every_status and version.members_view == "active":
+        _note(
+            f"your identity saw only the active memberships of {version.name!r} as of run {run.id}"
+            " (members_view = 'active'): other statuses are not known"
         )
 
 
@@ -330,7 +335,7 @@ def members_command(settings: _Settings, group: str, at: t.Any, every_status: bo
         rows = queries.members(db, found.id, run.id, every_status=every_status)
         if at is not None and fmt == "table":
             _note(f"as of run {run.id} ({run.status}, started {run.started_at})")
-        _visibility_note(db, found, run, "only your own membership is recorded")
+        _visibility_note(db, found, run, "only your own membership is recorded", every_status)
     _emit(rows, queries.MEMBER_FIELDS, fmt, "no members")
 
 

@@ -51,6 +51,7 @@ class GroupVersion(t.NamedTuple):
 
     name: str | None
     members_visible: bool
+    members_view: str  # all, active (only the active memberships) or own
 
 
 class MemberRow(t.NamedTuple):
@@ -212,9 +213,9 @@ def _did_you_mean(text: str, candidates: list[str]) -> str:
 
 def group_version(db: sqlite_utils.Database, group_id: str, run_id: int) -> GroupVersion | None:
     """The group as of a run, or None when it was not among the identity's groups then."""
-    found = _rows(db, f"SELECT name, members_visible FROM group_history h WHERE group_id = :g AND {_AS_OF}",
+    found = _rows(db, f"SELECT name, members_visible, members_view FROM group_history h WHERE group_id = :g AND {_AS_OF}",
                   {"g": group_id, "run": run_id})
-    return GroupVersion(found[0][0], bool(found[0][1])) if found else None
+    return GroupVersion(found[0][0], bool(found[0][1]), found[0][2]) if found else None
 
 
 def members(db: sqlite_utils.Database, group_id: str, run_id: int, *, every_status: bool = False) -> list[MemberRow]:

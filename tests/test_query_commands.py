@@ -104,6 +104,15 @@ def test_members_of_a_group_whose_members_became_hidden_say_so(history: Scenario
     assert before.returncode == 0 and "not visible" not in before.stderr
 
 
+def test_members_all_where_only_active_memberships_are_visible_says_so(history: Scenario) -> None:
+    truth = history.truths[5]
+    gid = next(g for g, v in truth.groups.items() if v.my_role == "member" and v.members_visible)
+    result = query(history, "members", gid, "--all")
+    assert result.returncode == 0, result.output
+    assert "members_view = 'active'" in result.stderr
+    assert "members_view" not in query(history, "members", gid).stderr  # active members: nothing missing
+
+
 def test_a_partial_run_carries_the_failed_groups_previous_state(history: Scenario) -> None:
     at4 = {r["identity_id"] for r in as_json(history, "members", history.b, "--at", "run:4")}
     at3 = {r["identity_id"] for r in as_json(history, "members", history.b, "--at", "run:3")}
