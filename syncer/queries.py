@@ -3,7 +3,7 @@
 Plain functions: an open (read-only) database in, named rows out. The SQL reads only
 the documented tables and views (``sync_runs``, ``groups``, ``group_history``,
 ``identities``, ``memberships``, ``membership_history``, ``membership_changes``,
-``active_members``), never syncer's internal tables, so it keeps working however
+``membership_events``, ``active_members``), never syncer's internal tables, so it keeps working however
 they are stored underneath.
 
 "As of WHEN" is the state recorded by the last ``ok`` or ``partial`` run that started
@@ -21,10 +21,6 @@ import sqlite_utils
 
 from syncer.errors import EXIT_FAILED, SyncerError
 from syncer.when import BadWhen, When
-
-# reasons that are observations (what syncer could see changed), not events (what
-# happened in the group); 'unknown' (versions from before reasons were recorded) counts as an event
-OBSERVATIONS = ("first_seen", "hidden", "group_gone")
 
 
 class NotFound(SyncerError):
@@ -239,8 +235,9 @@ def changes(
     identity_ids: t.Sequence[str] = (),
     observations: bool = False,
 ) -> list[ChangeRow]:
-    """Rows of ``membership_changes`` in a span of runs, oldest first; events only
-    unless ``observations``."""
+    """Rows of ``membership_changes`` in a span of runs, oldest first; only events
+    (``membership_events``: joined, left, changed, and 'unknown' from before reasons
+    were kept) unless ``observations``."""
     where = ["run_id BETWEEN :low AND :high"]
     params: dict[str, t.Any] = {"low": runs[0], "high": runs[1]}
     if group_id is not None:
@@ -250,12 +247,11 @@ def changes(
         where.append(f"identity_id IN ({', '.join(f':i{n}' for n in range(len(identity_ids)))})")
         params.update({f"i{n}": iid for n, iid in enumerate(identity_ids)})
     if not observations:
-        where.append(f"reason NOT IN ({', '.join(repr(r) for r in OBSERVATIONS)})")
         # sync_runs.changes counts a run's events: runs without any (a first snapshot's
-        # million first_seen rows) need not be read at all
+        # million first_seen versions) need not be read at all
         where.append("run_id IN (SELECT id FROM sync_runs WHERE id BETWEEN :low AND :high AND changes > 0)")
     sql = f"""
-        SELECT {', '.join(CHANGE_FIELDS)} FROM membership_changes
+        SELECT {', '.join(CHANGE_FIELDS)} FROM {'membership_changes' if observations else 'membership_events'}
         WHERE {' AND '.join(where)}
         ORDER BY run_id, group_name, group_id, username, identity_id"""
     return [ChangeRow(*r) for r in _rows(db, sql, params)]

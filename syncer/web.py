@@ -31,7 +31,7 @@ INSTALL_HINT = "pip install 'syncer[datasette]'"
 # what users query (SPEC, "Database"); every other table is syncer's own
 USER_FACING = frozenset(
     ("sync_runs", "groups", "group_history", "identities", "memberships", "membership_history",
-     "membership_changes", "active_members")
+     "membership_changes", "membership_events", "active_members")
 )
 # canned queries over a large history (group sizes at every run) need more than Datasette's 1 s
 SETTINGS = {"sql_time_limit_ms": 10_000, "facet_time_limit_ms": 500}
