@@ -1,9 +1,11 @@
-"""Globus Auth: the native app login flow, logout, and the renewing authorizer.
+"""Globus Auth: the renewing authorizers every run uses, and logout.
 
-``login`` runs the Native App flow (PKCE, ``access_type=offline`` so Globus issues a
-refresh token) and stores the tokens. Syncs then use ``authorizer_from_store``: a
-``RefreshTokenAuthorizer`` whose ``on_refresh`` writes renewed tokens back, made safe
-to share between the threads that read groups concurrently.
+(``syncer.login`` has the login flows; they are kept apart because their imports,
+a local HTTP server among them, would cost every run start-up time.) Syncs use
+``groups_authorizer``: a ``RefreshTokenAuthorizer`` whose
+``on_refresh`` writes renewed tokens back, or for a confidential client a
+``ClientCredentialsAuthorizer`` whose tokens are cached in the token store; both made
+safe to share between the threads that read groups concurrently.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ import contextlib
 import logging
 import threading
 import typing as t
-import webbrowser
 
 import globus_sdk
 from globus_sdk.transport import RequestsTransport, RetryCheck, RetryCheckResult, RetryConfig, RetryContext
 
-from syncer.config import Config
-from syncer.errors import LoginRequired, SyncerError
+from syncer.client_secret import ClientSecret, load_client_secret
+from syncer.config import Config, is_groups_scope
+from syncer.errors import ConfigError, LoginRequired, SyncerError
 from syncer.token_store import GROUPS_RESOURCE_SERVER, TokenStore
 
 log = logging.getLogger(__name__)
+
 
 # Bounded retries: with the SDK's exponential backoff (at most max_sleep each) one
 # request costs at most (retries + 1) * timeout + retries * max_sleep.
@@ -84,17 +87,17 @@ def describe_api_error(err: globus_sdk.GlobusAPIError) -> str:
     return " ".join(p for p in parts if p)
 
 
-class SharedRefreshTokenAuthorizer(globus_sdk.RefreshTokenAuthorizer):
-    """A ``RefreshTokenAuthorizer`` that many threads may use at once.
+class _SharedRenewal:
+    """Makes one of the SDK's renewing authorizers safe for many threads at once.
 
-    The SDK's authorizer is not thread-safe: two threads meeting an expired token
-    would both refresh. Here one lock covers checking, refreshing and the
-    ``on_refresh`` write, and a 401 only invalidates the token if it is the one the
-    failing thread was given (another thread may already have renewed it), so a burst
-    of 401s costs one refresh, never several. A failed refresh ends the run: it is
-    remembered, and every later caller gets the same error without asking Globus
-    again (``LoginRequired`` for a refused refresh token). Otherwise each group read
-    would retry the refresh in turn and fail as if the group were at fault.
+    The SDK's authorizers are not thread-safe: two threads meeting an expired token
+    would both renew. Here one lock covers checking, renewing and the ``on_refresh``
+    write, and a 401 only invalidates the token if it is the one the failing thread
+    was given (another thread may already have renewed it), so a burst of 401s costs
+    one renewal, never several. A failed renewal ends the run: it is remembered, and
+    every later caller gets the same error without asking Globus again. Otherwise
+    each group read would retry the renewal in turn and fail as if the group were at
+    fault.
     """
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
@@ -103,16 +106,17 @@ class SharedRefreshTokenAuthorizer(globus_sdk.RefreshTokenAuthorizer):
         self._refresh_failed: SyncerError | None = None
         super().__init__(*args, **kwargs)
 
+    def _renewal_refused(self, err: globus_sdk.AuthAPIError) -> SyncerError:
+        """The error that ends the run when Globus Auth refuses a renewal."""
+        return SyncerError(f"could not renew the access token: {describe_api_error(err)}")
+
     def _get_new_access_token(self) -> None:
         if self._refresh_failed is not None:
             raise self._refresh_failed
         try:
-            super()._get_new_access_token()
+            super()._get_new_access_token()  # type: ignore[misc]
         except globus_sdk.AuthAPIError as err:
-            if is_invalid_grant(err):
-                self._refresh_failed = LoginRequired("Globus Auth rejected the stored refresh token")
-            else:
-                self._refresh_failed = SyncerError(f"could not renew the access token: {describe_api_error(err)}")
+            self._refresh_failed = self._renewal_refused(err)
             raise self._refresh_failed from None
         except globus_sdk.NetworkError as err:
             reason = type(err.underlying_exception).__name__
@@ -121,19 +125,59 @@ class SharedRefreshTokenAuthorizer(globus_sdk.RefreshTokenAuthorizer):
 
     def get_authorization_header(self) -> str:
         with self._lock:
-            header = super().get_authorization_header()
-            self._given.token = self.access_token
+            header: str = super().get_authorization_header()  # type: ignore[misc]
+            self._given.token = self.access_token  # type: ignore[attr-defined]
             return header
 
     def handle_missing_authorization(self) -> bool:
         with self._lock:
-            if getattr(self._given, "token", None) != self.access_token:
+            if getattr(self._given, "token", None) != self.access_token:  # type: ignore[attr-defined]
                 return True  # already renewed by another thread: just retry
-            return super().handle_missing_authorization()
+            return bool(super().handle_missing_authorization())  # type: ignore[misc]
 
     def ensure_valid_token(self) -> None:
         with self._lock:
-            super().ensure_valid_token()
+            super().ensure_valid_token()  # type: ignore[misc]
+
+
+class SharedRefreshTokenAuthorizer(_SharedRenewal, globus_sdk.RefreshTokenAuthorizer):
+    """A ``RefreshTokenAuthorizer`` that many threads may use at once (see ``_SharedRenewal``).
+
+    A refused refresh token (``invalid_grant``) is ``LoginRequired``, and ``on_rejected``
+    is told, so the token store can say a login is needed until one is done.
+    """
+
+    def __init__(self, *args: t.Any, on_rejected: t.Callable[[], None] | None = None, **kwargs: t.Any) -> None:
+        self._on_rejected = on_rejected
+        super().__init__(*args, **kwargs)
+
+    def _renewal_refused(self, err: globus_sdk.AuthAPIError) -> SyncerError:
+        if not is_invalid_grant(err):
+            return super()._renewal_refused(err)
+        if self._on_rejected is not None:
+            self._on_rejected()
+        return LoginRequired("Globus Auth rejected the stored refresh token")
+
+
+class SharedClientCredentialsAuthorizer(_SharedRenewal, globus_sdk.ClientCredentialsAuthorizer):
+    """A ``ClientCredentialsAuthorizer`` that many threads may use at once.
+
+    A refused secret is a configuration error that names where the secret came from
+    (never the secret).
+    """
+
+    def __init__(self, *args: t.Any, secret_source: str, **kwargs: t.Any) -> None:
+        self._secret_source = secret_source
+        super().__init__(*args, **kwargs)
+
+    def _renewal_refused(self, err: globus_sdk.AuthAPIError) -> SyncerError:
+        body = err.raw_json if isinstance(err.raw_json, dict) else {}
+        if body.get("error") == "invalid_client" or err.http_status == 401:
+            return ConfigError(
+                f"Globus Auth rejected the client secret from {self._secret_source} for client"
+                f" {self.confidential_client.client_id}: {describe_api_error(err)}"
+            )
+        return SyncerError(f"could not get an access token with client credentials: {describe_api_error(err)}")
 
 
 class _WriteBack:
@@ -156,6 +200,9 @@ class _WriteBack:
                 "the renewed access token serves this run only and was not stored"
             )
 
+    def rejected(self) -> None:
+        self.store.mark_rejected(self.grant)
+
 
 def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTokenAuthorizer:
     """Build the renewing authorizer from stored tokens; renewals are written back
@@ -165,79 +212,66 @@ def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTok
         raise LoginRequired(f"not logged in (no tokens in {store.path})")
     if not tokens.refresh_token:
         raise LoginRequired(f"the stored tokens in {store.path} have no refresh token")
+    write_back = _WriteBack(store, tokens.refresh_token)
     return SharedRefreshTokenAuthorizer(
         tokens.refresh_token,
         auth_client(config),
         access_token=tokens.access_token,
         expires_at=tokens.expires_at_seconds,
-        on_refresh=_WriteBack(store, tokens.refresh_token),
+        on_refresh=write_back,
+        on_rejected=write_back.rejected,
     )
 
 
-def _identity_label(groups: list[dict[str, t.Any]]) -> str | None:
-    for group in groups:
-        for membership in group.get("my_memberships") or []:
-            if membership.get("username"):
-                return str(membership["username"])
-    return None
+def client_credentials_namespace(config: Config) -> str:
+    """The token store namespace for a confidential client's cached tokens."""
+    return f"client_credentials:{config.client_id}"
 
 
-def login(
-    config: Config,
-    store: TokenStore,
-    *,
-    no_browser: bool,
-    get_code: t.Callable[[str], str],
-    say: t.Callable[[str], None],
-) -> None:
-    """Run the Native App flow, store the tokens and confirm with one Groups call.
+def open_token_store(config: Config, secret: ClientSecret | None) -> TokenStore:
+    """The token store, in the namespace of the client that uses it: a login's tokens,
+    or with ``secret`` the confidential client's cached ones."""
+    namespace = client_credentials_namespace(config) if secret else "DEFAULT"
+    return TokenStore(config.token_storage, namespace=namespace)
 
-    ``get_code(authorize_url)`` obtains the authorization code (from stdin for
-    ``--no-browser``, a prompt otherwise; the demo visits the URL itself);
-    ``say`` prints to the user.
-    """
-    client = auth_client(config)
-    flow = client.oauth2_start_flow(requested_scopes=list(config.scopes), refresh_tokens=True)
-    url = flow.get_authorize_url()
-    if no_browser:
-        say("Open this URL, log in, and paste the authorization code below:")
-        say(url)
-    else:
-        say("Opening your browser to log in to Globus. If it does not open, visit:")
-        say(url)
-        with contextlib.suppress(webbrowser.Error):
-            webbrowser.open(url, new=1)
-    code = get_code(url).strip()
-    if not code:
-        raise SyncerError("no authorization code given; nothing changed")
-    try:
-        response = flow.exchange_code_for_tokens(code)
-    except globus_sdk.AuthAPIError as err:
-        raise SyncerError(f"Globus Auth refused the code: {describe_api_error(err)}") from None
-    if GROUPS_RESOURCE_SERVER not in response.by_resource_server:
-        raise SyncerError(
-            "Globus Auth issued no token for Globus Groups; check `scopes` includes the groups scope"
-        )
-    if not response.by_resource_server[GROUPS_RESOURCE_SERVER].get("refresh_token"):
-        raise SyncerError("Globus Auth issued no refresh token; unattended syncs need one")
-    store.save(response)
-    authorizer = authorizer_from_store(config, store)
-    groups_client = globus_sdk.GroupsClient(authorizer=authorizer, **client_options(config))
-    try:
-        groups = list(groups_client.get_my_groups(statuses=list(config.my_statuses)))
-    except globus_sdk.GlobusAPIError as err:
-        raise SyncerError(
-            f"logged in, but Globus Groups refused the new token: {describe_api_error(err)}"
-        ) from None
-    who = _identity_label(groups)
-    say(
-        f"Logged in{' as ' + who if who else ''}: {len(groups)} group(s) visible. "
-        f"Tokens stored in {store.path}"
+
+def client_credentials_authorizer(
+    config: Config, secret: ClientSecret, store: TokenStore
+) -> SharedClientCredentialsAuthorizer:
+    """Client credentials for a confidential client; tokens cached in ``store``
+    (a namespace of its own) so that each run does not need a new one."""
+    scopes = sorted(scope for scope in config.scopes if is_groups_scope(scope))  # one resource server
+    cached = store.groups_tokens()
+    usable = cached is not None and sorted(cached.scope.split()) == scopes
+    client = globus_sdk.ConfidentialAppAuthClient(config.client_id, secret.value, **client_options(config))
+    return SharedClientCredentialsAuthorizer(
+        client,
+        scopes,
+        access_token=cached.access_token if usable and cached else None,
+        expires_at=cached.expires_at_seconds if usable and cached else None,
+        on_refresh=store.save,
+        secret_source=secret.source,
     )
 
 
-def logout(config: Config, store: TokenStore, say: t.Callable[[str], None]) -> bool:
-    """Revoke every stored token at Globus Auth, then delete them.
+@contextlib.contextmanager
+def groups_authorizer(config: Config) -> t.Iterator[globus_sdk.authorizers.GlobusAuthorizer]:
+    """The authorizer every run uses: client credentials when a client secret is
+    configured, else the stored login's refresh token. Its token store stays open
+    for the block (renewals are written back to it)."""
+    secret = load_client_secret(config)
+    with open_token_store(config, secret) as store:
+        if secret is not None:
+            yield client_credentials_authorizer(config, secret, store)
+        else:
+            yield authorizer_from_store(config, store)
+
+
+def logout(
+    config: Config, store: TokenStore, say: t.Callable[[str], None], secret: ClientSecret | None = None
+) -> bool:
+    """Revoke every stored token at Globus Auth, then delete them: a login's, or with
+    ``secret`` a confidential client's cached ones (revoked as that client).
 
     Tokens are deleted only once Globus confirmed the revocation, so a network
     failure leaves the user able to try again. Returns False when nothing was stored.
@@ -246,7 +280,10 @@ def logout(config: Config, store: TokenStore, say: t.Callable[[str], None]) -> b
     if not tokens:
         say(f"Not logged in (no tokens in {store.path}).")
         return False
-    client = auth_client(config)
+    client: globus_sdk.AuthLoginClient = (
+        globus_sdk.ConfidentialAppAuthClient(config.client_id, secret.value, **client_options(config))
+        if secret else auth_client(config)
+    )
     try:
         for data in tokens.values():
             # revoking the refresh token also ends access tokens issued from it

@@ -103,27 +103,44 @@ def cli(ctx: click.Context, config_path: str | None, verbose: int, quiet: bool, 
 @click.option("--force", is_flag=True, help="Log in again even if tokens are stored.")
 @click.pass_obj
 def login(settings: _Settings, no_browser: bool, force: bool) -> None:
-    """Log in to Globus (once); tokens go to the token store."""
-    from syncer.auth import login as do_login
+    """Log in to Globus (once); tokens go to the token store.
+
+    Opens a browser where one can be opened (honouring $BROWSER) and receives the
+    code on a local redirect; otherwise, or with --no-browser, prints the URL and
+    reads the code you paste.
+    """
+    from syncer.client_secret import load_client_secret
+    from syncer.login import confirm_client_credentials
+    from syncer.login import login as do_login
     from syncer.token_store import TokenStore
 
     config = settings.config(warn_client=True)
+    secret = load_client_secret(config)
+    if secret is not None:
+        confirm_client_credentials(config, secret, say=click.echo)
+        return
     with TokenStore(config.token_storage) as store:
         existing = store.groups_tokens()
-        if existing is not None and existing.refresh_token and not force:
+        usable = existing is not None and existing.refresh_token and not store.is_rejected(existing.refresh_token)
+        if usable and not force:
             click.echo(f"Already logged in (tokens in {store.path}); use --force to log in again.")
             return
+        do_login(config, store, no_browser=no_browser, read_code=_read_code, say=click.echo)
 
-        def get_code(url: str) -> str:
-            if no_browser:
-                click.echo("Authorization code: ", nl=False, err=True)
-                line = sys.stdin.readline()
-                if not line:
-                    raise SyncerError("no authorization code on stdin; nothing changed")
-                return line
-            return str(click.prompt("Authorization code", err=True))
 
-        do_login(config, store, no_browser=no_browser, get_code=get_code, say=click.echo)
+def _read_code(url: str) -> str:
+    """One line from stdin: the pasted authorization code (a prompt only on a terminal)."""
+    if sys.stdin is None:  # started with no stdin at all
+        raise SyncerError("no authorization code: there is no input to read it from; nothing changed")
+    interactive = sys.stdin.isatty()
+    if interactive:
+        click.echo("Authorization code: ", nl=False, err=True)
+    line = sys.stdin.readline()
+    if not line:
+        if interactive:
+            click.echo("", err=True)
+        raise SyncerError("no authorization code: end of input; nothing changed")
+    return line
 
 
 @cli.command()
@@ -131,11 +148,13 @@ def login(settings: _Settings, no_browser: bool, force: bool) -> None:
 def logout(settings: _Settings) -> None:
     """Revoke the stored tokens at Globus Auth and delete them."""
     from syncer.auth import logout as do_logout
-    from syncer.token_store import TokenStore
+    from syncer.auth import open_token_store
+    from syncer.client_secret import load_client_secret
 
     config = settings.config()
-    with TokenStore(config.token_storage) as store:
-        do_logout(config, store, say=click.echo)
+    secret = load_client_secret(config)
+    with open_token_store(config, secret) as store:
+        do_logout(config, store, say=click.echo, secret=secret)
 
 
 @cli.command()
@@ -157,10 +176,8 @@ def sync(ctx: click.Context) -> None:
     run = run_sync(config, cancelled=cancelled, progress=progress)
     if progress:
         click.echo("", err=True)
-    click.echo(
-        f"run {run.run_id} {run.status}: {run.groups_synced} groups read, {run.groups_failed} failed,"
-        f" {run.memberships} memberships, {run.changes} changes"
-    )
+    # the run's summary is run_sync's log line: printed here too, it reached the journal
+    # (and cron's mail) twice
     ctx.exit(EXIT_PARTIAL if run.status == "partial" else EXIT_OK)
 
 
@@ -207,27 +224,53 @@ def demo(ctx: click.Context, groups: int, members: int, folder: str | None) -> N
     run_demo(groups=groups, members=members, folder=folder, say=click.echo)
 
 
+def _in_range(low: float, high: float) -> t.Callable[[click.Context, click.Parameter, t.Any], t.Any]:
+    """An option callback: the value must lie in [low, high], else one line and exit 2."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: t.Any) -> t.Any:
+        if not low <= value <= high:
+            raise _BadValue(f"{value:g} is out of range: must be between {low:g} and {high:g}", param=param)
+        return value
+
+    return check
+
+
 @cli.command()
-@click.option("--port", default=8765, show_default=True, help="Port on 127.0.0.1 (0: any free port).")
-@click.option("--groups", default=20, show_default=True)
-@click.option("--members", default=10, show_default=True)
-@click.option("--latency-ms", default=0, show_default=True, help="Added to every response.")
-@click.option("--token-lifetime", default=3600, show_default=True, help="Access token lifetime (s).")
-@click.option("--world", "world_file", type=click.Path(exists=True, dir_okay=False), help="Load the world from JSON.")
+@click.option("--port", default=8765, show_default=True, callback=_in_range(0, 65535),
+              help="Port on 127.0.0.1 (0: any free port).")
+@click.option("--groups", default=20, show_default=True, callback=_in_range(1, 1_000_000))
+@click.option("--members", default=10, show_default=True, callback=_in_range(1, 100_000))
+@click.option("--latency-ms", default=0, show_default=True, callback=_in_range(0, 600_000),
+              help="Added to every response.")
+@click.option("--token-lifetime", default=3600, show_default=True, callback=_in_range(1, 365 * 86400),
+              help="Access token lifetime (s).")
+@click.option("--world", "world_file", metavar="FILE", help="Load the world from a world file (JSON; see README).")
+@click.option("--state", "state_file", metavar="FILE",
+              help="Keep the world and issued tokens in FILE across restarts (restored when it exists).")
 @click.option("--seed", default=1, show_default=True, help="Seed for the generated world.")
-@click.option("--fault-rate", default=0.0, show_default=True, help="Share of group reads that fail at random.")
+@click.option("--fault-rate", default=0.0, show_default=True, callback=_in_range(0, 1),
+              help="Share of group reads that fail at random (0 to 1).")
 def simulate(
     port: int, groups: int, members: int, latency_ms: int, token_lifetime: int,
-    world_file: str | None, seed: int, fault_rate: float,
+    world_file: str | None, state_file: str | None, seed: int, fault_rate: float,
 ) -> None:
-    """Serve a simulated Globus Auth + Groups on 127.0.0.1 until interrupted."""
-    from syncer.simulator import serve_cli
+    """Serve a simulated Globus Auth + Groups on 127.0.0.1 until interrupted.
 
-    serve_cli(
-        port=port, groups=groups, members=members, latency_ms=latency_ms,
-        token_lifetime=token_lifetime, world_file=world_file, seed=seed, fault_rate=fault_rate,
-        say=click.echo,
-    )
+    Opening its login URL approves at once. Change its world while it runs with
+    POST /admin/ACTION (add-member, remove-member, set-role, set-status, leave,
+    rename-group, add-client); GET /admin/world shows it. See README: The simulator.
+    """
+    from syncer.errors import ConfigError
+    from syncer.simulator import SimulatorSetupError, serve_cli
+
+    try:
+        serve_cli(
+            port=port, groups=groups, members=members, latency_ms=latency_ms,
+            token_lifetime=token_lifetime, world_file=world_file, state_file=state_file,
+            seed=seed, fault_rate=fault_rate, say=click.echo,
+        )
+    except SimulatorSetupError as err:
+        raise (ConfigError(str(err)) if err.config else SyncerError(str(err))) from None
 
 
 # ------------------------------------------------------------ asking the database

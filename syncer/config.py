@@ -25,6 +25,8 @@ from syncer.errors import ConfigError
 
 TUTORIAL_CLIENT_ID = "61338d24-54d5-408f-a10d-66c06b59f6d2"
 GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+#: the two ways a scope of the Globus Groups API is written (URN, and the URL form)
+_GROUPS_SCOPE_PREFIXES = ("urn:globus:auth:scope:groups.api.globus.org:", "https://auth.globus.org/scopes/groups.api.globus.org/")
 MEMBERSHIP_STATUSES = ("active", "invited", "pending", "rejected", "removed", "left", "declined")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -86,6 +88,8 @@ class Config:
     my_statuses: tuple[str, ...] = ("active",)
     http_timeout: float = 30.0
     busy_timeout: float = 30.0
+    #: a confidential client's secret (see syncer.client_credentials for the other sources)
+    client_secret_file: Path | None = None
     #: where the settings came from, for messages (None: built-in defaults only)
     source: Path | None = None
 
@@ -112,13 +116,25 @@ def _not_negative(value: t.Any) -> str | None:
     return None if value >= 0 else "must not be negative"
 
 
+def is_groups_scope(scope: str) -> bool:
+    """Whether ``scope`` is a scope of the Globus Groups API."""
+    return scope.startswith(_GROUPS_SCOPE_PREFIXES)
+
+
+def _groups_scope_problem(scopes: t.Any) -> str | None:
+    """Without a Groups scope Globus issues no token syncer can use: say so before a login."""
+    if any(is_groups_scope(scope) for scope in scopes):
+        return None
+    return f'must include a Globus Groups scope, e.g. "{GROUPS_SCOPE}"'
+
+
 def _sqlite_busy_timeout(value: t.Any) -> str | None:
     return _not_negative(value) or (None if value <= _SQLITE_MAX_BUSY_S else "must be at most 24d (SQLite's limit)")
 
 
 _KEYS: dict[str, _Key] = {
     "client_id": _Key("uuid"),
-    "scopes": _Key("strlist", lambda v: None if v else "must list at least one scope"),
+    "scopes": _Key("strlist", _groups_scope_problem),
     "database": _Key("path"),
     "token_storage": _Key("path"),
     "interval": _Key("duration", _positive),
@@ -128,6 +144,7 @@ _KEYS: dict[str, _Key] = {
     "my_statuses": _Key("statuslist", lambda v: None if v else "must list at least one status"),
     "http_timeout": _Key("duration", _positive),
     "busy_timeout": _Key("duration", _sqlite_busy_timeout),
+    "client_secret_file": _Key("path"),
 }
 
 

@@ -15,9 +15,9 @@ import tempfile
 import typing as t
 from pathlib import Path
 
-from syncer.auth import login
 from syncer.config import Config
 from syncer.errors import SyncerError
+from syncer.login import login
 from syncer.schema import EVENTS, connect
 from syncer.simulator import Simulator, World
 from syncer.sync import run_sync
@@ -72,7 +72,7 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
         say(f"== Simulated Globus running at {sim.url} (offline, nothing leaves this machine)")
         say("== 1. syncer login (the demo plays the browser step)")
         with TokenStore(config.token_storage) as store:
-            login(config, store, no_browser=True, get_code=sim.authorize, say=lambda line: say(f"   {line}"))
+            login(config, store, no_browser=True, read_code=sim.authorize, say=lambda line: say(f"   {line}"))
 
         say("== 2. first snapshot")
         first = run_sync(config)

@@ -27,7 +27,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from syncer import notify
 from syncer.config import Config
-from syncer.errors import EXIT_OK, LockBusy, LoginRequired, SyncerError
+from syncer.errors import EXIT_OK, ConfigError, LockBusy, LoginRequired, SyncerError
 from syncer.sync import Cancelled, run_sync
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ class Daemon:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        notify.notify(stopping="1", status="stopping")
+        # a stop for a reason (login required) keeps that STATUS= line in `systemctl status`
+        notify.notify(stopping="1", **({"status": "stopping"} if self.state.exit_code == EXIT_OK else {}))
         if not self.idle.wait(STOP_GRACE_S):
             log.warning("the run in flight did not stop within %.0fs; it will be marked aborted", STOP_GRACE_S)
         log.info("scheduler stopped after %d run(s)", self.state.runs)
@@ -123,6 +124,10 @@ class Daemon:
         except LoginRequired as err:
             log.error("%s", err)
             notify.notify(status=f"login required: {err}")
+            self.stop(err.exit_code)
+        except ConfigError as err:  # a rejected client secret: retrying cannot help
+            log.error("%s", err)
+            notify.notify(status=f"configuration error: {err}")
             self.stop(err.exit_code)
         except SyncerError as err:
             self._failed(str(err))

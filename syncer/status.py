@@ -12,6 +12,7 @@ import sqlite3
 import time
 import typing as t
 
+from syncer.client_secret import secret_source
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, EXIT_LOGIN_REQUIRED, EXIT_OK, EXIT_PARTIAL, StorageError
 from syncer.lock import is_held
@@ -28,14 +29,23 @@ class Health:
 
 
 def token_state(config: Config) -> dict[str, t.Any]:
-    """What the token store holds, without revealing any token."""
+    """What the token store holds now, without revealing any token.
+
+    ``logged_in`` is true while a refresh token is stored that Globus Auth has not
+    refused; a confidential client (``client_credentials``) needs no login at all.
+    """
     path = config.token_storage
     state: dict[str, t.Any] = {"path": str(path), "logged_in": False}
+    source = secret_source(config)
+    if source is not None:
+        state.update(client_credentials=True, client_secret_source=source)
+        return state
     if not path.exists():
         return state
     try:
         with TokenStore(path) as store:
             tokens = store.groups_tokens()
+            rejected = bool(tokens and tokens.refresh_token and store.is_rejected(tokens.refresh_token))
     except StorageError as err:
         state["error"] = str(err)
         return state
@@ -45,8 +55,9 @@ def token_state(config: Config) -> dict[str, t.Any]:
     if tokens is not None:
         expires = dt.datetime.fromtimestamp(tokens.expires_at_seconds, dt.UTC)
         state.update(
-            logged_in=bool(tokens.refresh_token),
+            logged_in=bool(tokens.refresh_token) and not rejected,
             refresh_token=bool(tokens.refresh_token),
+            refresh_token_rejected=rejected,
             access_token_expires_at=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
             access_token_expired=tokens.expires_at_seconds <= time.time(),
             scope=tokens.scope,
@@ -120,10 +131,12 @@ def assess(config: Config, tokens: dict[str, t.Any], database: dict[str, t.Any])
 
 def _judge(config: Config, tokens: dict[str, t.Any], database: dict[str, t.Any], runs: list[dict[str, t.Any]]) -> Health:
     latest = runs[0] if runs else None
-    if not tokens.get("logged_in") and "error" not in tokens:
-        return Health(EXIT_LOGIN_REQUIRED, "login required: no usable tokens; run `syncer login`")
-    if latest and latest["exit_code"] == EXIT_LOGIN_REQUIRED:
-        return Health(EXIT_LOGIN_REQUIRED, "login required: Globus rejected the refresh token; run `syncer login`")
+    login_needed = _login_needed(tokens)
+    if login_needed:
+        return Health(EXIT_LOGIN_REQUIRED, f"login required: {login_needed}; run `syncer login`")
+    if latest and latest["exit_code"] == EXIT_LOGIN_REQUIRED and latest["status"] == "failed":
+        # the store holds a login Globus has not refused: one done since that run
+        return Health(EXIT_FAILED, f"failed: run {latest['id']} needed a new login, done since; the next run will tell")
     if latest is None:
         return Health(EXIT_FAILED, "no finished run yet")
     last_ok = database.get("last_success_at")
@@ -140,6 +153,15 @@ def _judge(config: Config, tokens: dict[str, t.Any], database: dict[str, t.Any],
     return Health(EXIT_FAILED, f"{latest['status']}: run {latest['id']}: {latest['error'] or 'no detail'}")
 
 
+def _login_needed(tokens: dict[str, t.Any]) -> str | None:
+    """Why a login is needed now, from the token store as it is; None when it is not."""
+    if tokens.get("client_credentials") or tokens.get("logged_in") or "error" in tokens:
+        return None
+    if tokens.get("refresh_token_rejected"):
+        return "Globus Auth rejected the stored refresh token"
+    return "no usable tokens"
+
+
 def _ago(seconds: float) -> str:
     if seconds >= 7200:
         return f"{seconds / 3600:.1f}h"
@@ -150,6 +172,7 @@ def _ago(seconds: float) -> str:
 
 def report(config: Config) -> tuple[dict[str, t.Any], Health]:
     tokens = token_state(config)
+    tokens["login_required"] = _login_needed(tokens) is not None  # what exit 77 says
     database = database_state(config)
     health = assess(config, tokens, database)
     return {"health": health.verdict, "exit_code": health.exit_code, "tokens": tokens, "database": database}, health
@@ -161,6 +184,10 @@ def render_text(data: dict[str, t.Any]) -> str:
     lines = [f"status: {data['health']}"]
     if tokens.get("error"):
         lines.append(f"tokens: {tokens['error']}")
+    elif tokens.get("client_credentials"):
+        lines.append(f"tokens: client credentials (secret from {tokens['client_secret_source']}); no login needed")
+    elif tokens.get("refresh_token_rejected"):
+        lines.append(f"tokens: refresh token rejected by Globus Auth; run `syncer login` ({tokens['path']})")
     elif tokens.get("logged_in"):
         if tokens["access_token_expired"]:
             expiry = "expired (renews on next run)"

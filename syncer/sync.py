@@ -22,7 +22,7 @@ import typing as t
 
 import globus_sdk
 
-from syncer.auth import authorizer_from_store, client_options, describe_api_error
+from syncer.auth import client_options, describe_api_error, groups_authorizer
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, StorageError, SyncerError
 from syncer.globus_groups import (
@@ -36,7 +36,6 @@ from syncer.globus_groups import (
     pin_environment_proxies,
 )
 from syncer.lock import SyncLock
-from syncer.token_store import TokenStore
 
 if t.TYPE_CHECKING:
     import sqlite_utils
@@ -111,8 +110,8 @@ def run_sync(
         try:
             try:
                 # tokens are read fresh each run, so a new `syncer login` applies without restarts
-                with TokenStore(config.token_storage) as store:
-                    client, limit = _groups_client(config, store)
+                with groups_authorizer(config) as authorizer:
+                    client, limit = _groups_client(config, authorizer)
                     listing, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
                     with GroupReader(client, to_read, limit, cancelled) as reads:
                         opening = True
@@ -170,8 +169,9 @@ def _unless_cancelled(work: t.Callable[[], _T], cancelled: threading.Event) -> _
     return t.cast(_T, outcome[0])
 
 
-def _groups_client(config: Config, store: TokenStore) -> tuple[globus_sdk.GroupsClient, AdaptiveLimit]:
-    authorizer = authorizer_from_store(config, store)
+def _groups_client(
+    config: Config, authorizer: globus_sdk.authorizers.GlobusAuthorizer
+) -> tuple[globus_sdk.GroupsClient, AdaptiveLimit]:
     limit = AdaptiveLimit(config.concurrency)
     client = globus_sdk.GroupsClient(
         authorizer=authorizer, **client_options(config, checks=[limit.retry_check])

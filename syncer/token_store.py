@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import sqlite3
 import stat
@@ -55,9 +56,13 @@ class _Storage(SQLiteTokenStorage):
 
 
 class TokenStore:
-    """Thread-safe access to the tokens syncer keeps for Globus Groups."""
+    """Thread-safe access to the tokens syncer keeps for Globus Groups.
 
-    def __init__(self, path: Path) -> None:
+    ``namespace`` separates token sets in one file: a login's tokens live in the
+    SDK's default namespace, a confidential client's cached tokens in their own.
+    """
+
+    def __init__(self, path: Path, namespace: str = "DEFAULT") -> None:
         self.path = path
         self._lock = threading.RLock()
         try:
@@ -65,7 +70,7 @@ class TokenStore:
             if path.exists():
                 self._warn_if_exposed()
             self._storage = _Storage(
-                path, connect_params={"check_same_thread": False, "timeout": 15}
+                path, connect_params={"check_same_thread": False, "timeout": 15}, namespace=namespace
             )
             # touch the table so a file that is not a token store fails here, clearly
             self._storage.get_token_data_by_resource_server()
@@ -146,6 +151,32 @@ class TokenStore:
                 raise StorageError(f"{self.path}: token store error: {err}") from None
             return True
 
+    def mark_rejected(self, refresh_token: str) -> None:
+        """Remember that Globus Auth refused this refresh token (``invalid_grant``).
+
+        The tokens stay (a ``syncer login`` replaces them), but ``status`` can tell
+        from the store as it is whether a login is needed now: a new login stores a
+        new refresh token, which is not marked. Only a hash is kept.
+        """
+        with self._lock, contextlib.suppress(sqlite3.DatabaseError):
+            connection = self._storage._connection
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS syncer_rejected_grants (grant_sha256 TEXT PRIMARY KEY)"
+            )
+            connection.execute("INSERT OR IGNORE INTO syncer_rejected_grants VALUES (?)", [_digest(refresh_token)])
+            connection.commit()
+
+    def is_rejected(self, refresh_token: str) -> bool:
+        """Whether Globus Auth refused this refresh token (see ``mark_rejected``)."""
+        with self._lock:
+            try:
+                row = self._storage._connection.execute(
+                    "SELECT 1 FROM syncer_rejected_grants WHERE grant_sha256 = ?", [_digest(refresh_token)]
+                ).fetchone()
+            except sqlite3.OperationalError:  # no table: nothing was ever refused
+                return False
+            return row is not None
+
     def clear(self) -> None:
         """Delete every stored token (one transaction per resource server)."""
         with self._lock:
@@ -157,6 +188,10 @@ class TokenStore:
             return fn(self._storage)
         except sqlite3.DatabaseError as err:
             raise StorageError(f"{self.path}: token store error: {err}") from None
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _keep_out_of_logs(tokens: t.Iterable[TokenStorageData]) -> None:

@@ -120,6 +120,7 @@ def sim(world: World) -> t.Iterator[Simulator]:
     simulator = Simulator(world, port=0).start()
     yield simulator
     ISSUED_TOKENS.update(simulator.issued_tokens)
+    ISSUED_TOKENS.update(simulator.world.clients.values())  # confidential clients' secrets
     simulator.stop()
 
 
@@ -151,6 +152,8 @@ def make_env(tmp_path: Path, sim: Simulator, world: World) -> Env:
 def logged_in(env: Env) -> Env:
     result = env.login()
     assert result.returncode == 0, result.output
+    env.sim.reset_stats()  # tests count requests from here: not the login's own check
+    env.sim.read_log.clear()
     return env
 
 

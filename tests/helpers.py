@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
 import sqlite3
+import subprocess
 import time
 import typing as t
 from pathlib import Path
 
-from syncer.simulator import World
+from syncer.simulator import Simulator, World
 from syncer.token_store import TokenStore
 
 State = dict[tuple[str, str], tuple[str, str]]
@@ -64,6 +68,16 @@ def stored_tokens(path: Path) -> dict[str, t.Any]:
     return {"access": data.access_token, "refresh": data.refresh_token}
 
 
+def stored_token_data(path: Path) -> dict[str, dict[str, t.Any]]:
+    """Every stored token record, by resource server, as the file holds it (expiry included)."""
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT token_data_json FROM token_storage").fetchall()
+    finally:
+        conn.close()
+    return {record["resource_server"]: record for record in (json.loads(row[0]) for row in rows)}
+
+
 def wait_for(predicate: t.Callable[[], t.Any], timeout: float = 30, what: str = "condition") -> t.Any:
     """Poll ``predicate`` until it is truthy; a database not ready yet counts as false."""
     deadline = time.monotonic() + timeout
@@ -80,3 +94,35 @@ def wait_for(predicate: t.Callable[[], t.Any], timeout: float = 30, what: str = 
 
 def has_running_run(env: t.Any) -> bool:
     return bool(env.database.exists() and env.query("SELECT 1 FROM sync_runs WHERE status = 'running'"))
+
+
+class NotifyListener:
+    """Stands in for systemd's notify socket (``$NOTIFY_SOCKET``): keeps every message a daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.address = str(path)
+        self.messages: list[str] = []
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(self.address)
+        self._sock.settimeout(0.2)
+
+    def collect_until(self, predicate: t.Callable[[], bool], timeout: float = 20) -> None:
+        """Receive until ``predicate()`` holds or ``timeout`` runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not predicate():
+            with contextlib.suppress(TimeoutError):
+                self.messages.append(self._sock.recv(4096).decode())
+
+    def received(self, fragment: str) -> list[str]:
+        return [m for m in self.messages if fragment in m]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def answer_login_prompt(proc: subprocess.Popen[str], base_url: str) -> tuple[str, str]:
+    """Be the user of ``syncer login --no-browser`` against a simulator that another process
+    serves (``syncer simulate``, a unit): a Simulator that is not started knows the address,
+    which is all its browser step needs."""
+    port = int(base_url.rsplit(":", 1)[1])
+    return Simulator(World.generate(groups=1, members=1), port=port).answer_cli_login(proc)

@@ -120,6 +120,8 @@ def test_environment_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ('client_id = "not-a-uuid"', "client_id"),
         ('scopes = "one"', "scopes"),
         ("scopes = []", "scopes"),
+        ('scopes = ["openid"]', "scopes"),
+        ("client_secret_file = 3", "client_secret_file"),
         ('my_statuses = ["asleep"]', "my_statuses"),
         ('groups = ["nope"]', "groups"),
         ("database = 3", "database"),
@@ -154,12 +156,14 @@ def test_invalid_values_name_file_and_key(tmp_path: Path, body: str, key: str) -
 def test_file_values_keep_their_toml_types(tmp_path: Path) -> None:
     conf = tmp_path / "syncer.toml"
     conf.write_text(
-        'interval = 90\njitter = 1.5\nhttp_timeout = "10s"\nconcurrency = 8\nscopes = ["a"]\n'
+        'interval = 90\njitter = 1.5\nhttp_timeout = "10s"\nconcurrency = 8\n'
+        'scopes = ["openid", "urn:globus:auth:scope:groups.api.globus.org:all"]\n'
         'groups = ["d3974728-6458-11e4-b72d-123139141556"]\nmy_statuses = ["active", "invited"]\n'
     )
     config = load_config(conf)
     assert (config.interval, config.jitter, config.http_timeout, config.concurrency) == (90, 1.5, 10, 8)
-    assert config.scopes == ("a",) and config.my_statuses == ("active", "invited")
+    assert config.scopes == ("openid", "urn:globus:auth:scope:groups.api.globus.org:all")
+    assert config.my_statuses == ("active", "invited")
     assert config.groups == ("d3974728-6458-11e4-b72d-123139141556",)
 
 

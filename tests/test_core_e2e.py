@@ -17,6 +17,7 @@ from helpers import (
     my_active_groups,
     others,
     state_as_of,
+    stored_token_data,
     stored_tokens,
     wait_for,
 )
@@ -162,7 +163,7 @@ def test_second_sync_records_exactly_the_changes(logged_in: Env) -> None:
     assert changes == events | observations
     run = env.query("SELECT * FROM sync_runs WHERE id = 2")[0]
     assert run["changes"] == len(events)
-    assert f", {len(events)} changes" in result.stdout
+    assert f", {len(events)} changes" in result.stderr  # the run's summary line
     assert env.query("SELECT name FROM groups WHERE id = ?", [g3])[0][0] == "Renamed group"
     assert env.query("SELECT group_name FROM membership_changes WHERE group_id = ? LIMIT 1", [g1])
     gone = env.query("SELECT removed_at, my_status FROM groups WHERE id = ?", [left])[0]
@@ -210,12 +211,11 @@ def test_groups_setting_leaves_the_groups_it_omits_as_they_were(logged_in: Env) 
 
 def test_expired_access_token_is_renewed_and_stored(logged_in: Env) -> None:
     env = logged_in
-    stored = lambda: sqlite3.connect(env.tokens).execute("SELECT token_data_json FROM token_storage").fetchall()  # noqa: E731
-    original = {json.loads(r[0])["resource_server"]: json.loads(r[0]) for r in stored()}
+    original = stored_token_data(env.tokens)
     env.sim.expire_access_tokens()
     result = env.run("sync")
     assert result.returncode == 0, result.output
-    renewed = {json.loads(r[0])["resource_server"]: json.loads(r[0]) for r in stored()}
+    renewed = stored_token_data(env.tokens)
     groups_old, groups_new = original["groups.api.globus.org"], renewed["groups.api.globus.org"]
     assert groups_new["access_token"] != groups_old["access_token"]
     assert groups_new["refresh_token"] == groups_old["refresh_token"]
@@ -227,7 +227,9 @@ def test_a_login_during_a_sync_is_not_undone_by_its_renewal(logged_in: Env) -> N
     env = logged_in
     env.write_config(concurrency=1, http_timeout="60s")  # one read at a time, none timing out
     before = stored_tokens(env.tokens)
-    env.sim.faults.hold_reads()
+    # the login proves its tokens by reading a group it manages: that read answers
+    proof = next(g for g in my_active_groups(env.world) if env.world.my_membership(g).role in ("admin", "manager"))
+    env.sim.faults.hold_reads(except_groups=[proof])
     sync = env.popen("sync")
     wait_for(lambda: env.sim.stats["faults"].get("held"), what="the sync's first group read")
     assert env.login("--force").returncode == 0
@@ -329,10 +331,12 @@ def test_no_group_readable_is_a_failed_run_not_a_partial_one(logged_in: Env) -> 
 
 def test_overlapping_sync_exits_75(logged_in: Env) -> None:
     env = logged_in
-    env.sim.latency_ms = 400
+    env.sim.faults.hold_reads()  # the first sync holds the lock until released
     first = env.popen("sync")
-    wait_for(lambda: has_running_run(env), what="the first sync to start")
+    wait_for(lambda: env.sim.stats["faults"].get("held"), what="the first sync's group reads")
     second = env.run("sync")
+    assert first.poll() is None  # the second did not wait for the first
+    env.sim.faults.release_reads()
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, out + err
     assert second.returncode == 75, second.output
@@ -342,12 +346,12 @@ def test_overlapping_sync_exits_75(logged_in: Env) -> None:
 
 def test_crashed_run_is_marked_aborted_by_the_next(logged_in: Env) -> None:
     env = logged_in
-    env.sim.latency_ms = 300
+    env.sim.faults.hold_reads()  # the run cannot finish before it is killed
     proc = env.popen("sync")
     wait_for(lambda: has_running_run(env), what="the sync to start")
     proc.kill()
     proc.wait()
-    env.sim.latency_ms = 0
+    env.sim.faults.release_reads()
     assert env.run("sync").returncode == 0
     statuses = [r[0] for r in env.query("SELECT status FROM sync_runs ORDER BY id")]
     assert statuses == ["aborted", "ok"]

@@ -239,6 +239,7 @@ def _check_after_kill(env: Env, before_tokens: dict[str, t.Any], last_run: int) 
     return "fetch"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [(GROUPS, MEMBERS)], indirect=True, ids=[f"{GROUPS}x{MEMBERS}"])
 def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> None:
     env, sim, world = logged_in, logged_in.sim, logged_in.world
@@ -372,6 +373,7 @@ def _load_soak() -> t.Any:
     return module
 
 
+@pytest.mark.slow
 def test_soak_history_equals_what_was_served(tmp_path: Path) -> None:
     soak = _load_soak()
     # revoking every 6 s (besides the 70 s tokens' own renewals) makes >= 2 renewals sure

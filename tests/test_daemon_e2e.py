@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import signal
-import socket
 import sqlite3
 import subprocess
+import threading
 import time
-import typing as t
 from pathlib import Path
 
 import globus_sdk
 import pytest
 from conftest import Env, record
-from helpers import current_state, expected_state, wait_for
+from helpers import NotifyListener, current_state, expected_state, stored_tokens, wait_for
 
 
 def runs(env: Env) -> list[sqlite3.Row]:
@@ -125,15 +122,14 @@ def test_stop_while_listing_the_groups_does_not_wait_for_globus(logged_in: Env, 
 
 def test_manual_sync_beside_the_daemon_gets_75(logged_in: Env) -> None:
     env = logged_in
-    env.write_config(concurrency=1)
-    env.sim.latency_ms = 400
+    env.sim.faults.hold_reads()  # the daemon's run holds the lock until released
     daemon = env.popen("run", "--interval", "1h")
     try:
-        wait_for(lambda: any(r["status"] == "running" for r in runs(env)), what="the daemon's run")
-        began = time.monotonic()
+        wait_for(lambda: env.sim.stats["faults"].get("held"), what="the daemon's run")
         manual = env.run("sync")
         assert manual.returncode == 75, manual.output
-        assert time.monotonic() - began < 5
+        assert env.sim.faults.reads_held and not finished_runs(env)  # it did not wait for the daemon's run
+        env.sim.faults.release_reads()
         wait_for(lambda: finished_runs(env) >= 1, what="the daemon's run to finish")
     finally:
         code, _out, err, _ = stop(daemon)
@@ -143,30 +139,41 @@ def test_manual_sync_beside_the_daemon_gets_75(logged_in: Env) -> None:
 
 def test_daemon_skips_a_tick_while_a_manual_sync_runs(logged_in: Env) -> None:
     env = logged_in
-    env.write_config(concurrency=1)
-    env.sim.latency_ms = 500
+    env.sim.faults.hold_reads()  # the manual run holds the lock until released
     manual = env.popen("sync")
-    wait_for(lambda: any(r["status"] == "running" for r in runs(env)), what="the manual run")
+    wait_for(lambda: env.sim.stats["faults"].get("held"), what="the manual run")
     daemon = env.popen("run", "--interval", "1h")
+    assert daemon.stderr is not None
+    watchdog = threading.Timer(60, daemon.kill)  # should the message never come
+    watchdog.start()
+    skipped = next((line for line in daemon.stderr if "another sync holds the lock" in line), None)
+    watchdog.cancel()
+    env.sim.faults.release_reads()
     _out, err = manual.communicate(timeout=60)
     assert manual.returncode == 0, err
-    time.sleep(0.5)
     code, _dout, derr, _ = stop(daemon)
     assert code == 0
-    assert "another sync holds the lock" in derr
+    assert skipped, derr
     assert len(runs(env)) == 1
 
 
 @pytest.mark.parametrize("status", [400, 401])
-def test_revoked_refresh_token_stops_the_daemon_with_77(logged_in: Env, status: int) -> None:
+def test_revoked_refresh_token_stops_the_daemon_with_77(logged_in: Env, status: int, tmp_path: Path) -> None:
     env = logged_in
+    listener = NotifyListener(tmp_path / "notify.sock")
+    env.vars["NOTIFY_SOCKET"] = listener.address
     daemon = env.popen("run", "--interval", "1s")
     wait_for(lambda: finished_runs(env) >= 1, what="first run")
     env.sim.revoke_all_refresh_tokens(status=status)
     env.sim.expire_access_tokens()
     out, err = daemon.communicate(timeout=30)
     record(out, err)
+    listener.collect_until(lambda: bool(listener.received("STOPPING=1")), timeout=5)
+    listener.close()
     assert daemon.returncode == 77, err
+    # `systemctl status` keeps the last STATUS=: the reason, not "stopping"
+    statuses = [line for m in listener.messages for line in m.splitlines() if line.startswith("STATUS=")]
+    assert statuses[-1].startswith("STATUS=login required") and "syncer login" in statuses[-1], statuses
     assert "syncer login" in err
     assert env.sim.stats["refresh_grants"] <= 1 + 1  # at most one refused attempt: no hammering
     assert env.run("status").returncode == 77
@@ -174,12 +181,12 @@ def test_revoked_refresh_token_stops_the_daemon_with_77(logged_in: Env, status: 
 
 def test_relogin_while_running_is_picked_up(logged_in: Env) -> None:
     env = logged_in
-    old_refresh = _stored_refresh_token(env.tokens)
+    old_refresh = stored_tokens(env.tokens)["refresh"]
     daemon = env.popen("run", "--interval", "1s")
     try:
         wait_for(lambda: finished_runs(env) >= 1, what="first run")
         assert env.login("--force").returncode == 0
-        new_refresh = _stored_refresh_token(env.tokens)
+        new_refresh = stored_tokens(env.tokens)["refresh"]
         assert new_refresh != old_refresh
         # the old grant is gone: only tokens re-read from the store keep the daemon working
         with pytest.MonkeyPatch.context() as mp:
@@ -194,47 +201,27 @@ def test_relogin_while_running_is_picked_up(logged_in: Env) -> None:
     finally:
         code, _out, err, _ = stop(daemon)
     assert code == 0, err
-    assert _stored_refresh_token(env.tokens) == new_refresh
-
-
-def _stored_refresh_token(path: Path) -> str:
-    conn = sqlite3.connect(path)
-    try:
-        rows = conn.execute("SELECT token_data_json FROM token_storage").fetchall()
-    finally:
-        conn.close()
-    data = [json.loads(r[0]) for r in rows]
-    return next(d["refresh_token"] for d in data if d["resource_server"] == "groups.api.globus.org")
+    assert stored_tokens(env.tokens)["refresh"] == new_refresh
 
 
 def test_systemd_notify_messages(logged_in: Env, tmp_path: Path) -> None:
     env = logged_in
-    address = str(tmp_path / "notify.sock")
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(address)
-    listener.settimeout(0.2)
-    env.vars.update(NOTIFY_SOCKET=address, WATCHDOG_USEC="2000000")
-    messages: list[str] = []
-
-    def collect_until(pred: t.Callable[[], bool], timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not pred():
-            with contextlib.suppress(TimeoutError):
-                messages.append(listener.recv(4096).decode())
-
+    listener = NotifyListener(tmp_path / "notify.sock")
+    env.vars.update(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="2000000")
     daemon = env.popen("run", "--interval", "1h")
     try:
-        collect_until(lambda: sum("WATCHDOG=1" in m for m in messages) >= 2 and any("STATUS=last run" in m for m in messages))
+        listener.collect_until(lambda: len(listener.received("WATCHDOG=1")) >= 2 and bool(listener.received("STATUS=last run")))
     finally:
         code, _out, err, _ = stop(daemon)
-        collect_until(lambda: any("STOPPING=1" in m for m in messages), timeout=2)
+        listener.collect_until(lambda: bool(listener.received("STOPPING=1")), timeout=2)
         listener.close()
+    messages = listener.messages
     assert code == 0, err
-    assert any("READY=1" in m for m in messages)
-    assert sum("WATCHDOG=1" in m for m in messages) >= 2
-    status = next(m for m in messages if "STATUS=last run" in m)
+    assert listener.received("READY=1")
+    assert len(listener.received("WATCHDOG=1")) >= 2
+    status = listener.received("STATUS=last run")[0]
     assert " ok " in status and "groups" in status
-    assert any("STOPPING=1" in m for m in messages)
+    assert listener.received("STOPPING=1")
     ready_at = next(i for i, m in enumerate(messages) if "READY=1" in m)
     assert ready_at < next(i for i, m in enumerate(messages) if "STATUS=last run" in m)
 

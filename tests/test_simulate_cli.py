@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 import signal
+import socket
+import stat
 import subprocess
 import sys
+import typing as t
+import urllib.error
 import urllib.request
+from pathlib import Path
 
-from conftest import Env, record
+import pytest
+from conftest import Env, Result, record
 
 
 def browser_step(url: str) -> str:
@@ -19,10 +27,20 @@ def browser_step(url: str) -> str:
     return match.group(1).strip()
 
 
-def test_simulate_serves_until_terminated(env: Env) -> None:
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+class Served(t.NamedTuple):
+    proc: subprocess.Popen[str]
+    url: str
+
+
+@contextlib.contextmanager
+def simulate(env: Env, *args: str) -> t.Iterator[Served]:
+    """`syncer simulate --port 0 ARGS` in its own process; env points syncer at it."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "syncer", "simulate", "--port", "0", "--groups", "3", "--members", "4"],
-        env=env.vars, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "syncer", "simulate", "--port", "0", *args],
+        env=env.vars, cwd=env.tmp, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
         assert server.stdout is not None
@@ -33,20 +51,212 @@ def test_simulate_serves_until_terminated(env: Env) -> None:
                 exported[key] = value
             if len(exported) == 2:
                 break
-        assert set(exported) == {"GLOBUS_SDK_SERVICE_URL_AUTH", "GLOBUS_SDK_SERVICE_URL_GROUPS"}
-        assert all(v.startswith("http://127.0.0.1:") and v.endswith("/") for v in exported.values())
+        assert len(exported) == 2, server.communicate(timeout=10)
         env.vars.update(exported)
-
-        login = env.popen("login", "--no-browser", stdin=subprocess.PIPE)
-        assert login.stdout is not None
-        url = next(line.strip() for line in login.stdout if line.startswith("http"))
-        out, err = login.communicate(browser_step(url) + "\n", timeout=60)
+        yield Served(server, exported["GLOBUS_SDK_SERVICE_URL_AUTH"].removesuffix("/auth/"))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        out, err = server.communicate(timeout=30)
         record(out, err)
-        assert login.returncode == 0, err
+    assert server.returncode == 0, err
+
+
+def admin(served: Served, action: str, **payload: t.Any) -> dict[str, t.Any]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    if action == "world":
+        request = urllib.request.Request(f"{served.url}/admin/world")
+    else:
+        request = urllib.request.Request(
+            f"{served.url}/admin/{action}", data=json.dumps(payload).encode(), method="POST"
+        )
+    with opener.open(request, timeout=30) as answer:
+        return t.cast(dict[str, t.Any], json.load(answer))
+
+
+def login_by_hand(env: Env) -> Result:
+    """`syncer login --no-browser`, with the code copied off the simulator's page."""
+    login = env.popen("login", "--no-browser", stdin=subprocess.PIPE)
+    assert login.stdout is not None
+    url = next(line.strip() for line in login.stdout if line.startswith("http"))
+    out, err = login.communicate(browser_step(url) + "\n", timeout=60)
+    record(out, err)
+    return Result(login.returncode, out, err)
+
+
+def test_simulate_serves_until_terminated(env: Env) -> None:
+    with simulate(env, "--groups", "3", "--members", "4"):
+        exported = {key: env.vars[key] for key in ("GLOBUS_SDK_SERVICE_URL_AUTH", "GLOBUS_SDK_SERVICE_URL_GROUPS")}
+        assert all(v.startswith("http://127.0.0.1:") and v.endswith("/") for v in exported.values())
+        login = login_by_hand(env)
+        assert login.returncode == 0, login.stderr
         result = env.run("sync")
         assert result.returncode == 0, result.output
         assert env.query("SELECT count(*) FROM groups")[0][0] == 3
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.communicate(timeout=10)
-    assert server.returncode == 0
+
+
+# ------------------------------------------------ a simulator a newcomer can drive
+
+
+def test_a_login_survives_a_simulator_restart_with_state(env: Env) -> None:
+    state = env.tmp / "sim-state.json"
+    with simulate(env, "--groups", "3", "--members", "4", "--state", str(state)):
+        assert login_by_hand(env).returncode == 0
+        assert env.run("sync").returncode == 0
+    assert stat.S_IMODE(state.stat().st_mode) == 0o600
+    saved = json.loads(state.read_text())
+    assert saved["format"] == "syncer-simulator-state" and saved["tokens"]["refresh_tokens"]
+    with simulate(env, "--state", str(state)) as served:
+        assert len(admin(served, "world")["groups"]) == 3  # the same world, not a new one
+        result = env.run("sync")  # the stored tokens still work: no new login
+        assert result.returncode == 0, result.output
+        assert "0 changes" in result.stderr
+        status = env.run("status")
+        assert status.returncode == 0, status.output
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("{", "not JSON"),
+        ("[]", "must be a JSON object"),
+        ('{"format": "other"}', 'format: must be "syncer-simulator-world"'),
+        ("README:role", "groups[0].memberships[1].role: must be one of member, manager, admin"),
+        ("README:me", "me: 'nobody' is not one of the identities"),
+        ("README:missing-name", "groups[1].name: missing"),
+    ],
+)
+def test_a_bad_world_file_is_one_line(env: Env, content: str, problem: str) -> None:
+    if content.startswith("README:"):
+        world = readme_world()
+        change = content.removeprefix("README:")
+        if change == "role":
+            world["groups"][0]["memberships"][1]["role"] = "boss"
+        elif change == "me":
+            world["me"] = "nobody"
+        else:
+            del world["groups"][1]["name"]
+        content = json.dumps(world)
+    path = env.tmp / "world.json"
+    path.write_text(content)
+    result = env.run("simulate", "--port", "0", "--world", str(path), timeout=60)
+    assert result.returncode == 78
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"syncer: error: {path}: not a valid world file: {problem}")
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--fault-rate", "2", "Invalid value for '--fault-rate': 2 is out of range: must be between 0 and 1"),
+        ("--port", "65536", "Invalid value for '--port': 65536 is out of range: must be between 0 and 65535"),
+        ("--members", "0", "Invalid value for '--members': 0 is out of range: must be between 1 and 100000"),
+        ("--latency-ms", "-5", "Invalid value for '--latency-ms': -5 is out of range: must be between 0 and 600000"),
+    ],
+)
+def test_simulate_option_values_are_range_checked(env: Env, option: str, value: str, message: str) -> None:
+    result = env.run("simulate", option, value, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", f"syncer: error: {message}\n")
+
+
+def test_a_busy_port_is_one_error_line(env: Env) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = env.run("simulate", "--port", str(port), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"syncer: error: cannot listen on 127.0.0.1:{port}: Address already in use"]
+
+
+def readme_world() -> dict[str, t.Any]:
+    """The world file README.md documents, as written there."""
+    text = README.read_text()
+    block = text.split("<!-- world-file-example -->\n```json\n", 1)[1].split("```", 1)[0]
+    return t.cast(dict[str, t.Any], json.loads(block))
+
+
+def test_admin_changes_while_serving_are_picked_up_by_a_sync(env: Env) -> None:
+    """The README's world file, changed through the admin route between two syncs."""
+    world_file = env.tmp / "world.json"
+    world_file.write_text(json.dumps(readme_world()))
+    with simulate(env, "--world", str(world_file)) as served:
+        assert login_by_hand(env).returncode == 0
+        assert env.run("sync").returncode == 0
+        new = admin(served, "add-member", group="Compilers", role="manager")
+        admin(served, "remove-member", group="Compilers", identity="alan@example.org")
+        admin(served, "set-role", group="Compilers", identity="grace@example.org", role="admin")
+        admin(served, "rename-group", group="Compilers", name="Compiler Writers")
+        admin(served, "leave", group="Codebreakers")
+        world = admin(served, "world")
+        assert {g["name"]: g["my_status"] for g in world["groups"]} == {"Compiler Writers": "active", "Codebreakers": "left"}
+        result = env.run("sync")
+        assert result.returncode == 0, result.output
+    rows = env.query(
+        "SELECT group_id, group_name, username, change, old_role, new_role FROM membership_changes WHERE run_id = 2"
+    )
+    compilers, codebreakers = "b1e2d3c4-0000-4000-8000-00000000000a", "b1e2d3c4-0000-4000-8000-00000000000b"
+    assert {
+        (r["group_name"], r["username"], r["change"], r["old_role"], r["new_role"])
+        for r in rows if r["group_id"] == compilers
+    } == {
+        ("Compiler Writers", new["username"], "added", None, "manager"),
+        ("Compiler Writers", "alan@example.org", "removed", "member", None),
+        ("Compiler Writers", "grace@example.org", "changed", "member", "admin"),
+    }
+    # having left Codebreakers, it is no longer among my groups: gone, its members too
+    assert {r["change"] for r in rows if r["group_id"] == codebreakers} == {"removed"}
+    groups = {r["id"]: r for r in env.query("SELECT id, name, removed_at FROM groups")}
+    assert groups[compilers]["name"] == "Compiler Writers" and groups[compilers]["removed_at"] is None
+    assert groups[codebreakers]["removed_at"] is not None
+
+
+def test_admin_refuses_bad_requests_with_a_reason(env: Env) -> None:
+    world_file = env.tmp / "world.json"
+    world_file.write_text(json.dumps(readme_world()))
+    with simulate(env, "--world", str(world_file)) as served:
+        for action, payload, status, reason in [
+            ("no-such-thing", {}, 404, "no admin action 'no-such-thing'"),
+            ("set-role", {"group": "Compilers", "identity": "alan@example.org", "role": "boss"}, 400, "role must be one of"),
+            ("remove-member", {"group": "Nope", "identity": "me"}, 404, "no group 'Nope'"),
+            ("leave", {"group": "Codebreakers", "identity": "grace@example.org"}, 404, "is not in group"),
+        ]:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                admin(served, action, **payload)
+            assert refused.value.code == status
+            assert reason in json.load(refused.value)["error"]
+        assert admin(served, "world")["version"] == 0  # nothing changed
+
+
+def test_a_confidential_client_of_the_world_file_syncs_without_login(env: Env) -> None:
+    world = readme_world()
+    [client] = world["clients"]
+    world_file = env.tmp / "world.json"
+    world_file.write_text(json.dumps(world))
+    env.write_config(client_id=client["id"])
+    env.vars["SYNCER_CLIENT_SECRET"] = client["secret"]
+    with simulate(env, "--world", str(world_file)):
+        result = env.run("sync")
+    assert result.returncode == 0, result.output
+    assert [r["name"] for r in env.query("SELECT name FROM groups")] == ["Compilers"]
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "cannot write the state file: No such file or directory"),
+        ("{}", 'not a valid state file: not a simulator state file ("format" must be "syncer-simulator-state")'),
+        (
+            '{"format": "syncer-simulator-state", "format_version": 1, "world": {"format": "syncer-simulator-world"},'
+            ' "tokens": {"refresh_tokens": [], "access_tokens": []}}',
+            "not a valid state file: world.identities: missing",
+        ),
+    ],
+)
+def test_a_bad_state_file_is_one_line(env: Env, content: str | None, problem: str) -> None:
+    path = env.tmp / "no-such-folder" / "state.json" if content is None else env.tmp / "state.json"
+    if content is not None:
+        path.write_text(content)
+    result = env.run("simulate", "--port", "0", "--state", str(path), timeout=60)
+    assert (result.returncode, result.stdout) == (78, "")
+    assert result.stderr.splitlines() == [f"syncer: error: {path}: {problem}"]

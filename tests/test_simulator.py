@@ -195,6 +195,8 @@ def test_authorize_redirects_to_app_callback(sim: Simulator) -> None:
         (None, {"response_type": "token"}),
         (None, {"code_challenge_method": "plain"}),
         (None, {"access_type": "forever"}),
+        # a native app's redirect goes to a loopback address, never elsewhere
+        (None, {"redirect_uri": "https://attacker.example/callback"}),
     ],
 )
 def test_authorize_rejects_bad_requests(sim: Simulator, drop: str | None, change: dict[str, str]) -> None:

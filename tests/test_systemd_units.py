@@ -20,7 +20,11 @@ UNIT_DIR = Path(__file__).resolve().parent.parent / "systemd"
 SERVICES = ("syncer.service", "syncer-sync.service")
 DATASETTE = "syncer-datasette.service"
 TIMER = "syncer-sync.timer"
-UNITS = (*SERVICES, DATASETTE, TIMER)
+# one instance per account: /etc/syncer/%i.toml, state in /var/lib/syncer/%i
+TEMPLATES = ("syncer@.service", "syncer-sync@.service")
+TEMPLATE_TIMER = "syncer-sync@.timer"
+UNITS = (*SERVICES, TIMER, *TEMPLATES, TEMPLATE_TIMER, DATASETTE)
+LOAD_CREDENTIAL = "LoadCredential=client_secret:/etc/syncer/%i.secret"
 INSTALLED_BINARY = "/opt/syncer/venv/bin/syncer"
 MAX_EXPOSURE = 1.5
 
@@ -222,16 +226,6 @@ def test_datasette_unit_reads_the_state_directory_as_group_syncer(units):
         assert service[key] == daemon[key], key
 
 
-def test_sysusers_entry():
-    text = (UNIT_DIR / "syncer.sysusers").read_text()
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    assert lines == [
-        'u syncer - "syncer Globus group snapshotter" /var/lib/syncer',
-        'u syncer-datasette -:syncer "syncer Datasette reader" /nonexistent',
-    ]
-    assert "useradd --system" in text
-
-
 def test_sysusers_file_creates_the_user(tmp_path):
     exe = shutil.which("systemd-sysusers")
     if exe is None:
@@ -252,7 +246,7 @@ def test_sysusers_file_creates_the_user(tmp_path):
 # ------------------------------------------------------------- systemd-analyze
 
 
-@pytest.mark.parametrize("name", (*SERVICES, DATASETTE))
+@pytest.mark.parametrize("name", (*SERVICES, *TEMPLATES, DATASETTE))
 def test_security_exposure(analyze, name):
     # --offline=yes analyses the unit file at this path, not a loaded unit;
     # --threshold is on the internal 0..100 scale (1.5 shown == 15).
@@ -260,7 +254,8 @@ def test_security_exposure(analyze, name):
         analyze, "security", "--offline=yes", f"--threshold={int(MAX_EXPOSURE * 10)}",
         "--no-pager", str(UNIT_DIR / name),
     )
-    match = re.search(rf"Overall exposure level for {re.escape(name)}: (\d+\.\d+)", proc.stdout)
+    shown = name.replace("@.", "@i.")  # a template is scored as an instance named "i"
+    match = re.search(rf"Overall exposure level for {re.escape(shown)}: (\d+\.\d+)", proc.stdout)
     assert match, proc.stdout + proc.stderr
     exposure = float(match.group(1))
     print(f"{name}: exposure {exposure}")
@@ -278,6 +273,10 @@ def test_security_exposure(analyze, name):
         # a timer is verified together with the unit it triggers; verify also
         # adds the files' folder to the unit search path
         ("syncer-sync.timer", "syncer-sync.service"),
+        # templates are verified as an instance of themselves
+        ("syncer@demo.service",),
+        ("syncer-sync@demo.service",),
+        ("syncer-sync@demo.timer", "syncer-sync@demo.service"),
     ],
     ids=lambda files: "+".join(files),
 )
@@ -297,3 +296,49 @@ def test_verify_would_catch_a_bad_key(analyze, tmp_path):
     unit.write_text(unit.read_text().replace("UMask=0027", "UMask=0027\nUmask=0027"))
     proc = run(analyze, "verify", "./syncer.service", cwd=tmp_path)
     assert "Unknown key" in proc.stderr
+
+
+# ------------------------------------------------------------ template units
+
+
+@pytest.mark.parametrize("template, plain", list(zip(TEMPLATES, SERVICES, strict=True)))
+def test_templates_differ_from_their_unit_only_in_the_instance_paths(units, template, plain):
+    """Same identity, hardening, restart policy and exit codes; config and state per instance."""
+    per_instance = {"ExecStart", "StateDirectory", "WorkingDirectory"}
+    mine, theirs = units[template]["Service"], units[plain]["Service"]
+    assert {k: v for k, v in mine.items() if k not in per_instance} == {
+        k: v for k, v in theirs.items() if k not in per_instance
+    }
+    command = last(units[plain], "Service", "ExecStart").removeprefix(f"{INSTALLED_BINARY} ")
+    assert mine["ExecStart"] == [f"{INSTALLED_BINARY} --config /etc/syncer/%i.toml {command}"]
+    assert mine["StateDirectory"] == ["syncer/%i"]
+    assert mine["WorkingDirectory"] == ["%S/syncer/%i"]
+    assert {k: v for k, v in units[template]["Unit"].items() if k != "Description"} == {
+        k: v for k, v in units[plain]["Unit"].items() if k != "Description"
+    }
+    assert "%i" in last(units[template], "Unit", "Description")
+    assert units[template].get("Install") == units[plain].get("Install")
+
+
+def test_template_timer_starts_its_instance(units):
+    timer, plain = units[TEMPLATE_TIMER], units[TIMER]
+    assert last(timer, "Timer", "Unit") == "syncer-sync@%i.service"
+    assert {k: v for k, v in timer["Timer"].items() if k != "Unit"} == {
+        k: v for k, v in plain["Timer"].items() if k != "Unit"
+    }
+    assert timer["Install"] == plain["Install"]
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_confidential_client_variant_verifies(analyze, tmp_path, name):
+    """The documented LoadCredential= line (commented out in each template) is valid as it stands."""
+    copy_for_verify(tmp_path)
+    unit = tmp_path / name
+    text = unit.read_text()
+    assert f"#{LOAD_CREDENTIAL}\n" in text
+    unit.write_text(text.replace(f"#{LOAD_CREDENTIAL}", LOAD_CREDENTIAL))
+    proc = run(analyze, "verify", f"./{name.replace('@.', '@demo.')}", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    proc = run(analyze, "security", "--offline=yes", "--no-pager", str(unit))
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert match and float(match.group(1)) <= MAX_EXPOSURE, proc.stdout

@@ -9,7 +9,7 @@ environment variables in :attr:`Simulator.env`; shape the data with a
     os.environ.update(sim.env)
 """
 
-from .server import MALFORMED_KINDS, Faults, Simulator, serve, serve_cli
+from .server import MALFORMED_KINDS, Faults, Simulator, SimulatorSetupError, serve, serve_cli
 from .world import ROLES, STATUSES, Membership, World
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Faults",
     "Membership",
     "Simulator",
+    "SimulatorSetupError",
     "World",
     "serve",
     "serve_cli",

@@ -24,6 +24,7 @@ import html
 import ipaddress
 import json
 import logging
+import os
 import random
 import re
 import secrets
@@ -33,17 +34,21 @@ import subprocess
 import sys
 import threading
 import time
+import typing as t
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+from . import admin
+from .state import read_state, write_state
 from .world import GROUPS_RESOURCE_SERVER, STATUSES, World
 
-__all__ = ["Faults", "Simulator", "serve", "serve_cli"]
+__all__ = ["Faults", "Simulator", "SimulatorSetupError", "serve", "serve_cli"]
 
 log = logging.getLogger("syncer.simulator")
 
@@ -141,11 +146,14 @@ class Faults:
         self._retry_after = 1
         self._released = threading.Event()
         self._released.set()
+        self._hold_exempt: frozenset[str] = frozenset()
 
     # -- public helpers
 
-    def hold_reads(self) -> None:
-        """Make every group read wait (counted as fault ``held``) until :meth:`release_reads`."""
+    def hold_reads(self, except_groups: Iterable[str] = ()) -> None:
+        """Make every group read wait (counted as fault ``held``) until :meth:`release_reads`;
+        reads of ``except_groups`` answer as usual."""
+        self._hold_exempt = frozenset(except_groups)
         self._released.clear()
 
     def release_reads(self) -> None:
@@ -400,6 +408,7 @@ class Simulator:
         *,
         record_reads: bool = True,
         verbose: bool = False,
+        state_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.world = world
         self.port = port
@@ -426,6 +435,11 @@ class Simulator:
         self._stop_evt = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        #: where the world and issued tokens are kept across restarts (see ``state.py``)
+        self.state_file = Path(state_file) if state_file is not None else None
+        self._tokens_version = 0  # bumped whenever a token is issued or revoked
+        self._saved_versions: tuple[int, int] | None = None
+        self._saver: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -443,6 +457,9 @@ class Simulator:
             daemon=True,
         )
         self._thread.start()
+        if self.state_file is not None:
+            self._saver = threading.Thread(target=self._keep_state, name="globus-simulator-state", daemon=True)
+            self._saver.start()
         return self
 
     def stop(self) -> None:
@@ -457,6 +474,68 @@ class Simulator:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self._saver is not None:
+            self._saver.join(timeout=10)
+            self._saver = None
+        self.save_state()
+
+    # ----------------------------------------------------------- state file
+
+    def _keep_state(self) -> None:
+        """Write the state file soon after each change (at most every 0.2 s)."""
+        while not self._stop_evt.wait(0.2):
+            try:
+                self.save_state()
+            except OSError as err:  # a full disk, say: keep serving, try again at the next change
+                log.warning("cannot write the state file %s: %s", self.state_file, err)
+
+    def save_state(self) -> None:
+        """Write the state file if anything changed since it was last written."""
+        if self.state_file is None:
+            return
+        with self.world.lock, self._lock:
+            versions = (self.world.version, self._tokens_version)
+            if versions == self._saved_versions:
+                return
+            tokens = self.export_tokens()
+        write_state(self.state_file, self.world, tokens)
+        self._saved_versions = versions
+
+    def export_tokens(self) -> dict[str, Any]:
+        """The refresh tokens and live access tokens issued (caller holds ``self._lock``)."""
+        now = time.time()
+        return {
+            "refresh_tokens": [
+                {"token": token, "client_id": r.client_id, "scope": r.scope, "state": r.state,
+                 "identity_id": r.identity_id, "revoked": r.revoked}
+                for token, r in self._refresh.items()
+            ],
+            "access_tokens": [
+                {"token": token, "scope": a.scope, "identity_id": a.identity_id,
+                 "expires_at": a.expires_at, "refresh_token": a.refresh_token}
+                for token, a in self._access.items()
+                if not a.revoked and a.serial > self._access_cutoff and a.expires_at > now
+            ],
+        }
+
+    def restore_tokens(self, tokens: dict[str, Any]) -> None:
+        """Take back the tokens of :meth:`export_tokens` (from a state file)."""
+        try:
+            with self._lock:
+                for r in tokens["refresh_tokens"]:
+                    self._refresh[r["token"]] = _Refresh(
+                        r["client_id"], r["scope"], r["state"], r["identity_id"], bool(r["revoked"])
+                    )
+                    self.issued_tokens.add(r["token"])
+                for a in tokens["access_tokens"]:
+                    self._serial += 1
+                    self._access[a["token"]] = _Access(
+                        a["scope"], a["identity_id"], float(a["expires_at"]), self._serial, a["refresh_token"]
+                    )
+                    self.issued_tokens.add(a["token"])
+                self._saved_versions = (self.world.version, self._tokens_version)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"tokens: a token record is malformed ({type(err).__name__}: {err})") from None
 
     def __enter__(self) -> Simulator:
         return self.start()
@@ -590,11 +669,13 @@ class Simulator:
             for r in self._refresh.values():
                 r.revoked = True
             self._invalid_grant_status = status
+            self._tokens_version += 1
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far invalid (Groups -> 401)."""
         with self._lock:
             self._access_cutoff = self._serial
+            self._tokens_version += 1
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -628,6 +709,9 @@ class Simulator:
             "code_exchanges_failed": 0,
             "refresh_grants": 0,
             "refresh_grants_failed": 0,
+            "client_credentials_grants": 0,
+            "client_credentials_grants_failed": 0,
+            "admin_changes": 0,
             "revocations": 0,
         }
 
@@ -733,6 +817,9 @@ class Simulator:
                 )
             self._count("requests", "other")
             return self._groups_error(404, "No such endpoint.")
+        if path.startswith("/admin/"):
+            self._count("requests", "admin")
+            return self._admin(method, path[len("/admin/"):].rstrip("/"), body)
         self._count("requests", "other")
         if path in ("/", "/health"):
             return self._json(200, {"ok": True, "env": self.env})
@@ -759,6 +846,10 @@ class Simulator:
             problem = "missing client_id"
         elif not redirect_uri or urllib.parse.urlsplit(redirect_uri).scheme not in ("http", "https"):
             problem = "missing or invalid redirect_uri"
+        elif not _is_loopback(urllib.parse.urlsplit(redirect_uri).hostname):
+            # a native app may use the auth-code page (here on 127.0.0.1 too) or a
+            # local redirect to a loopback address on any port (RFC 8252), as with Globus
+            problem = "redirect_uri must be the auth-code page or a loopback (127.0.0.1) address"
         elif not q.get("scope", "").split():
             problem = "missing scope"
         elif not q.get("code_challenge"):
@@ -807,12 +898,14 @@ class Simulator:
 
     def _token(self, h: _Handler, body: bytes) -> _Resp:
         form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True).items()}
-        client_id = form.get("client_id") or _basic_auth_user(h.headers.get("Authorization"))
+        client_id = form.get("client_id") or _basic_auth(h.headers.get("Authorization"))[0]
         grant = form.get("grant_type")
         if grant == "authorization_code":
             return self._grant_code(form, client_id)
         if grant == "refresh_token":
             return self._grant_refresh(form, client_id)
+        if grant == "client_credentials":
+            return self._grant_client_credentials(form, h.headers.get("Authorization"))
         if not grant:
             return self._oauth_error(400, "invalid_request")
         return self._oauth_error(400, "unsupported_grant_type")
@@ -874,12 +967,31 @@ class Simulator:
             return self._oauth_error(status, "invalid_grant")
         return self._json(200, payload, headers=_NO_STORE)
 
+    def _grant_client_credentials(self, form: dict[str, str], authorization: str | None) -> _Resp:
+        """A confidential client acting as itself: HTTP basic auth with its id and
+        secret; a wrong or missing secret is 401 ``invalid_client``, as Globus answers."""
+        client_id, secret = _basic_auth(authorization)
+        scope = _normalize_scope(form.get("scope", ""))
+        with self.world.lock:
+            known = self.world.clients.get(client_id or "")
+        if known is None or secret is None or not secrets.compare_digest(secret.encode(), known.encode()):
+            self._count("client_credentials_grants_failed")
+            return self._oauth_error(401, "invalid_client")
+        if not scope:
+            self._count("client_credentials_grants_failed")
+            return self._oauth_error(400, "invalid_scope")
+        with self._lock:
+            payload = self._issue_access(scope, str(client_id), None, None)
+            self._stats["client_credentials_grants"] += 1
+        return self._json(200, payload, headers=_NO_STORE)
+
     def _issue_access(self, scope: str, identity_id: str, state: str | None, refresh: str | None) -> dict[str, Any]:
         """Mint an access token (caller holds ``self._lock``) and build the
         token response in Globus' shape."""
         lifetime = int(self.faults.access_token_lifetime)
         token = secrets.token_urlsafe(32)
         self._serial += 1
+        self._tokens_version += 1
         self._access[token] = _Access(scope, identity_id, time.time() + lifetime, self._serial, refresh)
         self.issued_tokens.add(token)
         payload: dict[str, Any] = {
@@ -900,6 +1012,7 @@ class Simulator:
         token = form.get("token", "")
         with self._lock:
             self._stats["revocations"] += 1
+            self._tokens_version += 1
             acc = self._access.get(token)
             if acc is not None:
                 acc.revoked = True
@@ -911,6 +1024,15 @@ class Simulator:
                     if a.refresh_token == token:
                         a.revoked = True
         return self._json(200, {"active": False})
+
+    def _admin(self, method: str, action: str, body: bytes) -> _Resp:
+        try:
+            answer = admin.apply(self.world, method, action, body)
+        except admin.AdminError as err:
+            return self._json(err.status, {"error": str(err)})
+        if method == "POST":
+            self._count("admin_changes")
+        return self._json(200, answer)
 
     def _check_bearer(self, h: _Handler) -> str | None:
         """Identity id for a valid groups-scoped access token, else None."""
@@ -992,7 +1114,7 @@ class Simulator:
             self._fault("stall")
             tag = "stall"
             self._stop_evt.wait(float(stall))
-        if faults.reads_held:
+        if faults.reads_held and gid not in faults._hold_exempt:
             self._fault("held")
             faults._wait_released(self._stop_evt)
         include = _split_list(query.get("include"))
@@ -1168,15 +1290,17 @@ def _split_list(values: list[str] | None) -> list[str]:
     return out
 
 
-def _basic_auth_user(header: str | None) -> str | None:
-    """client_id from an HTTP Basic Authorization header, if any."""
+def _basic_auth(header: str | None) -> tuple[str | None, str | None]:
+    """(client id, secret) from an HTTP Basic Authorization header; Nones if absent."""
     if not header or not header.lower().startswith("basic "):
-        return None
+        return None, None
     try:
         raw = base64.b64decode(header[6:].strip()).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
-        return None
-    return urllib.parse.unquote(raw.partition(":")[0]) or None
+        return None, None
+    user, sep, password = raw.partition(":")
+    return urllib.parse.unquote(user) or None, urllib.parse.unquote(password) if sep else None
+
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -1212,6 +1336,15 @@ def serve(
     sim.serve_forever(print_env=print_env, say=say)
 
 
+class SimulatorSetupError(Exception):
+    """``syncer simulate`` cannot start: a bad world or state file (``config``), or
+    the port cannot be bound; the message is one line."""
+
+    def __init__(self, message: str, *, config: bool) -> None:
+        super().__init__(message)
+        self.config = config
+
+
 def serve_cli(
     *,
     port: int = 8765,
@@ -1220,19 +1353,60 @@ def serve_cli(
     latency_ms: float = 0,
     token_lifetime: int = 3600,
     world_file: str | None = None,
+    state_file: str | None = None,
     seed: int = 1,
     fault_rate: float = 0.0,
     say: Callable[[str], Any] | None = None,
 ) -> None:
-    """Back end of ``syncer simulate``: build or load a world and serve it.
+    """Back end of ``syncer simulate``: build, load or restore a world and serve it.
 
-    ``fault_rate`` is the share of group reads that get a random fault.
+    ``fault_rate`` is the share of group reads that get a random fault. With
+    ``state_file``, an existing file restores the world and the tokens issued (the
+    world file and generation options are then ignored), and changes are written
+    back while serving. Raises ``SimulatorSetupError`` when it cannot start.
     """
     say = say or (lambda s: print(s, flush=True))
-    world = World.from_json(world_file) if world_file else World.generate(groups=groups, members=members, seed=seed)
+    saved = None
+    if state_file and Path(state_file).exists():
+        saved = _load(state_file, read_state, "state file")
+        world = saved.world
+        say(f"# restored the world and {len(saved.tokens['refresh_tokens'])} refresh token(s) from {state_file}")
+    elif world_file:
+        world = _load(world_file, World.from_json, "world file")
+    else:
+        world = World.generate(groups=groups, members=members, seed=seed)
     faults = Faults(latency_ms=latency_ms, access_token_lifetime=token_lifetime, random_rate=fault_rate, seed=seed)
+    sim = Simulator(world, port=port, faults=faults, state_file=state_file)
+    if saved is not None:
+        try:
+            sim.restore_tokens(saved.tokens)
+        except ValueError as err:
+            raise SimulatorSetupError(f"{state_file}: not a valid state file: {err}", config=True) from None
     try:
-        serve(world, port=port, faults=faults, print_env=True, say=say)
-    except OSError as e:
-        say(f"cannot listen on 127.0.0.1:{port}: {e}")
-        sys.exit(1)
+        sim.save_state()  # a state file that cannot be written fails now, not at the first login
+    except OSError as err:
+        raise SimulatorSetupError(f"{state_file}: cannot write the state file: {err.strerror or err}", config=True) from None
+    try:
+        sim.start()
+    except OSError as err:
+        raise SimulatorSetupError(f"cannot listen on 127.0.0.1:{port}: {err.strerror or err}", config=False) from None
+    for client_id in world.clients:
+        say(f"# confidential client {client_id} (its secret is in the world or state file)")
+    say(f"# admin: GET {sim.url}/admin/world; POST {sim.url}/admin/ACTION (see README: Simulator)")
+    sim.serve_forever(print_env=True, say=say)
+
+
+_T = t.TypeVar("_T")
+
+
+def _load(path: str, reader: Callable[[Any], _T], what: str) -> _T:
+    """Read a world or state file; any problem is one line naming the file."""
+    try:
+        return reader(Path(path))
+    except FileNotFoundError:
+        raise SimulatorSetupError(f"{path}: {what} not found", config=True) from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise SimulatorSetupError(f"{path}: cannot read the {what}: {reason}", config=True) from None
+    except ValueError as err:
+        raise SimulatorSetupError(f"{path}: not a valid {what}: {err}", config=True) from None

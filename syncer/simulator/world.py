@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import secrets
 import threading
 import time
 import unicodedata
@@ -33,6 +34,7 @@ __all__ = [
     "STATUSES",
     "Membership",
     "World",
+    "validate_world_doc",
 ]
 
 ROLES: tuple[str, ...] = ("member", "manager", "admin")
@@ -267,10 +269,13 @@ class World:
         *,
         seed: Any = 0,
         cache_bytes: int = 192 * 1024 * 1024,
+        clients: dict[str, str] | None = None,
     ) -> None:
         if me not in identities:
             raise ValueError("world.me must be one of the identities")
         self.me: str = me
+        #: confidential clients: client id -> secret; a client's identity id is its client id
+        self.clients: dict[str, str] = dict(clients or {})
         self.identities: dict[str, dict[str, str]] = identities
         self.groups: dict[str, dict[str, Any]] = groups
         self.version: int = 0
@@ -403,6 +408,7 @@ class World:
                     }
                     for g in self.groups.values()
                 ],
+                "clients": [{"id": cid, "secret": secret} for cid, secret in self.clients.items()],
             }
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
@@ -417,9 +423,10 @@ class World:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> World:
-        """Rebuild a world from :meth:`to_dict` output."""
-        if data.get("format") != FORMAT_NAME:
-            raise ValueError(f"not a {FORMAT_NAME} document")
+        """Rebuild a world from a world-file document (:meth:`to_dict` output, or one
+        written by hand: optional fields get defaults). Raises ``ValueError`` naming
+        the first problem's place, e.g. ``groups[2].memberships[0].role: ...``."""
+        validate_world_doc(data)
         identities = {i["id"]: dict(i) for i in data["identities"]}
         groups: dict[str, dict[str, Any]] = {}
         for g in data["groups"]:
@@ -430,22 +437,35 @@ class World:
                     for k in ("status_reason", "invite_email_address", "invite_time")
                     if m.get(k) is not None
                 } or None
-                _check_role(m["role"])
-                _check_status(m["status"])
-                # `updated` is spliced into JSON unescaped when serving.
-                if not isinstance(m["updated"], str) or not _ISO_RE.fullmatch(m["updated"]):
-                    raise ValueError(f"bad 'updated' timestamp: {m['updated']!r}")
-                mships[m["identity_id"]] = Membership(m["role"], m["status"], m["updated"], extra)
-            rec = {k: v for k, v in g.items() if k != "memberships"}
-            rec["memberships"] = mships
+                updated = m.get("updated") or iso_z(_GEN_EPOCH)
+                mships[m["identity_id"]] = Membership(m["role"], m["status"], updated, extra)
+            policies = g.get("policies") or {}
+            rec = _group_record(
+                g["id"],
+                name=g["name"],
+                description=g.get("description", ""),
+                parent_id=g.get("parent_id"),
+                group_visibility=policies.get("group_visibility", "private"),
+                members_visibility=policies.get("group_members_visibility", "managers"),
+                memberships=mships,
+            )
+            rec.update({k: v for k, v in g.items() if k not in ("memberships", "policies")})
+            rec["policies"].update(policies)
             groups[g["id"]] = rec
-        return cls(data["me"], identities, groups)
+        clients = {c["id"]: c["secret"] for c in data.get("clients") or []}
+        for cid in clients:
+            identities.setdefault(cid, _client_identity(cid))
+        return cls(data["me"], identities, groups, clients=clients)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> World:
-        """Load a world file written by :meth:`to_json`."""
+        """Load a world file (see :meth:`from_dict`); ``ValueError`` says what is wrong."""
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"not JSON: {err}") from None
+        return cls.from_dict(data)
 
     # -------------------------------------------------------------- mutators
 
@@ -518,6 +538,37 @@ class World:
                 return
             old, g["name"] = g["name"], name
             self._changed("rename_group", group_id, None, old, name)
+
+    def add_client(
+        self,
+        groups: list[str] | tuple[str, ...] = (),
+        role: str = "admin",
+        *,
+        client_id: str | None = None,
+        secret: str | None = None,
+    ) -> tuple[str, str]:
+        """Register a confidential client, a member with ``role`` of ``groups``;
+        return its (client id, secret). Its identity id is its client id and its
+        username ``<client id>@clients.auth.globus.org``, as in Globus."""
+        _check_role(role)
+        with self.lock:
+            for gid in groups:
+                if gid not in self.groups:
+                    raise KeyError(gid)
+            client_id = client_id or _uuid_from(self._rng)
+            if client_id in self.clients:
+                raise ValueError(f"client {client_id} is already registered")
+            secret = secret or secrets.token_urlsafe(24)
+            self.clients[client_id] = secret
+            if client_id not in self.identities:
+                ident = _client_identity(client_id)
+                self.identities[client_id] = ident
+                self._usernames.add(ident["username"])
+            self._changed("add_client", None, client_id, None, {"groups": list(groups), "role": role})
+            for gid in groups:
+                if client_id not in self.groups[gid]["memberships"]:
+                    self.add_member(gid, client_id, role=role)
+            return client_id, secret
 
     def add_group(
         self,
@@ -1004,7 +1055,7 @@ class World:
         return None
 
     def _changed(
-        self, kind: str, group_id: str, identity_id: str | None, old: Any, new: Any
+        self, kind: str, group_id: str | None, identity_id: str | None, old: Any, new: Any
     ) -> None:
         """Record a change, bump the version and drop stale renderings."""
         self.version += 1
@@ -1019,7 +1070,8 @@ class World:
                 "new": new,
             }
         )
-        self._render.invalidate(group_id)
+        if group_id is not None:
+            self._render.invalidate(group_id)
 
     def _new_identity(self, identity_id: str | None = None) -> dict[str, str]:
         ident = _make_identity(self._rng, self._usernames, identity_id)
@@ -1087,6 +1139,111 @@ def _make_identity(
         "email": f"{local}@{domain}",
         "institution": inst,
     }
+
+
+def _client_identity(client_id: str) -> dict[str, str]:
+    """The identity Globus gives a confidential client."""
+    return {
+        "id": client_id,
+        "username": f"{client_id}@clients.auth.globus.org",
+        "name": "syncer simulated service client",
+        "email": "",
+        "institution": "",
+    }
+
+
+def _where(path: str, problem: str) -> ValueError:
+    return ValueError(f"{path}: {problem}" if path else problem)
+
+
+def _need(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], path: str, optional: bool = False) -> Any:
+    """``doc[key]`` checked to be of ``kind`` (None allowed when ``optional``)."""
+    here = f"{path}.{key}" if path else key
+    if key not in doc:
+        if optional:
+            return None
+        raise _where(here, "missing")
+    value = doc[key]
+    if optional and value is None:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        shown = {"str": "a string", "list": "a list", "dict": "an object", "int": "a number"}.get(names, names)
+        raise _where(here, f"must be {shown}")
+    return value
+
+
+def _objects(doc: dict[str, Any], key: str, path: str, optional: bool = False) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(place, object) for each item of the list ``doc[key]``, each checked to be an object."""
+    here = f"{path}.{key}" if path else key
+    for n, item in enumerate(_need(doc, key, list, path, optional=optional) or []):
+        if not isinstance(item, dict):
+            raise _where(f"{here}[{n}]", "must be an object")
+        yield f"{here}[{n}]", item
+
+
+def validate_world_doc(data: Any) -> None:
+    """Check a world-file document against the format README.md documents;
+    raise ``ValueError`` naming the first problem's place."""
+    if not isinstance(data, dict):
+        raise ValueError("must be a JSON object")
+    if data.get("format") != FORMAT_NAME:
+        raise _where("format", f'must be "{FORMAT_NAME}"')
+    if data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise _where("format_version", f"must be {FORMAT_VERSION}")
+    known = {"format", "format_version", "me", "identities", "groups", "clients"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise _where(unknown[0], f"unknown key (known: {', '.join(sorted(known))})")
+    ids: set[str] = set()
+    usernames: set[str] = set()
+    for path, ident in _objects(data, "identities", ""):
+        iid = _need(ident, "id", str, path)
+        username = _need(ident, "username", str, path)
+        for key in ("name", "email", "institution"):
+            _need(ident, key, str, path, optional=True)
+        if iid in ids:
+            raise _where(f"{path}.id", f"duplicate identity {iid!r}")
+        if username in usernames:
+            raise _where(f"{path}.username", f"duplicate username {username!r}")
+        ids.add(iid)
+        usernames.add(username)
+    for path, client in _objects(data, "clients", "", optional=True):
+        ids.add(_need(client, "id", str, path))
+        if not _need(client, "secret", str, path):
+            raise _where(f"{path}.secret", "must not be empty")
+    me = _need(data, "me", str, "")
+    if me not in ids:
+        raise _where("me", f"{me!r} is not one of the identities")
+    gids: set[str] = set()
+    for path, group in _objects(data, "groups", ""):
+        gid = _need(group, "id", str, path)
+        if gid in gids:
+            raise _where(f"{path}.id", f"duplicate group {gid!r}")
+        gids.add(gid)
+        _need(group, "name", str, path)
+        _need(group, "description", str, path, optional=True)
+        _need(group, "parent_id", str, path, optional=True)
+        policies = _need(group, "policies", dict, path, optional=True) or {}
+        for key, allowed in (("group_visibility", GROUP_VISIBILITIES), ("group_members_visibility", VISIBILITIES)):
+            if key in policies and policies[key] not in allowed:
+                raise _where(f"{path}.policies.{key}", f"must be one of {', '.join(allowed)}")
+        members: set[str] = set()
+        for where, m in _objects(group, "memberships", path):
+            iid = _need(m, "identity_id", str, where)
+            if iid not in ids:
+                raise _where(f"{where}.identity_id", f"{iid!r} is not one of the identities")
+            if iid in members:
+                raise _where(f"{where}.identity_id", f"{iid!r} is in the group twice")
+            members.add(iid)
+            if _need(m, "role", str, where) not in ROLES:
+                raise _where(f"{where}.role", f"must be one of {', '.join(ROLES)}")
+            if _need(m, "status", str, where) not in STATUSES:
+                raise _where(f"{where}.status", f"must be one of {', '.join(STATUSES)}")
+            updated = _need(m, "updated", str, where, optional=True)
+            # `updated` is spliced into JSON unescaped when serving
+            if updated is not None and not _ISO_RE.fullmatch(updated):
+                raise _where(f"{where}.updated", f"must be an ISO 8601 time, not {updated!r}")
 
 
 def _group_record(
