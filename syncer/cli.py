@@ -6,9 +6,11 @@ exit code (see ``syncer.errors``); a traceback means a bug.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 import typing as t
@@ -228,8 +230,6 @@ def hooks() -> None:
 @click.pass_context
 def replay(ctx: click.Context, name: str, since: str) -> None:
     """Send hook NAME the runs since WHEN again (or for the first time: a hook starts with the run after it was added)."""
-    import datetime as dt
-
     from syncer.hooks import find_hook
     from syncer.hooks import replay as replay_hook
     from syncer.when import parse_when
@@ -239,11 +239,7 @@ def replay(ctx: click.Context, name: str, since: str) -> None:
     if hook is None:
         known = ", ".join(h.name for h in config.hooks) or "none configured"
         raise _BadValue(f"no hook named {name!r} (hooks: {known})")
-    try:
-        when = parse_when(since, dt.datetime.now(dt.UTC))
-    except ValueError as err:
-        raise _BadValue(f"--since: {err}") from None
-    first, deliveries = replay_hook(config, hook, when)
+    first, deliveries = replay_hook(config, hook, parse_when(since))
     if first is None:
         click.echo(f"no run since {since}: nothing to replay")
         return
@@ -317,6 +313,192 @@ def simulate(
         )
     except SimulatorSetupError as err:
         raise (ConfigError(str(err)) if err.config else SyncerError(str(err))) from None
+
+
+# ------------------------------------------------------------ asking the database
+# members / changes / groups / identity only read: the database is opened read-only
+# (read permission on the file is enough, and so is a copy of it), the sync lock is
+# never taken, and a run that is committing is waited for (busy_timeout).
+
+
+READ_MMAP_BYTES = 1 << 30
+
+
+def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> t.Any:
+    from syncer.when import parse_when
+
+    return None if value is None else parse_when(value)
+
+
+def _format_option(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
+    from syncer.output import FORMATS
+
+    return click.option(
+        "--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+        help="table for people (fits the terminal); csv, tsv, json (one array) or jsonl for scripts.",
+    )(command)
+
+
+def _existing_database(settings: _Settings) -> Config:
+    from syncer.queries import NotFound
+
+    config = settings.config()
+    if not config.database.exists():
+        raise NotFound(f"no database at {config.database} yet; run `syncer sync` first")
+    return config
+
+
+@contextlib.contextmanager
+def _reading(settings: _Settings) -> t.Iterator[t.Any]:
+    """The output database, open read-only; a missing or pre-history-rework schema is one line, exit 1."""
+    from syncer.errors import StorageError
+    from syncer.queries import missing_interface
+    from syncer.schema import connect
+
+    config = _existing_database(settings)
+    path = config.database
+    db = connect(path, readonly=True, busy_timeout=config.busy_timeout)
+    # a command reads much of a large file once: mapped pages are not copied into
+    # SQLite's cache one read() at a time (`groups` at 1M memberships: half the CPU)
+    db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
+    try:
+        yield db
+    except sqlite3.OperationalError as err:
+        if missing_interface(err):
+            raise StorageError(
+                f"{path}: no snapshot in this release's format yet ({err}); run `syncer sync` to create or upgrade it"
+            ) from None
+        raise StorageError(f"{path}: {err}") from None
+    finally:
+        db.close()
+
+
+def _note(text: str) -> None:
+    click.echo(f"syncer: note: {text}", err=True)
+
+
+def _emit(rows: t.Sequence[t.Sequence[t.Any]], fields: t.Sequence[str], fmt: str, nothing: str) -> None:
+    from syncer.output import render
+
+    if not rows and fmt == "table":
+        _note(nothing)
+        return
+    click.echo(render(rows, fields, fmt), nl=False)
+
+
+def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str, every_status: bool = False) -> None:
+    from syncer import queries
+
+    version = queries.group_version(db, group.id, run.id)
+    if version is None:
+        _note(f"group {group.name!r} ({group.id}) was not among your groups as of run {run.id}")
+    elif not version.members_visible:
+        _note(
+            f"the members of {version.name!r} were not visible to your identity as of run {run.id}"
+            f" (members_visible = 0): {what}"
+        )
+    elif every_status and version.members_view == "active":
+        _note(
+            f"your identity saw only the active memberships of {version.name!r} as of run {run.id}"
+            " (members_view = 'active'): other statuses are not known"
+        )
+
+
+@cli.command("members")
+@click.argument("group")
+@click.option("--at", callback=_when, metavar="WHEN", help="As of WHEN (2026-06-01, 2026-06-01T09:30Z, 7d, run:42).")
+@click.option("--all", "every_status", is_flag=True, help="Every status (invited, left, ...), not only active members.")
+@_format_option
+@click.pass_obj
+def members_command(settings: _Settings, group: str, at: t.Any, every_status: bool, fmt: str) -> None:
+    """A group's members now or as of WHEN. GROUP: its id or any name it has had."""
+    from syncer import queries
+
+    with _reading(settings) as db:
+        run = queries.as_of(db, at)
+        found = queries.resolve_group(db, group)
+        rows = queries.members(db, found.id, run.id, every_status=every_status)
+        if at is not None and fmt == "table":
+            _note(f"as of run {run.id} ({run.status}, started {run.started_at})")
+        _visibility_note(db, found, run, "only your own membership is recorded", every_status)
+    _emit(rows, queries.MEMBER_FIELDS, fmt, "no members")
+
+
+@cli.command("changes")
+@click.option("--since", callback=_when, metavar="WHEN", help="From runs started at WHEN (default: 7d ago).")
+@click.option("--until", callback=_when, metavar="WHEN", help="Through runs started at WHEN (default: now).")
+@click.option("--group", metavar="GROUP", help="Only this group (id or any name it has had).")
+@click.option("--user", metavar="USER", help="Only this person (username or identity id).")
+@click.option("--all", "observations", is_flag=True, help="Also observations: first_seen, hidden, group_gone.")
+@_format_option
+@click.pass_obj
+def changes_command(
+    settings: _Settings, since: t.Any, until: t.Any, group: str | None, user: str | None, observations: bool, fmt: str,
+) -> None:
+    """Membership events in a period (default: the last 7 days), oldest first."""
+    from syncer import queries
+    from syncer.when import When, parse_when
+
+    with _reading(settings) as db:
+        found = queries.resolve_group(db, group) if group is not None else None
+        people = queries.resolve_user(db, user) if user is not None else ()
+        runs = queries.run_span(db, since or parse_when("7d"), until)
+        rows = queries.changes(
+            db, runs, group_id=found and found.id, identity_ids=people, observations=observations
+        ) if runs else []
+        if found is not None and runs:
+            # as of the period's last run; no committed run by then means nothing to say
+            with contextlib.suppress(queries.NotFound):
+                last = queries.as_of(db, When(until.text, run_id=runs[1]) if until else None)
+                _visibility_note(db, found, last, "changes of other members are not known")
+    _emit(rows, queries.CHANGE_FIELDS, fmt, "no changes in that period")
+
+
+@cli.command("groups")
+@click.option("--at", callback=_when, metavar="WHEN", help="As of WHEN (2026-06-01, 2026-06-01T09:30Z, 7d, run:42).")
+@_format_option
+@click.pass_obj
+def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
+    """Your groups now or as of WHEN: role, status, whether you see the members, active members."""
+    from syncer import queries
+
+    with _reading(settings) as db:
+        run = queries.as_of(db, at)
+        rows = queries.current_groups(db) if at is None else queries.groups_as_of(db, run.id)
+    if at is not None and fmt == "table":
+        _note(f"as of run {run.id} ({run.status}, started {run.started_at})")
+    hidden = sum(1 for row in rows if not row.members_visible)
+    if hidden and fmt == "table":
+        _note(f"{hidden} of these groups do not show your identity their members: their active_members is empty")
+    _emit(rows, queries.GROUP_FIELDS, fmt, "no groups")
+
+
+@cli.command("identity")
+@click.argument("user")
+@_format_option
+@click.pass_obj
+def identity_command(settings: _Settings, user: str, fmt: str) -> None:
+    """One person's memberships over time. USER: a username or an identity id."""
+    from syncer import queries
+
+    with _reading(settings) as db:
+        people = queries.resolve_user(db, user)
+        rows = queries.identity_history(db, people)
+        hidden = queries.hidden_groups(db)
+    if hidden:
+        _note(f"{hidden} of your groups do not show your identity their members: {user}'s memberships there are not known")
+    _emit(rows, queries.IDENTITY_FIELDS, fmt, "no memberships")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.pass_obj
+def serve(settings: _Settings, host: str, port: int) -> None:
+    """Datasette on the database, read-only, with descriptions and canned queries."""
+    from syncer.web import serve as serve_datasette
+
+    serve_datasette(_existing_database(settings).database, host, port)
 
 
 def main() -> None:

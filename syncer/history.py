@@ -148,15 +148,15 @@ _APPLY_BATCH = (
        SELECT c.group_key, :run, {", ".join(f"s.{c}" for c in _GROUP_ATTRIBUTES)}
        FROM stage_groups s JOIN stage_context c ON c.id = s.id WHERE c.new_version""",
     # identities: new ones, and known ones whose details changed; a detail missing now
-    # keeps its earlier value
+    # (a null in one group's copy) keeps its earlier value
     """INSERT INTO identity_state (id, username, name, email, institution, first_run, last_run_ended)
        SELECT identity_id, username, name, email, institution, :run, :run
        FROM stage_memberships WHERE true ORDER BY identity_id
-       ON CONFLICT (id) DO UPDATE SET username = excluded.username,
+       ON CONFLICT (id) DO UPDATE SET username = coalesce(excluded.username, identity_state.username),
            name = coalesce(excluded.name, identity_state.name),
            email = coalesce(excluded.email, identity_state.email),
            institution = coalesce(excluded.institution, identity_state.institution)
-       WHERE identity_state.username IS NOT excluded.username
+       WHERE (excluded.username IS NOT NULL AND excluded.username IS NOT identity_state.username)
           OR (excluded.name IS NOT NULL AND excluded.name IS NOT identity_state.name)
           OR (excluded.email IS NOT NULL AND excluded.email IS NOT identity_state.email)
           OR (excluded.institution IS NOT NULL AND excluded.institution IS NOT identity_state.institution)""",

@@ -19,7 +19,6 @@ the holder, which keeps going until its hooks have caught up, or to the next run
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 import os
@@ -39,7 +38,8 @@ from syncer.errors import LockBusy, StorageError, SyncerError
 from syncer.healthcheck import describe_request_error, register_url_secret
 from syncer.lock import SyncLock
 from syncer.logs import redact
-from syncer.schema import connect, format_time, open_database, utc_now
+from syncer.schema import connect, open_database, utc_now
+from syncer.when import When
 
 if t.TYPE_CHECKING:
     import sqlite_utils
@@ -123,8 +123,8 @@ class Replay(t.NamedTuple):
     deliveries: list[Delivery]
 
 
-def replay(config: Config, hook: HookConfig, since: dt.datetime | int, cancelled: threading.Event | None = None) -> Replay:
-    """Send ``hook`` every run since ``since`` (a moment, or a run id) again, and
+def replay(config: Config, hook: HookConfig, since: When, cancelled: threading.Event | None = None) -> Replay:
+    """Send ``hook`` every run since ``since`` (a moment, or a run) again, and
     whatever it has not received yet, in order.
 
     Raises LockBusy while another process delivers hooks on this database.
@@ -141,16 +141,16 @@ def replay(config: Config, hook: HookConfig, since: dt.datetime | int, cancelled
         raise LockBusy(f"another process is delivering hooks on this database (lock {lock_path(config)}); try again") from None
 
 
-def first_run_since(config: Config, when: dt.datetime | int) -> int | None:
-    """The first run that started at or after ``when`` (a run id: that run or the next), if any."""
+def first_run_since(config: Config, when: When) -> int | None:
+    """The first run that started at or after ``when`` (a run: that run or the next), if any."""
     if not config.database.exists():
         raise SyncerError(f"{config.database}: no database yet, so no run to replay")
     db = connect(config.database, readonly=True, busy_timeout=config.busy_timeout)
     try:
-        if isinstance(when, int):
-            row = db.execute("SELECT min(id) FROM sync_runs WHERE id >= ?", [when]).fetchone()
+        if when.run_id is not None:
+            row = db.execute("SELECT min(id) FROM sync_runs WHERE id >= ?", [when.run_id]).fetchone()
         else:
-            row = db.execute("SELECT min(id) FROM sync_runs WHERE started_at >= ?", [format_time(when)]).fetchone()
+            row = db.execute("SELECT min(id) FROM sync_runs WHERE started_at >= ?", [when.moment]).fetchone()
     except sqlite3.Error as err:
         raise StorageError(f"{config.database}: cannot read database: {err}") from None
     finally:

@@ -1,41 +1,72 @@
-"""WHEN, as commands take it: a day, a moment, a span ago, or a run.
+"""WHEN: the moments query commands take (``--at``, ``--since``, ``--until``).
 
-``YYYY-MM-DD`` is 00:00 UTC that day; an ISO 8601 date-time must carry ``Z`` or an
-offset (a local time would mean something else on every machine); a span (``90m``,
-``12h``, ``7d``) is that long before ``now``; ``run:N`` names run N itself.
+A WHEN is a date (``2026-06-01``: 00:00 UTC that day), an ISO 8601 date-time with
+``Z`` or an offset (``2026-06-01T09:30:00+02:00``), a span ago (``90m``, ``12h``,
+``7d``) or a run (``run:42``). Moments become the database's fixed-width UTC text,
+so they compare with ``sync_runs.started_at`` as text; a run stays a run id, because
+"as of run 42" must mean that run whatever the clocks did.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+import typing as t
 
 from syncer.config import parse_duration
+from syncer.errors import EXIT_USAGE, SyncerError
+from syncer.schema import format_time
 
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+EXAMPLES = "2026-06-01, 2026-06-01T09:30:00Z, 2026-06-01T09:30+02:00, 90m, 12h, 7d, run:42"
+
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_SPAN = re.compile(r"(\d+(\.\d+)?[smhd])+")
 _RUN = re.compile(r"run:(\d+)")
-_SPAN = re.compile(r"(\d+(?:\.\d+)?[smhd])+")
 
 
-def parse_when(text: str, now: dt.datetime) -> dt.datetime | int:
-    """A UTC datetime, or a run id (an int) for ``run:N``; raise ValueError saying what is accepted."""
-    value = text.strip()
-    run = _RUN.fullmatch(value)
-    if run:
-        run_id = int(run.group(1))
-        if run_id < 1:
-            raise ValueError(f"no such run: {text!r} (run ids start at 1)")
-        return run_id
-    if _SPAN.fullmatch(value.lower()):
-        return now - dt.timedelta(seconds=parse_duration(value))
+class BadWhen(SyncerError):
+    """A WHEN that is not one of the accepted forms; the message shows examples."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, text: str, reason: str = "not a date, date-time, span or run") -> None:
+        super().__init__(f"bad WHEN {text!r}: {reason} (examples: {EXAMPLES})")
+
+
+class When(t.NamedTuple):
+    """A parsed WHEN: exactly one of ``moment`` (database time text) or ``run_id`` is set."""
+
+    text: str
+    moment: str | None = None
+    run_id: int | None = None
+
+
+def parse_when(text: str, now: dt.datetime | None = None) -> When:
+    """Parse a WHEN; raise BadWhen (exit 2) for anything else.
+
+    A date-time must say its offset (``Z`` or ``+02:00``): a bare local time would
+    mean different moments on the server and on a laptop.
+    """
+    raw = text.strip()
+    if match := _RUN.fullmatch(raw):
+        return When(text, run_id=int(match.group(1)))
+    if _SPAN.fullmatch(raw.lower()):
+        try:
+            seconds = parse_duration(raw)
+        except ValueError as err:
+            raise BadWhen(text, str(err)) from None
+        moment = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=seconds)
+        return When(text, moment=format_time(moment))
+    if _DATE.fullmatch(raw):
+        try:
+            day = dt.date.fromisoformat(raw)
+        except ValueError as err:
+            raise BadWhen(text, str(err)) from None
+        return When(text, moment=format_time(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)))
     try:
-        if _DAY.fullmatch(value):
-            return dt.datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=dt.UTC)
-        moment = dt.datetime.fromisoformat(value)
+        moment = dt.datetime.fromisoformat(raw)
     except ValueError:
-        moment = None
-    if moment is None:
-        raise ValueError(f"not a WHEN: {text!r} (use YYYY-MM-DD, an ISO date-time with Z or an offset, 7d, or run:N)")
+        raise BadWhen(text) from None
     if moment.tzinfo is None:
-        raise ValueError(f"{text!r} has no time zone: add Z (UTC) or an offset such as +02:00")
-    return moment.astimezone(dt.UTC)
+        raise BadWhen(text, "a date-time needs Z or an offset such as +02:00")
+    return When(text, moment=format_time(moment))

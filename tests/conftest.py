@@ -126,6 +126,11 @@ def sim(world: World) -> t.Iterator[Simulator]:
 
 @pytest.fixture
 def env(tmp_path: Path, sim: Simulator, world: World) -> Env:
+    return make_env(tmp_path, sim, world)
+
+
+def make_env(tmp_path: Path, sim: Simulator, world: World) -> Env:
+    """A private user setup in ``tmp_path`` pointed at ``sim``, its config file written."""
     variables = {
         key: value for key, value in os.environ.items()
         if not key.startswith(
@@ -150,3 +155,18 @@ def logged_in(env: Env) -> Env:
     env.sim.reset_stats()  # tests count requests from here: not the login's own check
     env.sim.read_log.clear()
     return env
+
+
+@pytest.fixture(scope="session")
+def history(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[t.Any]:
+    """One database with five runs (failed, ok, ok, partial, ok; see history_scenario),
+    shared by the read-only query and Datasette tests."""
+    from history_scenario import build
+
+    world = World.generate(groups=6, members=8, seed=11)
+    simulator = Simulator(world, port=0).start()
+    try:
+        yield build(make_env(tmp_path_factory.mktemp("history"), simulator, world))
+    finally:
+        ISSUED_TOKENS.update(simulator.issued_tokens)
+        simulator.stop()

@@ -182,21 +182,22 @@ def _check_after_kill(env: Env, before_tokens: dict[str, t.Any], last_run: int) 
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
-        runs = conn.execute("SELECT id, status, changes FROM sync_runs ORDER BY id").fetchall()
+        runs = conn.execute("SELECT id, status, changes, memberships FROM sync_runs ORDER BY id").fetchall()
+        first_recorded = next((run["id"] for run in runs if run["status"] in ("ok", "partial")), None)
         for run in runs:
             touched = conn.execute(
                 "SELECT count(*) FROM membership_history WHERE from_run = :k OR to_run = :k", {"k": run["id"]}
             ).fetchone()[0]
             if run["status"] in ("ok", "partial"):
-                # its rows are all there: the changes it counted at commit time
+                # its rows are all there: the events it counted at commit time, and
+                # for the first run that recorded anything, a version of every membership it read
                 counted = conn.execute(
-                    "SELECT (SELECT count(*) FROM membership_history WHERE from_run = :k)"
-                    " + (SELECT count(*) FROM membership_history o WHERE o.to_run = :k AND NOT EXISTS ("
-                    "     SELECT 1 FROM membership_history n WHERE n.group_id = o.group_id"
-                    "     AND n.identity_id = o.identity_id AND n.from_run = :k))",
+                    "SELECT count(*) FROM membership_changes WHERE run_id = :k AND reason IN ('joined', 'left', 'changed')",
                     {"k": run["id"]},
                 ).fetchone()[0]
                 assert counted == run["changes"], f"run {run['id']} is half visible"
+                if run["id"] == first_recorded:
+                    assert touched == run["memberships"], f"run {run['id']} is half visible"
             else:
                 assert touched == 0, f"run {run['id']} ({run['status']}) left history rows"
         # current state and open history versions describe the same thing

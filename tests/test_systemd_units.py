@@ -18,11 +18,12 @@ import pytest
 
 UNIT_DIR = Path(__file__).resolve().parent.parent / "systemd"
 SERVICES = ("syncer.service", "syncer-sync.service")
+DATASETTE = "syncer-datasette.service"
 TIMER = "syncer-sync.timer"
 # one instance per account: /etc/syncer/%i.toml, state in /var/lib/syncer/%i
 TEMPLATES = ("syncer@.service", "syncer-sync@.service")
 TEMPLATE_TIMER = "syncer-sync@.timer"
-UNITS = (*SERVICES, TIMER, *TEMPLATES, TEMPLATE_TIMER)
+UNITS = (*SERVICES, TIMER, *TEMPLATES, TEMPLATE_TIMER, DATASETTE)
 LOAD_CREDENTIAL = "LoadCredential=client_secret:/etc/syncer/%i.secret"
 INSTALLED_BINARY = "/opt/syncer/venv/bin/syncer"
 MAX_EXPOSURE = 1.5
@@ -206,6 +207,25 @@ def test_both_services_share_identity_and_hardening(units):
     assert daemon == oneshot
 
 
+def test_datasette_unit_reads_the_state_directory_as_group_syncer(units):
+    service = units[DATASETTE]["Service"]
+    assert last(units[DATASETTE], "Service", "ExecStart") == f"{INSTALLED_BINARY} serve --host 127.0.0.1 --port 8001"
+    assert service["User"] == ["syncer-datasette"]
+    assert service["Group"] == ["syncer"]
+    # never its own StateDirectory=: systemd would chown /var/lib/syncer to this user
+    assert "StateDirectory" not in service and "DynamicUser" not in service
+    assert service["Environment"] == ["STATE_DIRECTORY=/var/lib/syncer"]
+    assert service["ReadOnlyPaths"] == ["/var/lib/syncer"]
+    assert service["ConfigurationDirectory"] == ["syncer"]
+    assert effective_list(service["IPAddressDeny"]) == ["any"]
+    assert effective_list(service["IPAddressAllow"]) == ["localhost"]
+    # the rest of the sandbox is the daemon's
+    daemon = units["syncer.service"]["Service"]
+    for key in ("NoNewPrivileges", "CapabilityBoundingSet", "ProtectSystem", "ProtectHome", "PrivateUsers",
+                "SystemCallFilter", "RestrictAddressFamilies", "MemoryDenyWriteExecute", "ProtectProc"):
+        assert service[key] == daemon[key], key
+
+
 def test_sysusers_file_creates_the_user(tmp_path):
     exe = shutil.which("systemd-sysusers")
     if exe is None:
@@ -217,13 +237,16 @@ def test_sysusers_file_creates_the_user(tmp_path):
     assert re.search(
         r"^syncer:x:\d+:\d+:syncer Globus group snapshotter:/var/lib/syncer:", passwd, re.M
     ), passwd
-    assert re.search(r"^syncer:x:\d+:", (tmp_path / "etc" / "group").read_text(), re.M)
+    group = re.search(r"^syncer:x:(\d+):", (tmp_path / "etc" / "group").read_text(), re.M)
+    assert group, "no syncer group"
+    # the Datasette reader's primary group is syncer's: it reads groups.db through the group
+    assert re.search(rf"^syncer-datasette:x:\d+:{group.group(1)}:syncer Datasette reader:", passwd, re.M), passwd
 
 
 # ------------------------------------------------------------- systemd-analyze
 
 
-@pytest.mark.parametrize("name", SERVICES + TEMPLATES)
+@pytest.mark.parametrize("name", (*SERVICES, *TEMPLATES, DATASETTE))
 def test_security_exposure(analyze, name):
     # --offline=yes analyses the unit file at this path, not a loaded unit;
     # --threshold is on the internal 0..100 scale (1.5 shown == 15).
@@ -246,6 +269,7 @@ def test_security_exposure(analyze, name):
     [
         ("syncer.service",),
         ("syncer-sync.service",),
+        (DATASETTE,),
         # a timer is verified together with the unit it triggers; verify also
         # adds the files' folder to the unit search path
         ("syncer-sync.timer", "syncer-sync.service"),

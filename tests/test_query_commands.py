@@ -1,0 +1,369 @@
+"""`syncer members / changes / groups / identity`, run as a user runs them, against a
+database made by real syncs (tests/history_scenario.py) and compared with the
+simulator's world at each run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import typing as t
+from pathlib import Path
+
+import pytest
+from conftest import Env, Result, record
+from helpers import admin_groups, has_running_run, wait_for
+from history_scenario import LONG_NAME, Scenario, expected_changes, versions
+
+from syncer.when import EXAMPLES
+
+RUNS = (2, 3, 4, 5)
+NOBODY = 65534
+
+
+def query(history: Scenario, *args: str, env: dict[str, str] | None = None) -> Result:
+    return history.env.run(*args) if env is None else run_with(history.env, args, env)
+
+
+def run_with(env: Env, args: t.Sequence[str], variables: dict[str, str]) -> Result:
+    proc = subprocess.run([sys.executable, "-m", "syncer", *args], env={**env.vars, **variables}, cwd=env.tmp,
+                          text=True, capture_output=True, timeout=60)
+    record(proc.stdout, proc.stderr)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def as_json(history: Scenario, *args: str) -> list[dict[str, t.Any]]:
+    result = query(history, *args, "--format", "json")
+    assert result.returncode == 0, result.output
+    assert "Traceback" not in result.output
+    return json.loads(result.stdout)
+
+
+# ------------------------------------------------------------------- members
+
+
+@pytest.mark.parametrize("run_id", RUNS)
+@pytest.mark.parametrize("every_status", [False, True], ids=["active", "all"])
+def test_members_as_of_each_run_match_the_world_then(history: Scenario, run_id: int, every_status: bool) -> None:
+    truth = history.truths[run_id]
+    for gid, group in truth.groups.items():
+        rows = as_json(history, "members", gid, "--at", f"run:{run_id}", *(["--all"] if every_status else []))
+        assert {r["identity_id"]: (r["role"], r["status"]) for r in rows} == truth.members(gid, every_status)
+        assert {r["group_name"] for r in rows} <= {group.name}  # the name it had then
+        assert all(r["username"] == history.username(r["identity_id"]) for r in rows)
+        assert [r["username"] for r in rows] == sorted(r["username"] for r in rows)
+        assert all(list(r) == ["group_id", "group_name", "identity_id", "username", "role", "status"] for r in rows)
+
+
+def test_members_now_and_by_time_are_the_latest_and_the_run_then(history: Scenario) -> None:
+    latest = history.truths[5]
+    assert {r["identity_id"] for r in as_json(history, "members", history.a)} == set(latest.members(history.a))
+    # a moment just after run 3 started is run 3, as an ISO time with Z and with an offset
+    third = history.truths[3]
+    at = third.started_at.replace("Z", "+00:00")
+    rows = as_json(history, "members", history.a, "--at", at)
+    assert {r["identity_id"] for r in rows} == set(third.members(history.a))
+    shifted = as_json(history, "members", history.a, "--at", _with_offset(history.truths[4].started_at))
+    assert {r["identity_id"] for r in shifted} == set(history.truths[4].members(history.a))
+    # a span ago that reaches back past every run is before the first one
+    result = query(history, "members", history.a, "--at", "30d")
+    assert result.returncode == 1 and "nothing recorded as of 30d" in result.stderr
+
+
+def _with_offset(stamp: str) -> str:
+    """The same moment written in UTC+02:00."""
+    import datetime as dt
+
+    moment = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return moment.astimezone(dt.timezone(dt.timedelta(hours=2))).isoformat()
+
+
+def test_members_by_any_name_the_group_has_had(history: Scenario) -> None:
+    by_id = as_json(history, "members", history.a, "--at", "run:3")
+    assert as_json(history, "members", LONG_NAME, "--at", "run:3") == by_id
+    assert as_json(history, "members", LONG_NAME.upper(), "--at", "run:3") == by_id  # case is forgiven
+    # D took A's old name in run 5: that name is now ambiguous, and the error lists both
+    result = query(history, "members", history.a_old_name)
+    assert result.returncode == 1, result.output
+    assert "ambiguous" in result.stderr and history.a in result.stderr and history.d in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_members_of_a_group_whose_members_became_hidden_say_so(history: Scenario) -> None:
+    result = query(history, "members", history.c)
+    assert result.returncode == 0, result.output
+    assert "not visible" in result.stderr and "members_visible = 0" in result.stderr
+    rows = as_json(history, "members", history.c, "--all")
+    assert [r["identity_id"] for r in rows] == [history.world.me]
+    before = query(history, "members", history.c, "--at", "run:4")
+    assert before.returncode == 0 and "not visible" not in before.stderr
+
+
+def test_members_all_where_only_active_memberships_are_visible_says_so(history: Scenario) -> None:
+    truth = history.truths[5]
+    gid = next(g for g, v in truth.groups.items() if v.my_role == "member" and v.members_visible)
+    result = query(history, "members", gid, "--all")
+    assert result.returncode == 0, result.output
+    assert "members_view = 'active'" in result.stderr
+    assert "members_view" not in query(history, "members", gid).stderr  # active members: nothing missing
+
+
+def test_a_partial_run_carries_the_failed_groups_previous_state(history: Scenario) -> None:
+    at4 = {r["identity_id"] for r in as_json(history, "members", history.b, "--at", "run:4")}
+    at3 = {r["identity_id"] for r in as_json(history, "members", history.b, "--at", "run:3")}
+    assert at4 == at3 and history.b_joiner not in at4
+    assert history.b_joiner in {r["identity_id"] for r in as_json(history, "members", history.b)}
+
+
+def test_before_the_first_successful_run_says_so(history: Scenario) -> None:
+    # run 1 failed: nothing was recorded as of it
+    result = query(history, "members", history.a, "--at", "run:1")
+    assert result.returncode == 1
+    assert "nothing recorded as of run:1" in result.stderr and "run 2" in result.stderr
+    today = history.truths[2].started_at[:10]
+    result = query(history, "groups", "--at", today)  # 00:00 UTC today: before every run
+    assert result.returncode == 1 and "first successful run (run 2)" in result.stderr
+
+
+# ------------------------------------------------------------------- groups
+
+
+@pytest.mark.parametrize("run_id", RUNS)
+def test_groups_as_of_each_run(history: Scenario, run_id: int) -> None:
+    truth = history.truths[run_id]
+    rows = as_json(history, "groups", "--at", f"run:{run_id}")
+    assert [list(r) for r in rows[:1]] == [["id", "name", "my_role", "my_status", "members_visible", "active_members"]]
+    got = {r["id"]: (r["name"], r["my_role"], r["my_status"], r["members_visible"], r["active_members"]) for r in rows}
+    assert got == {gid: (g.name, g.my_role, g.my_status, g.members_visible, g.active_members)
+                   for gid, g in truth.groups.items()}
+
+
+def test_groups_now_and_its_table(history: Scenario) -> None:
+    truth = history.truths[5]
+    rows = as_json(history, "groups")
+    assert {r["id"]: r["active_members"] for r in rows} == {gid: g.active_members for gid, g in truth.groups.items()}
+    assert {r["id"] for r in rows if not r["members_visible"]} >= {history.c}
+    table = query(history, "groups")
+    assert table.returncode == 0
+    hidden = sum(1 for g in truth.groups.values() if not g.members_visible)
+    assert f"{hidden} of these groups do not show your identity their members" in table.stderr
+
+
+# ------------------------------------------------------------------- changes
+
+
+@pytest.mark.parametrize("run_id", RUNS)
+def test_changes_of_each_run_with_observations(history: Scenario, run_id: int) -> None:
+    before = history.truths.get(run_id - 1)
+    rows = as_json(history, "changes", "--since", f"run:{run_id}", "--until", f"run:{run_id}", "--all")
+    assert {(r["group_id"], r["identity_id"], r["change"], r["reason"]) for r in rows} == expected_changes(
+        before, history.truths[run_id]
+    )
+    names = {gid: g.name for gid, g in history.truths[run_id].groups.items()}
+    assert all(r["group_name"] == names[r["group_id"]] for r in rows)  # the name at that run
+    assert all(r["run_id"] == run_id and r["at"] == history.truths[run_id].started_at for r in rows)
+
+
+def test_changes_default_is_the_last_week_of_events_oldest_first(history: Scenario) -> None:
+    rows = as_json(history, "changes")
+    every = set()
+    for run_id in RUNS:
+        every |= {c for c in expected_changes(history.truths.get(run_id - 1), history.truths[run_id])
+                  if c[3] in ("joined", "left", "changed")}
+    assert {(r["group_id"], r["identity_id"], r["change"], r["reason"]) for r in rows} == every
+    assert [r["run_id"] for r in rows] == sorted(r["run_id"] for r in rows)
+    assert list(rows[0]) == ["at", "run_id", "group_id", "group_name", "identity_id", "username", "change", "reason",
+                             "old_role", "new_role", "old_status", "new_status"]
+    assert not [r for r in rows if r["run_id"] == 2]  # the first snapshot is observations only
+
+
+def test_changes_filtered_by_group_user_and_time(history: Scenario) -> None:
+    by_group = as_json(history, "changes", "--group", LONG_NAME)
+    assert by_group and {r["group_id"] for r in by_group} == {history.a}
+    promoted = as_json(history, "changes", "--user", history.username(history.p))
+    assert [(r["group_id"], r["change"], r["old_role"], r["new_role"]) for r in promoted] == [
+        (history.a, "changed", history.truths[2].state[(history.a, history.p)][0],
+         history.truths[3].state[(history.a, history.p)][0])
+    ]
+    assert as_json(history, "changes", "--user", history.p) == promoted  # by identity id too
+    later = history.truths[5].started_at
+    assert {r["run_id"] for r in as_json(history, "changes", "--since", later, "--all")} == {5}
+    hidden = query(history, "changes", "--group", history.c)
+    assert hidden.returncode == 0 and "not visible" in hidden.stderr
+
+
+# ------------------------------------------------------------------- identity
+
+
+def test_identity_history_is_every_version(history: Scenario) -> None:
+    for person in (history.p, history.joiner):
+        rows = as_json(history, "identity", history.username(person))
+        assert list(rows[0]) == ["group_id", "group_name", "role", "status", "from", "to"]
+        assert {(r["group_id"], r["role"], r["status"], r["from"], r["to"]) for r in rows} == versions(
+            history.truths, person)
+        assert [r["from"] for r in rows] == sorted(r["from"] for r in rows)
+        names = {gid: g.name for gid, g in history.truths[5].groups.items()}
+        assert all(r["group_name"] == names[r["group_id"]] for r in rows)
+
+
+# ------------------------------------------------------------------- formats
+
+
+def test_every_format_holds_the_same_rows(history: Scenario) -> None:
+    args = ("changes", "--all")
+    rows = as_json(history, *args)
+    assert rows
+    fields = list(rows[0])
+    texts = {f: query(history, *args, "--format", f).stdout for f in ("csv", "tsv", "jsonl")}
+    assert [json.loads(line) for line in texts["jsonl"].splitlines()] == rows
+    for fmt, dialect in (("csv", "excel"), ("tsv", "excel-tab")):
+        parsed = list(csv.reader(io.StringIO(texts[fmt]), dialect=dialect))
+        assert parsed[0] == fields
+        assert parsed[1:] == [["" if v is None else str(v) for v in r.values()] for r in rows]
+
+
+@pytest.mark.parametrize("width", [72, 100])
+def test_tables_fit_the_terminal_with_ellipses(history: Scenario, width: int) -> None:
+    result = query(history, "members", history.a, "--at", "run:3", env={"COLUMNS": str(width)})
+    assert result.returncode == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["group_id", "group_name", "identity_id", "username", "role", "status"]
+    assert len(lines) == 1 + len(history.truths[3].members(history.a))
+    assert all(len(line) <= width for line in lines)
+    assert all("…" in line for line in lines[1:])  # the long name is shortened, not wrapped
+    wide = query(history, "members", history.a, "--at", "run:3", env={"COLUMNS": "400"})
+    assert LONG_NAME in wide.stdout and "…" not in wide.stdout
+
+
+def test_empty_results_exit_0(history: Scenario) -> None:
+    result = query(history, "changes", "--since", "run:2", "--until", "run:2")
+    assert (result.returncode, result.stdout) == (0, "") and "no changes" in result.stderr
+    assert as_json(history, "changes", "--since", "run:2", "--until", "run:2") == []
+
+
+# ------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (("members", "Alpha Laboratory for Cryo-Electron Microscopy"), 1, "did you mean: 'Alpha Laboratory"),
+        (("members", "no such group at all"), 1, "unknown group 'no such group at all'"),
+        (("changes", "--group", "nope"), 1, "unknown group 'nope'"),
+        (("identity", "nobody@nowhere.example"), 1, "unknown user 'nobody@nowhere.example'"),
+        (("changes", "--user", "nobody"), 1, "unknown user"),
+        (("members", "x", "--at", "yesterday"), 2, "bad WHEN 'yesterday'"),
+        (("groups", "--at", "2026-06-01T09:30"), 2, "needs Z or an offset"),
+        (("changes", "--since", "run:99"), 2, "there is no run 99 (runs 1-5)"),
+        (("groups", "--at", "2026-02-30"), 2, "bad WHEN"),
+        (("groups", "--format", "xml"), 2, "xml"),
+    ],
+)
+def test_errors_are_one_line_with_the_documented_code(history: Scenario, args: tuple[str, ...], code: int, says: str) -> None:
+    result = query(history, *args)
+    assert result.returncode == code, result.output
+    assert says in result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    if code == 2 and "WHEN" in says:
+        assert EXAMPLES in result.stderr
+
+
+def test_a_close_username_is_suggested(history: Scenario) -> None:
+    name = history.username(history.p)
+    result = query(history, "identity", name[:-1] + "x" if not name.endswith("x") else name[:-1] + "y")
+    assert result.returncode == 1 and f"did you mean: '{name}'" in result.stderr
+
+
+def test_no_database_yet_says_to_sync(env: Env) -> None:
+    for args in (("members", "x"), ("changes",), ("groups",), ("identity", "x"), ("serve",)):
+        result = env.run(*args)
+        assert result.returncode == 1, result.output
+        assert "run `syncer sync`" in result.stderr and str(env.database) in result.stderr
+    assert not env.database.exists()  # reading made no file
+
+
+def test_a_database_without_a_successful_run_says_to_sync(env: Env) -> None:
+    env.login()
+    for gid in env.world.groups:
+        env.sim.faults.set_group_error(gid, 403)
+    assert env.run("sync").returncode == 1
+    result = env.run("groups")
+    assert result.returncode == 1 and "no successful run recorded yet; run `syncer sync`" in result.stderr
+
+
+# ------------------------------------------------------------------- read-only use
+
+
+@pytest.fixture
+def read_only_copy(history: Scenario) -> t.Iterator[tuple[Path, dict[str, str]]]:
+    """A copy of the database, 0444 in a folder 0555 (reachable by every user), and the
+    environment that points syncer at it."""
+    folder = Path(tempfile.mkdtemp(prefix="syncer-ro-"))
+    folder.chmod(0o755)
+    shutil.copy(history.env.database, folder / "groups.db")
+    (folder / "syncer.toml").write_text('database = "groups.db"\n')
+    (folder / "syncer.toml").chmod(0o444)
+    (folder / "groups.db").chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        yield folder, {**history.env.vars, "SYNCER_CONFIG": str(folder / "syncer.toml"), "HOME": str(folder)}
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+QUERIES = (("members", "{a}", "--all"), ("changes", "--all"), ("groups",), ("identity", "{p}"))
+
+
+def _check_read_only_use(history: Scenario, folder: Path, variables: dict[str, str], prefix: list[str]) -> None:
+    for args in QUERIES:
+        args = tuple(a.format(a=history.a, p=history.p) for a in args)
+        proc = subprocess.run([*prefix, sys.executable, "-m", "syncer", *args, "--format", "json"], env=variables,
+                              cwd=folder, text=True, capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == as_json(history, *args)
+    assert sorted(p.name for p in folder.iterdir()) == ["groups.db", "syncer.toml"]  # no journal, no lock file
+
+
+def test_a_copy_in_a_read_only_folder(history: Scenario, read_only_copy: tuple[Path, dict[str, str]]) -> None:
+    _check_read_only_use(history, *read_only_copy, prefix=[])
+
+
+def test_another_user_with_read_permission_only(history: Scenario, read_only_copy: tuple[Path, dict[str, str]]) -> None:
+    """As `nobody` (via setpriv), for whom the 0444/0555 bits hold (they do not for root)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as another user")
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    probe = subprocess.run([*as_nobody, sys.executable, "-c", "import syncer"], capture_output=True, text=True,
+                           env=read_only_copy[1], timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"this interpreter cannot be run by another user here: {probe.stderr.strip()[-120:]}")
+    _check_read_only_use(history, *read_only_copy, prefix=as_nobody)
+
+
+def test_queries_answer_while_a_sync_holds_the_lock(logged_in: Env) -> None:
+    """A run in progress holds the sync lock and writes: the commands neither wait for
+    the lock nor see half a run; they answer from the last committed run."""
+    env, world = logged_in, logged_in.world
+    assert env.run("sync").returncode == 0
+    gid = admin_groups(world)[0]
+    before = env.run("members", gid, "--format", "json")
+    newcomer = world.add_member(gid)
+    env.sim.faults.hold_reads()
+    proc = env.popen("sync")
+    try:
+        wait_for(lambda: has_running_run(env), what="the second run to start")
+        during = env.run("members", gid, "--format", "json")
+        assert during.returncode == 0, during.output
+        assert during.stdout == before.stdout
+        assert newcomer not in during.stdout
+    finally:
+        env.sim.faults.release_reads()
+        out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    assert newcomer in env.run("members", gid, "--format", "json").stdout
