@@ -261,9 +261,8 @@ def current_groups(db: sqlite_utils.Database) -> list[GroupRow]:
     """The identity's groups as last read, with their active member counts."""
     sql = """
         SELECT g.id, g.name, g.my_role, g.my_status, g.members_visible,
-               CASE WHEN g.members_visible THEN coalesce(a.n, 0) END
+               CASE WHEN g.members_visible THEN g.active_member_count END
         FROM groups g
-        LEFT JOIN (SELECT group_id, count(*) AS n FROM active_members GROUP BY group_id) a ON a.group_id = g.id
         WHERE g.removed_at IS NULL
         ORDER BY g.name, g.id"""
     return [GroupRow(*r) for r in _rows(db, sql)]

@@ -379,7 +379,9 @@ CREATE VIEW groups AS
 SELECT g.id, g.name, g.description, g.parent_id, g.group_type, g.group_visibility,
        g.group_members_visibility, g.members_view <> 'own' AS members_visible, g.my_role, g.my_status,
        {_at("g.first_run")} AS first_seen, {_at("g.last_run")} AS last_seen,
-       {_at("g.removed_run")} AS removed_at, g.members_view
+       {_at("g.removed_run")} AS removed_at, g.members_view,
+       (SELECT count(*) FROM membership_state m WHERE m.group_key = g.key AND m.status = 'active')
+         AS active_member_count
 FROM group_state g""",
     # One version per change of a group's attributes while it is among the identity's
     # groups; a group that is gone has no version covering the runs after it went.
