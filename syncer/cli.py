@@ -161,7 +161,7 @@ def logout(settings: _Settings) -> None:
 @click.pass_context
 def sync(ctx: click.Context) -> None:
     """Take one snapshot, then exit (for cron or a systemd timer)."""
-    from syncer.sync import run_sync
+    from syncer.reporting import sync_and_report
 
     config = ctx.obj.config()
     cancelled = threading.Event()
@@ -173,7 +173,7 @@ def sync(ctx: click.Context) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     progress = _terminal_progress() if sys.stderr.isatty() else None
-    run = run_sync(config, cancelled=cancelled, progress=progress)
+    run = sync_and_report(config, cancelled=cancelled, progress=progress)
     if progress:
         click.echo("", err=True)
     # the run's summary is run_sync's log line: printed here too, it reached the journal
@@ -199,15 +199,57 @@ def run(ctx: click.Context, interval: float | None) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (same as --format json).")
+@click.option(
+    "--format", "output_format", type=click.Choice(["text", "json", "prometheus"]), default="text", show_default=True,
+    help="prometheus: the Prometheus text format, as in `metrics_file`.",
+)
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> None:
-    """Last runs, token state and database figures; the exit code is a health check."""
+def status(ctx: click.Context, as_json: bool, output_format: str) -> None:
+    """Last runs, token state, hooks' backlog and database figures; the exit code is a health check."""
     from syncer.status import render_text, report
 
     data, health = report(ctx.obj.config())
-    click.echo(json.dumps(data, indent=2) if as_json else render_text(data))
+    if output_format == "prometheus":
+        from syncer.metrics import render_metrics
+
+        click.echo(render_metrics(data), nl=False)
+    else:
+        click.echo(json.dumps(data, indent=2) if as_json or output_format == "json" else render_text(data))
     ctx.exit(health.exit_code)
+
+
+@cli.group()
+def hooks() -> None:
+    """Hooks: each run's changes sent to commands and URLs (see `[[hooks]]` in the configuration)."""
+
+
+@hooks.command()
+@click.argument("name")
+@click.option("--since", required=True, metavar="WHEN", help="YYYY-MM-DD, an ISO date-time, a span ago (7d) or run:N.")
+@click.pass_context
+def replay(ctx: click.Context, name: str, since: str) -> None:
+    """Send hook NAME the runs since WHEN again (or for the first time: a hook starts with the run after it was added)."""
+    from syncer.hooks import find_hook
+    from syncer.hooks import replay as replay_hook
+    from syncer.when import parse_when
+
+    config = ctx.obj.config()
+    hook = find_hook(config, name)
+    if hook is None:
+        known = ", ".join(h.name for h in config.hooks) or "none configured"
+        raise _BadValue(f"no hook named {name!r} (hooks: {known})")
+    first, deliveries = replay_hook(config, hook, parse_when(since))
+    if first is None:
+        click.echo(f"no run since {since}: nothing to replay")
+        return
+    for delivery in deliveries:
+        state = "delivered" if delivery.delivered else f"NOT delivered: {delivery.detail}"
+        click.echo(f"run {delivery.run_id}: {delivery.changes} change(s) {state}")
+    if deliveries and not deliveries[-1].delivered:
+        click.echo(f"hook {name}: stopped at run {deliveries[-1].run_id}; it is retried after the next run", err=True)
+        ctx.exit(EXIT_FAILED)
+    click.echo(f"hook {name}: up to date from run {first} on ({len(deliveries)} call(s))")
 
 
 @cli.command()

@@ -16,6 +16,7 @@ import os
 import re
 import tomllib
 import typing as t
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -90,6 +91,10 @@ class Config:
     busy_timeout: float = 30.0
     #: a confidential client's secret (see syncer.client_credentials for the other sources)
     client_secret_file: Path | None = None
+    healthcheck_url: str | None = None
+    metrics_file: Path | None = None
+    metrics_file_mode: int = 0o644
+    hooks: tuple[HookConfig, ...] = ()
     #: where the settings came from, for messages (None: built-in defaults only)
     source: Path | None = None
 
@@ -104,7 +109,7 @@ class Config:
 
 
 class _Key(t.NamedTuple):
-    kind: str  # str | strlist | path | duration | int | uuid | uuidlist | statuslist
+    kind: str  # str | strlist | path | duration | int | uuid | uuidlist | statuslist | url | mode
     check: t.Callable[[t.Any], str | None] | None = None
 
 
@@ -145,6 +150,9 @@ _KEYS: dict[str, _Key] = {
     "http_timeout": _Key("duration", _positive),
     "busy_timeout": _Key("duration", _sqlite_busy_timeout),
     "client_secret_file": _Key("path"),
+    "healthcheck_url": _Key("url"),
+    "metrics_file": _Key("path"),
+    "metrics_file_mode": _Key("mode"),
 }
 
 
@@ -172,6 +180,8 @@ def _convert(kind: str, value: t.Any, base: Path, from_text: bool) -> t.Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("must be a duration such as \"30s\", \"15m\" or \"1h\"")
         return _bounded_seconds(float(value), str(value))  # a TOML number: seconds
+    if kind == "mode":
+        return _file_mode(value)
     if kind == "int":
         if from_text:
             value = int(value)
@@ -182,6 +192,8 @@ def _convert(kind: str, value: t.Any, base: Path, from_text: bool) -> t.Any:
         raise ValueError("must be a non-empty string")
     if kind == "uuid":
         return str(uuid.UUID(value))
+    if kind == "url":
+        return _http_url(value)
     if kind == "path":
         path = Path(value).expanduser()
         return path if path.is_absolute() else base / path
@@ -223,9 +235,12 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
     if path is not None:
         path = path.expanduser().absolute()
         for key, raw in _read_toml(path).items():
+            if key == "hooks":
+                values[key] = _hooks(raw, path)
+                continue
             spec = _KEYS.get(key)
             if spec is None:
-                raise ConfigError(f"{path}: unknown key {key!r} (known keys: {', '.join(_KEYS)})")
+                raise ConfigError(f"{path}: unknown key {key!r} (known keys: {', '.join(_KEYS)}, hooks)")
             values[key] = _checked(spec, raw, path.parent, f"{path}: key {key!r}", from_text=False)
     for key, spec in _KEYS.items():
         env_name = f"SYNCER_{key.upper()}"
@@ -253,3 +268,111 @@ def _type_hint(kind: str) -> str:
         "uuidlist": "must be a list of group IDs (UUIDs)",
         "int": "must be a whole number",
     }[kind]
+
+
+# ---------------------------------------------------------------- URLs, file modes, hooks
+
+#: a hook's name: it appears in a header, an environment variable and a metric label
+_HOOK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: the longest a hook may take: a hook runs between snapshots and holds up the next one
+MAX_HOOK_TIMEOUT_S = 3600.0
+_HOOK_KEYS = ("name", "command", "url", "timeout", "groups", "observations")
+
+
+@dataclasses.dataclass(frozen=True)
+class HookConfig:
+    """One ``[[hooks]]`` table: where a run's changes are sent, and which of them."""
+
+    name: str
+    #: argv of a command that gets the changes as JSON lines on stdin (or None)
+    command: tuple[str, ...] | None = None
+    #: a URL that gets them as one JSON POST (or None); exactly one of command and url is set
+    url: str | None = None
+    timeout: float = 60.0
+    #: only changes in these groups; empty: every group
+    groups: tuple[str, ...] = ()
+    #: also observations (first_seen, hidden, group_gone), not only events
+    observations: bool = False
+
+
+def _http_url(value: str) -> str:
+    """``value`` if it is an absolute http(s) URL with a host, else raise ValueError."""
+    problem = "must be an http:// or https:// URL"
+    if any(ch.isspace() for ch in value):
+        raise ValueError(f"{problem} without spaces")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        _ = parts.port  # raises ValueError for a port that is not a number in range
+    except ValueError:
+        raise ValueError(problem) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(problem)
+    return value
+
+
+def _file_mode(value: t.Any) -> int:
+    """A file mode written as octal digits in a string (``"0640"``)."""
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value.strip()):
+        raise ValueError('must be a file mode as octal digits in quotes, e.g. "0644"')
+    return int(value.strip(), 8)
+
+
+def _hooks(raw: t.Any, path: Path) -> tuple[HookConfig, ...]:
+    """The ``[[hooks]]`` tables, checked; raise ConfigError naming the table and its key."""
+    if not isinstance(raw, list) or not all(isinstance(table, dict) for table in raw):
+        raise ConfigError(f"{path}: key 'hooks': must be [[hooks]] tables")
+    hooks: list[HookConfig] = []
+    for number, table in enumerate(raw, start=1):
+        hook = _hook(table, path, number)
+        same = next((i for i, other in enumerate(hooks, start=1) if other.name == hook.name), None)
+        if same:
+            where = f"{path}: [[hooks]] #{number} ({hook.name!r}), key 'name'"
+            raise ConfigError(f"{where}: hook #{same} has that name; names must be unique")
+        hooks.append(hook)
+    return tuple(hooks)
+
+
+def _hook(table: dict[str, t.Any], path: Path, number: int) -> HookConfig:
+    def where(key: str) -> str:
+        named = f" ({table['name']!r})" if isinstance(table.get("name"), str) else ""
+        return f"{path}: [[hooks]] #{number}{named}, key {key!r}"
+
+    for key in table:
+        if key not in _HOOK_KEYS:
+            raise ConfigError(f"{where(key)}: unknown key (known keys: {', '.join(_HOOK_KEYS)})")
+    name = table.get("name")
+    if not isinstance(name, str) or not _HOOK_NAME.fullmatch(name):
+        raise ConfigError(f"{where('name')}: required; letters, digits, '.', '_' and '-', at most 64 characters")
+    if ("command" in table) == ("url" in table):
+        raise ConfigError(f"{where('command')}: a hook needs exactly one of 'command' and 'url'")
+    settings: dict[str, t.Any] = {"name": name}
+    if "command" in table:
+        settings["command"] = _hook_command(table["command"], path.parent, where("command"))
+    if "url" in table:
+        settings["url"] = _checked(_Key("url"), table["url"], path.parent, where("url"), from_text=False)
+    if "timeout" in table:
+        timeout = _Key("duration", _hook_timeout)
+        settings["timeout"] = _checked(timeout, table["timeout"], path.parent, where("timeout"), from_text=False)
+    if "groups" in table:
+        settings["groups"] = _checked(_Key("uuidlist"), table["groups"], path.parent, where("groups"), from_text=False)
+    if "observations" in table:
+        if not isinstance(table["observations"], bool):
+            raise ConfigError(f"{where('observations')}: must be true or false")
+        settings["observations"] = table["observations"]
+    return HookConfig(**settings)
+
+
+def _hook_command(value: t.Any, base: Path, where: str) -> tuple[str, ...]:
+    """An argv list; a relative program path (one with a slash) resolves against the config's folder."""
+    if not isinstance(value, list) or not value or not all(isinstance(arg, str) and arg for arg in value):
+        raise ConfigError(f"{where}: must be a list of non-empty strings: the program and its arguments")
+    program = Path(value[0]).expanduser()
+    if "/" in value[0] and not program.is_absolute():
+        program = base / program
+    return (str(program) if "/" in value[0] else value[0], *value[1:])
+
+
+def _hook_timeout(value: t.Any) -> str | None:
+    if not 0 < value <= MAX_HOOK_TIMEOUT_S:
+        return "must be more than 0 and at most 1h"
+    return None

@@ -28,7 +28,8 @@ from apscheduler.triggers.interval import IntervalTrigger
 from syncer import notify
 from syncer.config import Config
 from syncer.errors import EXIT_OK, ConfigError, LockBusy, LoginRequired, SyncerError
-from syncer.sync import Cancelled, run_sync
+from syncer.reporting import sync_and_report
+from syncer.sync import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class Daemon:
         self.idle.clear()
         self.state.run_started = time.monotonic()
         try:
-            run = run_sync(self.config, cancelled=self.stopping)
+            run = sync_and_report(self.config, cancelled=self.stopping)
         except LockBusy:
             log.info("skipped this snapshot: another sync holds the lock")
         except Cancelled:

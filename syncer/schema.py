@@ -233,6 +233,25 @@ def _compact_history(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0005_hook_deliveries")
+def _hook_deliveries(db: sqlite_utils.Database) -> None:
+    # One row per hook: its queue's position. Hooks get runs in order and skip none,
+    # so "every run up to delivered_run has been delivered" says all there is to say.
+    db.executescript(
+        """
+        CREATE TABLE hook_deliveries (
+            hook TEXT PRIMARY KEY,
+            delivered_run INTEGER NOT NULL,
+            delivered_at TEXT,
+            attempted_at TEXT,
+            failing_run INTEGER,
+            error TEXT,
+            failures INTEGER NOT NULL DEFAULT 0
+        );
+        """
+    )
+
+
 # The tables as 0004 made them. Frozen: a later change is a new migration. A group's
 # attributes, as read: in its current state and in each of its versions.
 _GROUP_ATTRIBUTES_0004 = """name TEXT,

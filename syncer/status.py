@@ -174,8 +174,38 @@ def report(config: Config) -> tuple[dict[str, t.Any], Health]:
     tokens = token_state(config)
     tokens["login_required"] = _login_needed(tokens) is not None  # what exit 77 says
     database = database_state(config)
-    health = assess(config, tokens, database)
-    return {"health": health.verdict, "exit_code": health.exit_code, "tokens": tokens, "database": database}, health
+    hooks = hook_state(config)
+    health = with_hook_backlog(assess(config, tokens, database), hooks)
+    data = {"health": health.verdict, "exit_code": health.exit_code, "tokens": tokens, "database": database, "hooks": hooks}
+    return data, health
+
+
+def hook_state(config: Config) -> list[dict[str, t.Any]]:
+    """Each configured hook's queue: its position, and the runs it has not received yet."""
+    from syncer.hooks import backlogs, not_started
+
+    if not config.hooks or not config.database.exists():
+        return [not_started(hook)._asdict() for hook in config.hooks]
+    db = connect(config.database, readonly=True, busy_timeout=config.busy_timeout)
+    try:
+        return [backlog._asdict() for backlog in backlogs(db, config.hooks)]
+    except sqlite3.Error as err:
+        raise StorageError(f"{config.database}: cannot read database: {err}") from None
+    finally:
+        db.close()
+
+
+def with_hook_backlog(health: Health, hooks: list[dict[str, t.Any]]) -> Health:
+    """A hook with undelivered runs makes an ``ok`` verdict a warning (exit 3)."""
+    behind = [hook for hook in hooks if hook["runs"]]
+    if not behind:
+        return health
+    note = "; ".join(
+        f"hook {hook['hook']} has {hook['runs']} undelivered run(s) since run {hook['oldest_run']}" for hook in behind
+    )
+    if health.exit_code == EXIT_OK:
+        return Health(EXIT_PARTIAL, f"{health.verdict}; but {note}")
+    return Health(health.exit_code, f"{health.verdict}; {note}")
 
 
 def render_text(data: dict[str, t.Any]) -> str:
@@ -196,6 +226,7 @@ def render_text(data: dict[str, t.Any]) -> str:
         lines.append(f"tokens: refresh token present; access token valid {expiry} ({tokens['path']})")
     else:
         lines.append(f"tokens: none ({tokens['path']})")
+    lines += _hook_lines(data.get("hooks") or [])
     if not database.get("exists"):
         lines.append(f"database: not created yet ({database['path']})")
         return "\n".join(lines)
@@ -217,3 +248,18 @@ def render_text(data: dict[str, t.Any]) -> str:
                 detail += f"  error: {run['error']}"
             lines.append(detail)
     return "\n".join(lines)
+
+
+def _hook_lines(hooks: list[dict[str, t.Any]]) -> list[str]:
+    lines = ["hooks:"] if hooks else []
+    for hook in hooks:
+        if hook["delivered_run"] is None:
+            state = "starts with the next run"
+        elif hook["runs"]:
+            state = f"{hook['runs']} run(s) undelivered, the oldest run {hook['oldest_run']} at {hook['oldest_at']}"
+        else:
+            state = "up to date"
+        if hook["failures"]:
+            state += f"; run {hook['failing_run']} failed {hook['failures']} time(s) in a row: {hook['error']}"
+        lines.append(f"  {hook['hook']}: {state}")
+    return lines

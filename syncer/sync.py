@@ -95,14 +95,18 @@ def run_sync(
     config: Config,
     cancelled: threading.Event | None = None,
     progress: Progress | None = None,
+    started: t.Callable[[], None] | None = None,
 ) -> SyncRun:
     """Take one snapshot; raise LockBusy, LoginRequired, Cancelled or SyncerError.
 
-    ``progress(done, total)`` is called as group reads complete.
+    ``progress(done, total)`` is called as group reads complete, ``started()`` once
+    the run holds the lock (a run that finds it busy does not start).
     """
     cancelled = cancelled or threading.Event()
     began = time.monotonic()
     with SyncLock(config.lock_path):
+        if started:
+            started()
         # the run's time: before any read, although its row is written after the first
         started_at = dt.datetime.now(dt.UTC)
         run_db: _RunDatabase | None = None

@@ -1,0 +1,121 @@
+"""Prometheus metrics: ``syncer status --format prometheus`` and the ``metrics_file``.
+
+The figures are those of ``syncer status``, exposed through prometheus-client's own
+exposition code (a collector yielding gauges into a private registry, rendered by
+``generate_latest``), so the text format is the library's, not hand-written. The
+metrics file is rewritten after every run that did something (not one that found the
+lock busy) for node_exporter's textfile collector: written to a temporary file in the
+same folder and renamed over the old one, so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import typing as t
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from syncer.config import Config
+from syncer.schema import parse_time
+
+log = logging.getLogger(__name__)
+
+
+class StatusCollector(Collector):
+    """Gauges from one ``syncer status`` report (``status.report``'s data)."""
+
+    def __init__(self, data: dict[str, t.Any]) -> None:
+        self.data = data
+
+    def collect(self) -> t.Iterator[GaugeMetricFamily]:
+        database = self.data["database"]
+        yield GaugeMetricFamily(
+            "syncer_status_exit_code",
+            "Exit code of `syncer status`: 0 ok, 3 partial or hooks behind, 77 login required, 1 otherwise",
+            value=self.data["exit_code"],
+        )
+        if database.get("exists"):
+            yield GaugeMetricFamily("syncer_database_size_bytes", "Size of the database file", value=database["size_bytes"])
+        counts = database.get("counts")
+        if counts:
+            yield GaugeMetricFamily("syncer_groups", "Groups currently among the identity's groups", value=counts["groups"])
+            yield GaugeMetricFamily("syncer_memberships", "Memberships in the current state", value=counts["memberships"])
+        yield from _last_run(database)
+        hooks = GaugeMetricFamily(
+            "syncer_hook_backlog_runs", "Runs with changes for the hook that it has not received yet", labels=["hook"]
+        )
+        for hook in self.data.get("hooks") or []:
+            hooks.add_metric([hook["hook"]], hook["runs"])
+        yield hooks
+
+
+def _last_run(database: dict[str, t.Any]) -> t.Iterator[GaugeMetricFamily]:
+    """Gauges of the latest finished run, and of the latest successful one."""
+    last_ok = database.get("last_success_at")
+    if last_ok:
+        yield GaugeMetricFamily(
+            "syncer_last_success_timestamp_seconds",
+            "Start of the latest ok or partial run (Unix time)",
+            value=parse_time(last_ok).timestamp(),
+        )
+    finished = [run for run in database.get("recent_runs") or [] if run["status"] != "running"]
+    if not finished:
+        return
+    run = finished[0]
+    started = parse_time(run["started_at"]).timestamp()
+    yield GaugeMetricFamily("syncer_last_run_timestamp_seconds", "Start of the latest finished run (Unix time)", value=started)
+    if run["finished_at"]:
+        duration = parse_time(run["finished_at"]).timestamp() - started
+        yield GaugeMetricFamily("syncer_last_run_duration_seconds", "How long the latest finished run took", value=duration)
+    if run["exit_code"] is not None:
+        yield GaugeMetricFamily(
+            "syncer_last_run_exit_code", "Exit code of the latest finished run (0 ok, 3 partial, 1 failed, 77 login required)",
+            value=run["exit_code"],
+        )
+    yield GaugeMetricFamily("syncer_last_run_changes", "Membership events the latest finished run recorded", value=run["changes"])
+    yield GaugeMetricFamily(
+        "syncer_last_run_groups_failed", "Groups the latest finished run could not read", value=run["groups_failed"]
+    )
+
+
+def render_metrics(data: dict[str, t.Any]) -> str:
+    """The Prometheus text format of a ``syncer status`` report."""
+    registry = CollectorRegistry()
+    registry.register(StatusCollector(data))
+    return generate_latest(registry).decode()
+
+
+def write_metrics_file(config: Config) -> None:
+    """Rewrite ``metrics_file`` atomically from the database's state; a failure is a warning."""
+    if config.metrics_file is None:
+        return
+    from syncer.status import report
+
+    try:
+        data, _ = report(config)
+        _write_atomically(config.metrics_file, render_metrics(data).encode(), config.metrics_file_mode)
+    except Exception as err:  # noqa: BLE001 - metrics never change a run's outcome
+        log.warning("could not write the metrics file %s: %s", config.metrics_file, err)
+
+
+def _write_atomically(path: Path, content: bytes, mode: int) -> None:
+    """Write a temporary file beside ``path`` (not ending in .prom: the textfile collector
+    skips it), give it ``mode``, and rename it over ``path``."""
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+            out.flush()
+            os.fchmod(out.fileno(), mode)
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
