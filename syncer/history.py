@@ -192,9 +192,10 @@ _APPLY_BATCH = (
        WHERE NOT EXISTS (
          SELECT 1 FROM membership_versions h
          WHERE h.group_key = s.group_key AND h.identity_key = s.identity_key AND h.to_run IS NULL)""",
-    # memberships the read no longer lists end
+    # memberships the read no longer lists end (CROSS JOIN: from the batch's groups to
+    # their memberships, never the other way round, whatever the statistics say)
     """INSERT INTO stage_ended SELECT m.group_key, m.identity_key, c.last_run
-       FROM membership_state m JOIN stage_context c ON c.group_key = m.group_key
+       FROM stage_context c CROSS JOIN membership_state m ON m.group_key = c.group_key
        WHERE NOT EXISTS (
          SELECT 1 FROM stage_keyed s WHERE s.group_key = m.group_key AND s.identity_key = m.identity_key)""",
     *_END_MEMBERSHIPS,
