@@ -192,11 +192,12 @@ _APPLY_BATCH = (
        WHERE NOT EXISTS (
          SELECT 1 FROM membership_versions h
          WHERE h.group_key = s.group_key AND h.identity_key = s.identity_key AND h.to_run IS NULL)""",
-    # memberships the read no longer lists end (CROSS JOIN: from the batch's groups to
-    # their memberships, never the other way round, whatever the statistics say)
-    """INSERT INTO stage_ended SELECT m.group_key, m.identity_key, c.last_run
-       FROM stage_context c CROSS JOIN membership_state m ON m.group_key = c.group_key
-       WHERE NOT EXISTS (
+    # memberships the read no longer lists end (the batch's groups' memberships, looked
+    # up by group: a join here lets SQLite scan all of current state for a Bloom filter)
+    """INSERT INTO stage_ended
+       SELECT m.group_key, m.identity_key, (SELECT c.last_run FROM stage_context c WHERE c.group_key = m.group_key)
+       FROM membership_state m
+       WHERE m.group_key IN (SELECT group_key FROM stage_context) AND NOT EXISTS (
          SELECT 1 FROM stage_keyed s WHERE s.group_key = m.group_key AND s.identity_key = m.identity_key)""",
     *_END_MEMBERSHIPS,
     # new memberships, and changed ones rewritten; unchanged rows are left alone
