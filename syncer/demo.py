@@ -79,7 +79,8 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
         say(f"   run {first.run_id}: {first.groups_synced} groups, {first.memberships} memberships recorded")
 
         say("== 3. meanwhile, in Globus:")
-        for line in _world_changes(world):
+        changes = _world_changes(world)
+        for line in changes:
             say(f"   - {line}")
 
         say("== 4. second snapshot")
@@ -98,7 +99,11 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
             db.close()
         size = config.database.stat().st_size
         say(f"== Database: {config.database} ({size / 1024:.0f} KiB)")
-        say("== Try these queries:")
+        say("== Ask syncer (SYNCER_DATABASE points it at the demo's database):")
+        renamed = next(line for line in changes if "was renamed" in line).split("'")[1]
+        for args in ("changes --all", f"members '{renamed}' --at run:1", "groups"):
+            say(f"   SYNCER_DATABASE={config.database} {_syncer_command()} {args}")
+        say("== Or SQL:")
         for query in _EXAMPLE_QUERIES:
             say(f"   {_query_command(config.database, query)}")
 
@@ -130,6 +135,12 @@ def _query_command(database: Path, query: str) -> str:
         return f'sqlite3 -header -column {database} "{query}"'
     sqlite_utils_cli = Path(sys.executable).parent / "sqlite-utils"
     return f'{sqlite_utils_cli if sqlite_utils_cli.exists() else "sqlite-utils"} {database} "{query}" --table'
+
+
+def _syncer_command() -> str:
+    """How to run syncer: the script beside this Python if there is one (a venv), else by name."""
+    script = Path(sys.executable).parent / "syncer"
+    return str(script) if script.exists() else "syncer"
 
 
 def _restore(saved: dict[str, str | None]) -> None:

@@ -28,6 +28,12 @@ def test_demo_runs_offline_and_leaves_a_queryable_database(tmp_path: Path) -> No
     assert [line for line in changes if "an observation" in line] == [
         line for line in changes if "[group_gone, an observation]" in line] and len(changes) > 1
     assert "run 2: 5 groups, 4 changes (events)" in proc.stdout
+    # the commands it suggests answer, run as printed
+    suggested = [line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("SYNCER_DATABASE=")]
+    assert len(suggested) == 3
+    for command in suggested:
+        ran = subprocess.run(command, shell=True, env=env, capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0 and ran.stdout.strip(), (command, ran.stderr)
     conn = sqlite3.connect(tmp_path / "demo" / "groups.db")
     assert [r[0] for r in conn.execute("SELECT status FROM sync_runs ORDER BY id")] == ["ok", "ok"]
     assert conn.execute("SELECT count(*) FROM membership_changes WHERE run_id = 2").fetchone()[0] == len(changes)
