@@ -207,10 +207,13 @@ class Container:
         target.chmod(mode)
 
     def copy_in(self, source: Path, folder: str) -> str:
-        """Copy a host file into ``folder`` inside; returns its path there."""
+        """Copy a host file or folder into ``folder`` inside; returns its path there."""
         target = Path(f"/proc/{self.pid}/root") / folder.lstrip("/") / source.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copyfile(source, target)
         return f"{folder.rstrip('/')}/{source.name}"
 
     def read(self, path: str) -> str:

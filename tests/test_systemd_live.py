@@ -101,13 +101,18 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Live]:
         steps = install_steps()
         wheel_inside = box.copy_in(wheel, "/tmp")
         readme = lambda n: steps[n].replace("/path/to/syncer", wheel_inside)  # noqa: E731
-        box.sh(f"cd {ROOT}\n{readme(1)}\n{readme(2)}\n{readme(3)}\n{readme(4)}", timeout=300)
+        # the steps run in a checkout: a copy inside, as the host's may be hidden (the
+        # container has its own /tmp)
+        checkout = "/usr/local/src/syncer"
+        for part in ("systemd", "config"):
+            box.copy_in(ROOT / part, checkout)
+        box.sh(f"cd {checkout}\n{readme(1)}\n{readme(2)}\n{readme(3)}\n{readme(4)}", timeout=300)
         box.write("/etc/syncer/syncer.toml", box.read("/etc/syncer/syncer.toml") + 'interval = "1h"\nhttp_timeout = "10s"\n')
         box.systemctl("start", "syncer-simulator.service")
         box.wait_until(lambda: _answers(base_url), "the simulator unit to listen")
         live = Live(box, steps, globus, base_url)
         login(live)
-        box.sh(f"cd {ROOT}\n{readme(6)}")
+        box.sh(f"cd {checkout}\n{readme(6)}")
         yield live
     finally:
         box.shutdown()
