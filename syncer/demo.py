@@ -18,7 +18,7 @@ from pathlib import Path
 from syncer.config import Config
 from syncer.errors import SyncerError
 from syncer.login import login
-from syncer.schema import EVENTS, connect
+from syncer.schema import OBSERVATIONS, connect
 from syncer.simulator import Simulator, World
 from syncer.sync import run_sync
 from syncer.token_store import TokenStore
@@ -110,7 +110,7 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
 
 def _describe(row: dict[str, t.Any]) -> str:
     who = row["username"] or "?"
-    why = row["reason"] if row["reason"] in EVENTS else f"{row['reason']}, an observation"
+    why = f"{row['reason']}, an observation" if row["reason"] in OBSERVATIONS else row["reason"]
     if row["change"] == "added":
         return f"added    {who} to {row['group_name']!r} as {row['new_role']} ({row['new_status']}) [{why}]"
     if row["change"] == "removed":

@@ -155,10 +155,10 @@ def _current_state_tables(db: sqlite_utils.Database) -> None:
     )
 
 
-# The reasons, as membership_changes shows them (see SPEC): why a version of a
-# membership began and why it ended. 'unknown' is only in versions recorded before
-# 0004, whose reason could not be inferred.
-EVENTS = ("joined", "left", "changed")
+# The reasons that are observations, not events (see SPEC): syncer starting or
+# stopping to see a membership. The others, 'joined', 'left' and 'changed', are events,
+# and so may be 'unknown', in versions recorded before 0004 whose reason could not be
+# inferred.
 OBSERVATIONS = ("first_seen", "hidden", "group_gone")
 
 
