@@ -16,6 +16,7 @@ import threading
 import typing as t
 
 import globus_sdk
+import globus_sdk.gare
 from globus_sdk.transport import RequestsTransport, RetryCheck, RetryCheckResult, RetryConfig, RetryContext
 
 from syncer.client_secret import ClientSecret, load_client_secret
@@ -48,20 +49,47 @@ def client_options(config: Config, checks: t.Sequence[RetryCheck] = ()) -> dict[
 def check_session_required(ctx: RetryContext) -> RetryCheckResult:
     """Do not renew the token for a 401 that asks for a new session, not a new token.
 
-    Globus answers 401 with ``authorization_parameters`` when a resource's session
-    policy (high assurance, a required identity) is not met; a refreshed token has the
-    same session, so renewing would only cost a refresh per such request.
+    Globus answers 401 with a session requirement when a resource's session policy
+    (high assurance, a required identity or domain, MFA) is not met; a refreshed
+    token has the same session, so renewing would only cost a refresh per such
+    request. Any other 401 (an expired or revoked token) is left to the SDK, which
+    renews the token once and retries.
     """
     response = ctx.response
     if response is None or response.status_code != 401:
         return RetryCheckResult.no_decision
-    try:
-        body = response.json()
-    except ValueError:
-        return RetryCheckResult.no_decision
-    if isinstance(body, dict) and body.get("authorization_parameters"):
+    if session_requirement(globus_sdk.GlobusAPIError(response)) is not None:
         return RetryCheckResult.do_not_retry
     return RetryCheckResult.no_decision
+
+
+# The fields of a Globus Auth requirements error that ask for a new session (SPEC,
+# "Session policies"); others (required_scopes, prompt) do not make a group's read
+# a session problem.
+SESSION_FIELDS = (
+    "session_required_identities",
+    "session_required_single_domain",
+    "session_required_policies",
+)
+
+
+def session_requirement(err: globus_sdk.GlobusAPIError) -> str | None:
+    """What a 401 asks for when it is a session requirement, as one line; None otherwise.
+
+    Classified with the SDK's own parser (``globus_sdk.gare.to_gare``), never by the
+    presence of ``authorization_parameters``: Globus's documented 401 body always
+    carries that key, often with nothing in it, and then it is a token problem.
+    """
+    if err.http_status != 401:
+        return None
+    gare = globus_sdk.gare.to_gare(err)
+    if gare is None:
+        return None
+    params = gare.authorization_parameters
+    asked = [f"{name}={','.join(value)}" for name in SESSION_FIELDS if (value := getattr(params, name))]
+    if params.session_required_mfa:
+        asked.append("session_required_mfa=true")
+    return "; ".join(asked)[:500] or None
 
 
 def auth_client(config: Config) -> globus_sdk.NativeAppAuthClient:

@@ -25,7 +25,7 @@ import globus_sdk
 import requests
 from globus_sdk.transport import RetryCheckResult, RetryContext
 
-from syncer.auth import MAX_RETRY_SLEEP, describe_api_error
+from syncer.auth import MAX_RETRY_SLEEP, describe_api_error, session_requirement
 from syncer.errors import LoginRequired
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ class GroupRow(t.NamedTuple):
     members_view: str  # which memberships the identity may see: see MembersView
     my_role: str | None
     my_status: str | None
+    # the group's session policies (None: the document did not say; the stored value stands)
+    is_high_assurance: bool | None = None
+    authentication_assurance_timeout: int | None = None
+    enforce_session: bool | None = None
+    session_limit: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +93,7 @@ class GroupListing:
     members_visibility: str | None
     # the identity's own memberships
     own: tuple[MembershipRow, ...] = ()
+    group_visibility: str | None = None
 
     @property
     def members_view(self) -> str:
@@ -120,6 +126,20 @@ class GroupReadError(Exception):
     """A group could not be read (HTTP error, timeout or unusable body)."""
 
 
+class NeedsLogin(GroupReadError):
+    """Globus refused a group's read for a session requirement (a high-assurance
+    group, a required identity or domain, MFA): only a new login can satisfy it.
+    ``asked`` says what Globus asked for, as one line."""
+
+    def __init__(self, asked: str) -> None:
+        super().__init__(f"Globus asks for a new login session for this group ({asked})")
+        self.asked = asked
+
+
+class ListingError(GroupReadError):
+    """The ``my_groups`` answer breaks SPEC's rules: the run cannot trust it."""
+
+
 # json.dumps(value, ensure_ascii=False, sort_keys=True) without building an encoder per call
 _JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 
@@ -149,41 +169,131 @@ def pin_environment_proxies(client: globus_sdk.BaseClient) -> None:
 
 # Every membership status Globus has: listing them all tells why a group is no longer
 # among the identity's groups (it left, was removed, ...), not only that it is not.
+# Their order is "best first": where one identity is listed more than once, the
+# better status counts.
 GLOBUS_STATUSES = ("active", "invited", "pending", "rejected", "removed", "left", "declined")
+ROLES = ("member", "manager", "admin")  # lowest first
+_ROLE_RANK = {role: rank for rank, role in enumerate(ROLES)}
+_STATUS_RANK = {status: -rank for rank, status in enumerate(GLOBUS_STATUSES)}
 
 
 def list_my_groups(client: globus_sdk.GroupsClient, statuses: t.Sequence[str]) -> MyGroups:
     """The groups in which the identity has a membership in one of ``statuses`` (mine),
-    and those where its memberships are all in other statuses (others)."""
+    and those where its memberships are all in other statuses (others).
+
+    Raises ListingError when the answer breaks the rules (see ``parse_listing``).
+    """
     response = renewing(lambda: client.get_my_groups(statuses=list(GLOBUS_STATUSES)))
-    data = response.data
+    return parse_listing(_json_body(response.text), statuses)
+
+
+def _json_body(text: str) -> t.Any:
+    """A body parsed as JSON; ``_NOT_JSON`` when it is not JSON at all."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _NOT_JSON
+
+
+_NOT_JSON = object()
+
+
+def parse_listing(data: t.Any, statuses: t.Sequence[str]) -> MyGroups:
+    """Check a ``my_groups`` body and split it into mine and others.
+
+    Usable only as a JSON list of objects, each with a group ``id`` and a non-empty
+    ``my_memberships`` whose entries each name an ``identity_id`` with a known
+    ``role`` and ``status`` (the identity's own memberships are recorded from
+    them). Anything else raises ListingError naming the entry and the field, never
+    the body: a listing that cannot be trusted must not make groups look gone.
+    """
+    if data is _NOT_JSON:
+        raise ListingError("my_groups: the answer is not JSON")
     if not isinstance(data, list):
-        raise GroupReadError("my_groups did not return a list")
+        raise ListingError(f"my_groups: the answer is a JSON {_json_kind(data)}, not a list")
     seen: set[str] = set()
     found = MyGroups([], [])
-    for doc in data:
-        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
-            log.warning("skipping a my_groups entry without an id")
+    for n, doc in enumerate(data):
+        where = f"my_groups[{n}]"
+        if not isinstance(doc, dict):
+            raise ListingError(f"{where}: not an object")
+        group_id = doc.get("id")
+        if not isinstance(group_id, str) or not group_id:
+            raise ListingError(f"{where}: no group id")
+        where = f"my_groups[{n}] (group {group_id})"
+        own = doc.get("my_memberships")
+        if not isinstance(own, list) or not own:
+            raise ListingError(f"{where}: no my_memberships")
+        for m, item in enumerate(own):
+            problem = membership_problem(item)
+            if problem:
+                raise ListingError(f"{where}: my_memberships[{m}]: {problem}")
+        if group_id in seen:
             continue
-        if doc["id"] in seen:
-            continue
-        seen.add(doc["id"])
-        own = [m for m in doc.get("my_memberships") or [] if isinstance(m, dict)]
-        counting = [m for m in own if m.get("status") in statuses]
-        standing = counting or own
+        seen.add(group_id)
+        counting = [m for m in own if m["status"] in statuses]
         # the best standing counts when the identity holds several memberships
-        standing.sort(key=lambda m: (m.get("status") != "active", m.get("role") not in MANAGER_ROLES))
+        standing = min(counting or own, key=lambda m: (m["status"] != "active", m["role"] not in MANAGER_ROLES))
         policies = doc.get("policies") if isinstance(doc.get("policies"), dict) else {}
         listing = GroupListing(
-            id=doc["id"],
+            id=group_id,
             name=_text(doc.get("name")),
-            my_role=_text(standing[0].get("role")) if standing else None,
-            my_status=_text(standing[0].get("status")) if standing else None,
+            my_role=standing["role"],
+            my_status=standing["status"],
             members_visibility=_text(policies.get("group_members_visibility")),
-            own=tuple(_membership_row(doc["id"], m) for m in counting if _identity_id(m)),
+            own=tuple(_membership_row(group_id, m) for m in _one_per_identity(counting)),
+            group_visibility=_text(policies.get("group_visibility")),
         )
         (found.mine if counting else found.others).append(listing)
     return found
+
+
+def _json_kind(value: t.Any) -> str:
+    """What a JSON value is, for a message that must not quote it."""
+    if isinstance(value, dict):
+        return "object"
+    if value is None:
+        return "null"
+    return {str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), type(value).__name__)
+
+
+def membership_problem(item: t.Any) -> str | None:
+    """What makes a membership document unusable (which field), or None if usable:
+    it names an ``identity_id``, a ``role`` among Globus's three and a ``status``
+    among Globus's seven. Other fields (username, membership_fields, updated, ...)
+    are optional: recorded bodies often leave them out."""
+    if not isinstance(item, dict):
+        return "not an object"
+    if _identity_id(item) is None:
+        return "no identity_id"
+    if item.get("role") not in _ROLE_RANK:
+        return f"role is not one of {', '.join(ROLES)}"
+    if item.get("status") not in _STATUS_RANK:
+        return f"status is not one of Globus's ({', '.join(GLOBUS_STATUSES)})"
+    return None
+
+
+def _one_per_identity(items: t.Iterable[dict[str, t.Any]]) -> list[dict[str, t.Any]]:
+    """One membership document per identity, in identity order (SPEC: one membership
+    per identity and group).
+
+    An explicit membership (no ``source_group_id``) beats implicit ones, which Globus
+    lists for members of subgroups; among several of a kind, the highest role, then
+    the best status. The remaining tie is broken by the document's own text, so the
+    same answer always gives the same record, whatever order Globus lists it in.
+    """
+    best: dict[str, tuple[tuple[t.Any, ...], dict[str, t.Any]]] = {}
+    for item in items:
+        key = (
+            not item.get("source_group_id"),
+            _ROLE_RANK[item["role"]],
+            _STATUS_RANK[item["status"]],
+            _JSON(item),
+        )
+        held = best.get(item["identity_id"])
+        if held is None or key > held[0]:
+            best[item["identity_id"]] = (key, item)
+    return [best[identity][1] for identity in sorted(best)]
 
 
 def _identity_id(item: t.Any) -> str | None:
@@ -192,38 +302,51 @@ def _identity_id(item: t.Any) -> str | None:
 
 
 def _membership_row(group_id: str, item: dict[str, t.Any]) -> MembershipRow:
-    """A membership document as a row; the caller has checked its identity_id."""
+    """A membership document as a row; the caller has checked it (``membership_problem``)."""
     fields = item.get("membership_fields")
     if not isinstance(fields, dict):
         fields = {}
     text = _text
     return MembershipRow(
-        group_id, item["identity_id"], text(item.get("username")), text(item.get("role")),
-        text(item.get("status")), text(item.get("status_reason")), _JSON(fields),
+        group_id, item["identity_id"], text(item.get("username")), item["role"],
+        item["status"], text(item.get("status_reason")), _JSON(fields),
         text(item.get("updated")), text(fields.get("name")), text(fields.get("email")),
         text(fields.get("institution")),
     )
 
 
-def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
-    """Check a ``get_group`` body; raise GroupReadError when it cannot be used.
+def _flag(value: t.Any) -> bool | None:
+    return value if isinstance(value, bool) else None
 
-    A membership without an ``identity_id`` makes the whole read unusable.
-    Everything else is kept verbatim, whatever its text. Globus shows a group's
-    memberships to its active members only: for an identity that is invited or
-    pending (``my_statuses``), its own membership from the listing stands in.
+
+def _seconds(value: t.Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
+    """Check a ``get_group`` body against SPEC's rules; raise GroupReadError naming
+    the field when it cannot be used (nothing of it is then recorded).
+
+    Usable only with the group's ``id``, a string ``name`` and, where the identity
+    sees the group's members, a ``memberships`` list of usable membership documents
+    (``membership_problem``), one kept per identity (``_one_per_identity``). Where
+    the identity may see only its own membership (``MembersView.OWN``: a plain member
+    of a group whose members are visible to managers, or an invited or pending
+    member), its own memberships come from the listing, whatever the document holds:
+    Globus may send none, an empty list, or more.
     """
+    if data is _NOT_JSON:
+        raise GroupReadError("the answer is not JSON")
     if not isinstance(data, dict):
-        raise GroupReadError("response body is not a JSON object")
-    memberships = data.get("memberships")
-    # left out (or empty) for an identity that is not an active member
-    withheld = listing.my_status != "active" and (memberships is None or memberships == [])
-    if not withheld and not isinstance(memberships, list):
-        raise GroupReadError("response has no memberships list")
+        raise GroupReadError(f"the answer is a JSON {_json_kind(data)}, not an object")
+    if data.get("id") != listing.id:
+        raise GroupReadError("id: missing" if data.get("id") is None else "id: not the group asked for")
+    if not isinstance(data.get("name"), str):
+        raise GroupReadError("name: not a string")
     policies = data.get("policies") if isinstance(data.get("policies"), dict) else {}
     group = GroupRow(
         id=listing.id,
-        name=_text(data.get("name")),
+        name=data["name"],
         description=_text(data.get("description")),
         parent_id=_text(data.get("parent_id")),
         group_type=_text(data.get("group_type")),
@@ -232,16 +355,21 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
         members_view=listing.members_view,
         my_role=listing.my_role,
         my_status=listing.my_status,
+        is_high_assurance=_flag(policies.get("is_high_assurance")),
+        authentication_assurance_timeout=_seconds(policies.get("authentication_assurance_timeout")),
+        enforce_session=_flag(data.get("enforce_session")),
+        session_limit=_seconds(data.get("session_limit")),
     )
-    if withheld:
+    if listing.members_view == MembersView.OWN:
         return GroupRead(group=group, memberships=list(listing.own))
-    kept: list[MembershipRow] = []
-    for item in memberships:
-        if _identity_id(item) is None:
-            # whose membership it is cannot be told, and storing the rest would
-            # record that member as removed: the whole read is unusable
-            raise GroupReadError("a membership without an identity_id; the group is left as it was")
-        kept.append(_membership_row(listing.id, item))
+    memberships = data.get("memberships")
+    if not isinstance(memberships, list):
+        raise GroupReadError("memberships: " + ("missing" if memberships is None else "not a list"))
+    for n, item in enumerate(memberships):
+        problem = membership_problem(item)
+        if problem:
+            raise GroupReadError(f"memberships[{n}]: {problem}")
+    kept = [_membership_row(listing.id, item) for item in _one_per_identity(memberships)]
     return GroupRead(group=group, memberships=kept)
 
 
@@ -453,14 +581,13 @@ def renewing(request: t.Callable[[], _R]) -> _R:
 
 
 def _plain_401(err: globus_sdk.GlobusAPIError) -> bool:
-    return err.http_status == 401 and not err.info.authorization_parameters
+    """A 401 that is a token problem: not a session requirement (``session_requirement``)."""
+    return err.http_status == 401 and session_requirement(err) is None
 
 
 def _parse_body(listing: GroupListing, body: str) -> GroupRead | GroupReadError:
     try:
-        return parse_group(listing, json.loads(body))
-    except ValueError:
-        return GroupReadError("response body is not valid JSON")
+        return parse_group(listing, _json_body(body))
     except GroupReadError as err:
         return err
 
@@ -468,12 +595,14 @@ def _parse_body(listing: GroupListing, body: str) -> GroupRead | GroupReadError:
 def _fetch_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> str | GroupReadError:
     """One group's response body, or why it could not be had."""
     try:
-        return renewing(lambda: client.get_group(listing.id, include="memberships")).text
+        # policies: the group's session policies are kept with its history
+        return renewing(lambda: client.get_group(listing.id, include=("memberships", "policies"))).text
     except globus_sdk.GlobusAPIError as err:
-        if err.http_status == 401:
-            # a group with a session policy (e.g. high assurance) wants a recent login:
+        asked = session_requirement(err)
+        if asked is not None:
+            # a group with a session policy (e.g. high assurance) wants a new login:
             # that group cannot be read unattended, the others still can
-            return GroupReadError(f"the group's session policy requires a recent login ({describe_api_error(err)})")
+            return NeedsLogin(asked)
         return GroupReadError(describe_api_error(err))
     except globus_sdk.NetworkError as err:
         return GroupReadError(f"network error: {type(err.underlying_exception).__name__}")

@@ -32,7 +32,7 @@ import typing as t
 import sqlite_utils
 
 from syncer.errors import EXIT_OK, EXIT_PARTIAL
-from syncer.globus_groups import GroupRead, GroupRow, MembershipRow, MyGroups
+from syncer.globus_groups import GroupListing, GroupRead, GroupRow, MembershipRow, MyGroups
 from syncer.schema import utc_now
 
 # Staged memberships per applied batch: large enough that a batch's fixed cost is
@@ -46,7 +46,9 @@ ANALYZE_GROWTH = 1.5
 
 
 def _columns(row_type: type[t.NamedTuple]) -> str:
-    return ", ".join(f"{name} TEXT" for name in row_type._fields)
+    # no declared type: values keep theirs (a TEXT column would turn a group's
+    # session_limit 28800 into '28800', which then differs from the stored 28800)
+    return ", ".join(row_type._fields)
 
 
 # stage_listed and stage_others hold the listing: the identity's groups, and the groups
@@ -120,6 +122,13 @@ _APPLY_LISTING = (
 _GROUP_ATTRIBUTES = (
     "name", "description", "parent_id", "group_type", "group_visibility",
     "group_members_visibility", "members_view", "my_role", "my_status",
+    "is_high_assurance", "authentication_assurance_timeout", "enforce_session", "session_limit",
+)
+# Attributes a document may leave out (null, or absent as in recorded bodies): what is
+# stored stands, so a missing value is never recorded as a change.
+_KEPT_WHEN_MISSING = (
+    "description", "group_type", "group_visibility", "group_members_visibility",
+    "is_high_assurance", "authentication_assurance_timeout", "enforce_session", "session_limit",
 )
 _ANY_ATTRIBUTE_CHANGED = " OR ".join(f"g.{c} IS NOT s.{c}" for c in _GROUP_ATTRIBUTES)
 _ATTRIBUTES = ", ".join(_GROUP_ATTRIBUTES)
@@ -130,6 +139,10 @@ _ATTRIBUTES = ", ".join(_GROUP_ATTRIBUTES)
 # batch costs what it holds, not what the database holds. Only what changed is
 # written: an unchanged group costs its group_state row (last_run) and nothing else.
 _APPLY_BATCH = (
+    f"""UPDATE stage_groups SET {", ".join(
+           f"{c} = coalesce({c}, (SELECT g.{c} FROM group_state g WHERE g.id = stage_groups.id))"
+           for c in _KEPT_WHEN_MISSING)}
+       WHERE {" OR ".join(f"{c} IS NULL" for c in _KEPT_WHEN_MISSING)}""",
     # what each group was before this run: which of its members the identity saw at
     # its last read (none: the group is new or back)
     f"""INSERT INTO stage_context (id, group_key, was_view, now_view, new_version, last_run)
@@ -139,7 +152,7 @@ _APPLY_BATCH = (
     f"""INSERT INTO group_state (id, {_ATTRIBUTES}, first_run, last_run)
        SELECT id, {_ATTRIBUTES}, :run, :run FROM stage_groups WHERE true
        ON CONFLICT (id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in _GROUP_ATTRIBUTES)},
-           last_run = excluded.last_run, removed_run = NULL""",
+           last_run = excluded.last_run, removed_run = NULL, needs_login = NULL""",
     """UPDATE stage_context SET group_key = (SELECT key FROM group_state g WHERE g.id = stage_context.id)
        WHERE group_key IS NULL""",
     """UPDATE group_versions SET to_run = :run
@@ -326,6 +339,38 @@ class Recorder:
         """Note a listed group that could not be read: it is left as it was."""
         self.run.groups_failed += 1
         self.run.failed_groups[group_id] = reason
+
+    def needs_login(self, listing: GroupListing, asked: str) -> None:
+        """Note a group Globus refused to show for a session requirement: it is left as
+        it was, and marked ``needs_login`` with what Globus ``asked`` for until a read
+        succeeds. A group never read before is recorded as the listing shows it (name,
+        the identity's standing), so that ``syncer groups`` can say it needs a login."""
+        self.failed(listing.id, f"needs a new login session: {asked}")
+        known = self.db.conn.execute(
+            "UPDATE group_state SET needs_login = :asked WHERE id = :id AND removed_run IS NULL",
+            {"asked": asked, "id": listing.id},
+        ).rowcount
+        if known:
+            return
+        values = {
+            "id": listing.id, "name": listing.name, "group_visibility": listing.group_visibility,
+            "group_members_visibility": listing.members_visibility, "members_view": str(listing.members_view),
+            "my_role": listing.my_role, "my_status": listing.my_status, "asked": asked, **self._params,
+        }
+        listed = "name, group_visibility, group_members_visibility, members_view, my_role, my_status"
+        marks = ", ".join(f":{c.strip()}" for c in listed.split(","))
+        self.db.conn.execute(
+            f"""INSERT INTO group_state (id, {listed}, first_run, last_run, needs_login)
+                VALUES (:id, {marks}, :run, :run, :asked)
+                ON CONFLICT (id) DO UPDATE SET {", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in listed.split(","))},
+                    last_run = :run, removed_run = NULL, needs_login = :asked""",
+            values,
+        )
+        self.db.conn.execute(
+            f"""INSERT INTO group_versions (group_key, from_run, {listed})
+                SELECT key, :run, {listed} FROM group_state WHERE id = :id""",
+            values,
+        )
 
     def _apply_batch(self) -> None:
         conn = self.db.conn

@@ -252,6 +252,22 @@ def _hook_deliveries(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0006_group_policies")
+def _group_policies(db: sqlite_utils.Database) -> None:
+    # A group's session policies, kept with its history (a change starts a new group
+    # version), and, in its current state only, what Globus asked for when it last
+    # refused the group's read for a session requirement (NULL: no such refusal since
+    # the last successful read).
+    policies = (
+        "is_high_assurance INTEGER", "authentication_assurance_timeout INTEGER",
+        "enforce_session INTEGER", "session_limit INTEGER",
+    )
+    for table in ("group_state", "group_versions"):
+        for column in policies:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    db.execute("ALTER TABLE group_state ADD COLUMN needs_login TEXT")
+
+
 # The tables as 0004 made them. Frozen: a later change is a new migration. A group's
 # attributes, as read: in its current state and in each of its versions.
 _GROUP_ATTRIBUTES_0004 = """name TEXT,
@@ -381,7 +397,9 @@ SELECT g.id, g.name, g.description, g.parent_id, g.group_type, g.group_visibilit
        {_at("g.first_run")} AS first_seen, {_at("g.last_run")} AS last_seen,
        {_at("g.removed_run")} AS removed_at, g.members_view,
        (SELECT count(*) FROM membership_state m WHERE m.group_key = g.key AND m.status = 'active')
-         AS active_member_count
+         AS active_member_count,
+       g.is_high_assurance, g.authentication_assurance_timeout, g.enforce_session, g.session_limit,
+       g.needs_login
 FROM group_state g""",
     # One version per change of a group's attributes while it is among the identity's
     # groups; a group that is gone has no version covering the runs after it went.
@@ -389,7 +407,8 @@ FROM group_state g""",
 CREATE VIEW group_history AS
 SELECT g.id AS group_id, v.name, v.description, v.parent_id, v.group_type, v.group_visibility,
        v.group_members_visibility, v.members_view <> 'own' AS members_visible, v.my_role, v.my_status,
-       {_at("v.from_run")} AS valid_from, {_at("v.to_run")} AS valid_to, v.from_run, v.to_run, v.members_view
+       {_at("v.from_run")} AS valid_from, {_at("v.to_run")} AS valid_to, v.from_run, v.to_run, v.members_view,
+       v.is_high_assurance, v.authentication_assurance_timeout, v.enforce_session, v.session_limit
 FROM group_versions v
 JOIN group_state g ON g.key = v.group_key""",
     "identities": f"""

@@ -32,6 +32,7 @@ from syncer.globus_groups import (
     GroupReader,
     GroupReadError,
     MyGroups,
+    NeedsLogin,
     list_my_groups,
     pin_environment_proxies,
 )
@@ -228,6 +229,9 @@ def _record(
     for group, outcome in reads:
         if isinstance(outcome, GroupRead):
             recorder.read(outcome)
+        elif isinstance(outcome, NeedsLogin):
+            recorder.needs_login(group, outcome.asked)
+            log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)
         else:
             recorder.failed(group.id, str(outcome))
             log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)

@@ -193,7 +193,7 @@ def history_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
         recorder.listed(MyGroups(listings, []))
         for listing in listings:
             members = groups[listing.id]
-            doc = {"name": listing.name, "memberships": [
+            doc = {"id": listing.id, "name": listing.name, "memberships": [
                 {"identity_id": i, "username": f"{i}@example.org", "role": role, "status": "active"}
                 for i, role in members.items()]}
             recorder.read(parse_group(listing, doc))
