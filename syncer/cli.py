@@ -386,13 +386,19 @@ def _emit(rows: t.Sequence[t.Sequence[t.Any]], fields: t.Sequence[str], fmt: str
     click.echo(render(rows, fields, fmt), nl=False)
 
 
-def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str, every_status: bool = False) -> None:
+def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str | None, every_status: bool = False) -> None:
+    """Say what the identity could see of a group as of a run, where it could not see
+    everything. ``what``: what that means for the answer; None: say what is recorded,
+    counted from the stored memberships rather than assumed from the group's label."""
     from syncer import queries
 
     version = queries.group_version(db, group.id, run.id)
     if version is None:
         _note(f"group {group.name!r} ({group.id}) was not among your groups as of run {run.id}")
     elif not version.members_visible:
+        if what is None:
+            recorded = len(queries.members(db, group.id, run.id, every_status=True))
+            what = "only your own membership is recorded" if recorded else "no membership of it is recorded"
         _note(
             f"the members of {version.name!r} were not visible to your identity as of run {run.id}"
             f" (members_visible = 0): {what}"
@@ -402,6 +408,11 @@ def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str, every_statu
             f"your identity saw only the active memberships of {version.name!r} as of run {run.id}"
             " (members_view = 'active'): other statuses are not known"
         )
+
+
+def _groups_count(count: int, what: str) -> str:
+    """'1 of these groups does', '2 of these groups do': a count with its verb agreeing."""
+    return f"{count} of {what} {'does' if count == 1 else 'do'}"
 
 
 @cli.command("members")
@@ -420,7 +431,7 @@ def members_command(settings: _Settings, group: str, at: t.Any, every_status: bo
         rows = queries.members(db, found.id, run.id, every_status=every_status)
         if at is not None and fmt == "table":
             _note(f"as of run {run.id} ({run.status}, started {run.started_at})")
-        _visibility_note(db, found, run, "only your own membership is recorded", every_status)
+        _visibility_note(db, found, run, None, every_status)
     _emit(rows, queries.MEMBER_FIELDS, fmt, "no members")
 
 
@@ -469,7 +480,7 @@ def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
         _note(f"as of run {run.id} ({run.status}, started {run.started_at})")
     hidden = sum(1 for row in rows if not row.members_visible)
     if hidden and fmt == "table":
-        _note(f"{hidden} of these groups do not show your identity their members: their active_members is empty")
+        _note(f"{_groups_count(hidden, 'these groups')} not show your identity their members: their active_members is empty")
     _emit(rows, queries.GROUP_FIELDS, fmt, "no groups")
 
 
@@ -486,7 +497,10 @@ def identity_command(settings: _Settings, user: str, fmt: str) -> None:
         rows = queries.identity_history(db, people)
         hidden = queries.hidden_groups(db)
     if hidden:
-        _note(f"{hidden} of your groups do not show your identity their members: {user}'s memberships there are not known")
+        _note(
+            f"{_groups_count(hidden, 'your groups')} not show your identity their members:"
+            f" {user}'s memberships there are not known"
+        )
     _emit(rows, queries.IDENTITY_FIELDS, fmt, "no memberships")
 
 

@@ -81,6 +81,7 @@ class GroupRow(t.NamedTuple):
     my_status: str | None
     members_visible: int
     active_members: int | None  # None where the members are not visible: the count is not known
+    needs_login: str | None = None  # what Globus asked for when it last refused the group (now only)
 
 
 class IdentityRow(t.NamedTuple):
@@ -261,7 +262,7 @@ def current_groups(db: sqlite_utils.Database) -> list[GroupRow]:
     """The identity's groups as last read, with their active member counts."""
     sql = """
         SELECT g.id, g.name, g.my_role, g.my_status, g.members_visible,
-               CASE WHEN g.members_visible THEN g.active_member_count END
+               CASE WHEN g.members_visible THEN g.active_member_count END, g.needs_login
         FROM groups g
         WHERE g.removed_at IS NULL
         ORDER BY g.name, g.id"""

@@ -94,6 +94,13 @@ def database_state(config: Config) -> dict[str, t.Any]:
         last_ok = db.execute(
             "SELECT max(started_at) FROM sync_runs WHERE status IN ('ok', 'partial')"
         ).fetchone()[0]
+        # groups Globus refused for a session requirement (SPEC: Session policies)
+        if "needs_login" in db["group_state"].columns_dict:
+            state["needs_login"] = [
+                {"id": gid, "name": name, "asked": asked} for gid, name, asked in db.execute(
+                    "SELECT id, name, needs_login FROM group_state"
+                    " WHERE needs_login IS NOT NULL AND removed_run IS NULL ORDER BY name, id")
+            ]
         state["last_success_at"] = last_ok
     except sqlite3.Error as err:
         raise StorageError(f"{path}: cannot read database: {err}") from None
@@ -237,6 +244,11 @@ def render_text(data: dict[str, t.Any]) -> str:
         lines.append(
             "  {groups} groups ({groups_removed} removed), {memberships} memberships,"
             " {identities} identities, {history_rows} history rows, {runs} runs".format(**counts)
+        )
+    for group in database.get("needs_login") or []:
+        lines.append(
+            f"needs login: group {group['name']!r} ({group['id']}): Globus asks for a new login session"
+            f" ({group['asked']}); run `syncer login`, or list it in exclude_groups"
         )
     runs = database.get("recent_runs") or []
     if runs:

@@ -151,7 +151,8 @@ def test_groups_now_and_its_table(history: Scenario) -> None:
     table = query(history, "groups")
     assert table.returncode == 0
     hidden = sum(1 for g in truth.groups.values() if not g.members_visible)
-    assert f"{hidden} of these groups do not show your identity their members" in table.stderr
+    verb = "does" if hidden == 1 else "do"
+    assert f"{hidden} of these groups {verb} not show your identity their members" in table.stderr
 
 
 # ------------------------------------------------------------------- changes

@@ -9,12 +9,14 @@ environment variables in :attr:`Simulator.env`; shape the data with a
     os.environ.update(sim.env)
 """
 
-from .server import MALFORMED_KINDS, Faults, Simulator, SimulatorSetupError, serve, serve_cli
+from .server import LISTING_KINDS, MALFORMED_KINDS, SHAPE_KINDS, Faults, Simulator, SimulatorSetupError, serve, serve_cli
 from .world import ROLES, STATUSES, Membership, World
 
 __all__ = [
+    "LISTING_KINDS",
     "MALFORMED_KINDS",
     "ROLES",
+    "SHAPE_KINDS",
     "STATUSES",
     "Faults",
     "Membership",

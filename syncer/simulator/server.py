@@ -48,7 +48,7 @@ from . import admin
 from .state import read_state, write_state
 from .world import GROUPS_RESOURCE_SERVER, STATUSES, World
 
-__all__ = ["Faults", "Simulator", "SimulatorSetupError", "serve", "serve_cli"]
+__all__ = ["LISTING_KINDS", "SHAPE_KINDS", "Faults", "Simulator", "SimulatorSetupError", "serve", "serve_cli"]
 
 log = logging.getLogger("syncer.simulator")
 
@@ -80,7 +80,16 @@ _AUTH_CODE_RE = re.compile(r'<code id="auth-code">([^<]*)</code>')
 _HUGE_TEXT = ("Ünïcödé ☃ 日本語のグループ名 Ωμέγα — " * 400)[:10_000]
 _SQL_TEXT = "Robert'); DROP TABLE memberships;--"
 _RANDOM_KINDS_DEFAULT = ("500", "502", "503", "429", "stall", "truncated")
-MALFORMED_KINDS = ("truncated", "memberships_not_list", "missing_identity_id", "nulls", "huge_names")
+MALFORMED_KINDS = (
+    "truncated", "memberships_not_list", "missing_identity_id", "nulls", "unknown_values", "no_id", "huge_names",
+)
+# Shapes real group documents take that the simulator does not send by default (see
+# docs/simulator-fidelity.md): no memberships key, an empty list, every membership
+# whatever the viewer's rights, membership documents without membership_fields/updated.
+SHAPE_KINDS = ("no_memberships", "empty_memberships", "all_memberships", "slim")
+# Broken my_groups answers, for the listing's fault tests.
+LISTING_KINDS = ("not_json", "whitespace", "object", "junk_entry", "no_id", "no_my_memberships",
+                 "empty_my_memberships", "null_role")
 
 
 # --------------------------------------------------------------------- faults
@@ -136,6 +145,13 @@ class Faults:
         self.malformed: dict[str, str] = {}
         # groups whose session policy (e.g. high assurance) the token's session fails
         self.session_required: set[str] = set()
+        # group id -> a shape of SHAPE_KINDS its documents are served in
+        self.shape: dict[str, str] = {}
+        # a kind of LISTING_KINDS: my_groups answers broken that way
+        self.listing_malformed: str | None = None
+        # path (e.g. "/groups/v2/groups/my_groups") -> (status, body, content type):
+        # a recorded answer served as it is, once the token is accepted
+        self.recorded: dict[str, tuple[int, bytes, str]] = {}
         self.token_error: int | None = None
         self.random_rate: float = random_rate
         self.random_kinds: list[str] = [str(k) for k in (random_kinds or _RANDOM_KINDS_DEFAULT)]
@@ -164,6 +180,12 @@ class Faults:
     def reads_held(self) -> bool:
         """Whether group reads wait (:meth:`hold_reads`)."""
         return not self._released.is_set()
+
+    def record_answer(self, path: str, status: int, body: bytes, ctype: str = "application/json") -> None:
+        """Answer every request for ``path`` (e.g. ``/groups/v2/groups/my_groups`` or
+        ``/auth/v2/oauth2/token``) with this status and body, once its token is accepted:
+        globus-sdk's recorded fixtures served over real HTTP."""
+        self.recorded[path] = (int(status), body, ctype)
 
     def rate_limit(self, n: int, retry_after: int = 1) -> None:
         """Answer the next ``n`` Groups requests with 429 + ``Retry-After``."""
@@ -210,6 +232,9 @@ class Faults:
             self.group_errors_times.clear()
             self.stall.clear()
             self.malformed.clear()
+            self.shape.clear()
+            self.listing_malformed = None
+            self.recorded.clear()
             self.random_rate = 0.0
             self._rate_limited = 0
             self.token_error = None
@@ -287,6 +312,7 @@ class _Refresh:
     state: str | None
     identity_id: str
     revoked: bool = False
+    auth_time: float = 0.0  # when the login that issued it happened
 
 
 @dataclass(slots=True)
@@ -297,6 +323,7 @@ class _Access:
     serial: int
     refresh_token: str | None
     revoked: bool = False
+    auth_time: float = 0.0  # the login's time: a refresh keeps it, a session is not renewed
 
 
 @dataclass(slots=True)
@@ -507,12 +534,12 @@ class Simulator:
         return {
             "refresh_tokens": [
                 {"token": token, "client_id": r.client_id, "scope": r.scope, "state": r.state,
-                 "identity_id": r.identity_id, "revoked": r.revoked}
+                 "identity_id": r.identity_id, "revoked": r.revoked, "auth_time": r.auth_time}
                 for token, r in self._refresh.items()
             ],
             "access_tokens": [
                 {"token": token, "scope": a.scope, "identity_id": a.identity_id,
-                 "expires_at": a.expires_at, "refresh_token": a.refresh_token}
+                 "expires_at": a.expires_at, "refresh_token": a.refresh_token, "auth_time": a.auth_time}
                 for token, a in self._access.items()
                 if not a.revoked and a.serial > self._access_cutoff and a.expires_at > now
             ],
@@ -524,13 +551,15 @@ class Simulator:
             with self._lock:
                 for r in tokens["refresh_tokens"]:
                     self._refresh[r["token"]] = _Refresh(
-                        r["client_id"], r["scope"], r["state"], r["identity_id"], bool(r["revoked"])
+                        r["client_id"], r["scope"], r["state"], r["identity_id"], bool(r["revoked"]),
+                        float(r.get("auth_time", 0.0)),
                     )
                     self.issued_tokens.add(r["token"])
                 for a in tokens["access_tokens"]:
                     self._serial += 1
                     self._access[a["token"]] = _Access(
-                        a["scope"], a["identity_id"], float(a["expires_at"]), self._serial, a["refresh_token"]
+                        a["scope"], a["identity_id"], float(a["expires_at"]), self._serial, a["refresh_token"],
+                        auth_time=float(a.get("auth_time", 0.0)),
                     )
                     self.issued_tokens.add(a["token"])
                 self._saved_versions = (self.world.version, self._tokens_version)
@@ -798,6 +827,10 @@ class Simulator:
                 self._count("requests", "token")
                 if self.faults.token_error is not None:
                     return self._status_error(self.faults.token_error)
+                recorded = self.faults.recorded.get(path)
+                if recorded is not None:
+                    self._fault("recorded")
+                    return self._send(*recorded)
                 return self._only(method, "POST", oauth=True) or self._token(h, body)
             if sub == "/v2/oauth2/token/revoke":
                 self._count("requests", "revoke")
@@ -933,11 +966,13 @@ class Simulator:
                 # not burn the code, so the rightful client can still finish.
                 rec.used = True
                 refresh = None
+                now = time.time()
                 if rec.access_type == "offline":
                     refresh = secrets.token_urlsafe(32)
-                    self._refresh[refresh] = _Refresh(rec.client_id, rec.scope, rec.state, rec.identity_id)
+                    self._refresh[refresh] = _Refresh(
+                        rec.client_id, rec.scope, rec.state, rec.identity_id, auth_time=now)
                     self.issued_tokens.add(refresh)
-                payload = self._issue_access(rec.scope, rec.identity_id, rec.state, refresh)
+                payload = self._issue_access(rec.scope, rec.identity_id, rec.state, refresh, auth_time=now)
                 self._stats["code_exchanges"] += 1
             else:
                 self._stats["code_exchanges_failed"] += 1
@@ -959,7 +994,7 @@ class Simulator:
             rec = self._refresh.get(token)
             status = self._invalid_grant_status
             if rec is not None and not rec.revoked and rec.client_id == client_id:
-                payload = self._issue_access(rec.scope, rec.identity_id, rec.state, token)
+                payload = self._issue_access(rec.scope, rec.identity_id, rec.state, token, auth_time=rec.auth_time)
                 self._stats["refresh_grants"] += 1
             else:
                 self._stats["refresh_grants_failed"] += 1
@@ -981,18 +1016,21 @@ class Simulator:
             self._count("client_credentials_grants_failed")
             return self._oauth_error(400, "invalid_scope")
         with self._lock:
-            payload = self._issue_access(scope, str(client_id), None, None)
+            payload = self._issue_access(scope, str(client_id), None, None, auth_time=time.time())
             self._stats["client_credentials_grants"] += 1
         return self._json(200, payload, headers=_NO_STORE)
 
-    def _issue_access(self, scope: str, identity_id: str, state: str | None, refresh: str | None) -> dict[str, Any]:
+    def _issue_access(
+        self, scope: str, identity_id: str, state: str | None, refresh: str | None, auth_time: float = 0.0
+    ) -> dict[str, Any]:
         """Mint an access token (caller holds ``self._lock``) and build the
         token response in Globus' shape."""
         lifetime = int(self.faults.access_token_lifetime)
         token = secrets.token_urlsafe(32)
         self._serial += 1
         self._tokens_version += 1
-        self._access[token] = _Access(scope, identity_id, time.time() + lifetime, self._serial, refresh)
+        self._access[token] = _Access(
+            scope, identity_id, time.time() + lifetime, self._serial, refresh, auth_time=auth_time)
         self.issued_tokens.add(token)
         payload: dict[str, Any] = {
             "access_token": token,
@@ -1036,6 +1074,11 @@ class Simulator:
 
     def _check_bearer(self, h: _Handler) -> str | None:
         """Identity id for a valid groups-scoped access token, else None."""
+        found = self._bearer(h)
+        return found.identity_id if found is not None else None
+
+    def _bearer(self, h: _Handler) -> _Access | None:
+        """The record of a valid groups-scoped access token, else None."""
         auth = h.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -1050,32 +1093,46 @@ class Simulator:
                 or not _GROUPS_SCOPE_RE.search(acc.scope)
             ):
                 return None
-            return acc.identity_id
+            return acc
 
     # ------------------------------------------------------------ groups
 
-    def _groups_gate(self, h: _Handler) -> tuple[str | None, _Resp | None]:
-        """Auth + rate limit shared by every Groups endpoint.
+    def _groups_gate(self, h: _Handler, path: str) -> tuple[_Access | None, _Resp | None]:
+        """Auth + rate limit shared by every Groups endpoint, then any answer a test
+        recorded for ``path`` (:meth:`Faults.record_answer`).
 
-        Returns (viewer, None) to proceed or (None, error response).
+        Returns (the token's record, None) to proceed or (None, the response to send).
         """
-        viewer = self._check_bearer(h)
-        if viewer is None:
-            return None, self._groups_error(
-                401, "Missing, invalid, expired or revoked access token.",
+        access = self._bearer(h)
+        if access is None:
+            # Globus's documented 401 body (AuthErrorModel) always carries
+            # authorization_parameters, here with no session requirement in it
+            return None, self._json(
+                401,
+                {"code": "UNAUTHORIZED", "detail": "Missing, invalid, expired or revoked access token.",
+                 "status": 401, "authorization_parameters": {}},
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         retry_after = self.faults._take_rate_limit()
         if retry_after is not None:
             self._fault("rate_limit")
             return None, self._too_many(retry_after)
-        return viewer, None
+        recorded = self.faults.recorded.get(path)
+        if recorded is not None:
+            self._fault("recorded")
+            return None, self._send(*recorded)
+        return access, None
 
     def _my_groups(self, h: _Handler, query: dict[str, list[str]]) -> _Resp:
-        viewer, denied = self._groups_gate(h)
-        if viewer is None:
+        access, denied = self._groups_gate(h, "/groups/v2/groups/my_groups")
+        if access is None:
             assert denied is not None
             return denied
+        viewer = access.identity_id
+        listing_fault = self.faults.listing_malformed
+        if listing_fault is not None:
+            self._fault(f"listing:{listing_fault}")
+            return self._send(200, _malformed_listing(self.world, viewer, listing_fault))
         statuses = _split_list(query.get("statuses")) or ["active"]
         bad = [s for s in statuses if s not in STATUSES]
         if bad:
@@ -1083,10 +1140,11 @@ class Simulator:
         return self._send(200, self.world.render_my_groups(tuple(statuses), viewer))
 
     def _group(self, h: _Handler, gid: str, query: dict[str, list[str]]) -> _Resp:
-        viewer, denied = self._groups_gate(h)
-        if viewer is None:
+        access, denied = self._groups_gate(h, f"/groups/v2/groups/{gid}")
+        if access is None:
             assert denied is not None
             return denied
+        viewer = access.identity_id
         faults = self.faults
         tag: str | None = None  # fault applied to an otherwise-successful read
         malformed: str | None = None
@@ -1109,6 +1167,12 @@ class Simulator:
         if gid in faults.session_required:
             self._fault("session_required")
             return self._session_required(gid)
+        with self.world.lock:
+            assurance = self.world.assurance_timeout(gid)
+        if assurance is not None and time.time() - access.auth_time > assurance:
+            # a high-assurance group: the token's login is older than the group allows
+            self._fault("high_assurance")
+            return self._high_assurance_required(viewer)
         stall = faults.stall.get(gid)
         if stall:
             self._fault("stall")
@@ -1126,6 +1190,11 @@ class Simulator:
             malformed = faults.malformed.get(gid)
             if malformed is not None:
                 self._fault(f"malformed:{malformed}")
+        shape = faults.shape.get(gid)
+        if malformed is None and (shape is not None or self.world.has_implicit(gid)):
+            if shape is not None:
+                self._fault(f"shape:{shape}")
+            return self._shaped(gid, viewer, with_members, shape, tag)
         if malformed is None:
             with self.world.lock:
                 try:
@@ -1171,6 +1240,12 @@ class Simulator:
                 victim["username"] = None
                 victim["role"] = None
                 victim["membership_fields"]["name"] = None
+        elif kind == "unknown_values":
+            if victim is not None:
+                victim["role"] = "owner"
+                victim["status"] = "suspended"
+        elif kind == "no_id":
+            del doc["id"]
         elif kind == "huge_names":
             doc["name"] = _HUGE_TEXT
             doc["description"] = f"{_SQL_TEXT} {_HUGE_TEXT[:200]}"
@@ -1184,6 +1259,31 @@ class Simulator:
             state = sorted((m["identity_id"], m["role"], m["status"]) for m in members)
             return self._read_ok(resp, at, gid, state, with_members, tag or "huge_names")
         return resp
+
+    def _shaped(self, gid: str, viewer: str, with_members: bool, shape: str | None, tag: str | None) -> _Resp:
+        """Serve a group document in one of the shapes real answers take (SHAPE_KINDS),
+        and with its implicit memberships (members of subgroups, ``source_group_id``)."""
+        with self.world.lock:
+            try:
+                doc = self.world.group_doc(gid, viewer, include_memberships=with_members)
+            except KeyError:
+                return self._groups_error(404, f"Group {gid} not found.")
+            at = time.time()
+            if doc is not None and shape == "all_memberships" and with_members:
+                doc["memberships"] = self.world.all_membership_docs(gid)
+        if doc is None:
+            return self._groups_error(403, "You do not have access to this group.")
+        if shape == "no_memberships":
+            doc.pop("memberships", None)
+        elif shape == "empty_memberships":
+            doc["memberships"] = []
+        elif shape == "slim":
+            keep = ("group_id", "identity_id", "username", "role", "status", "source_group_id")
+            doc["memberships"] = [{k: m[k] for k in keep if k in m} for m in doc.get("memberships", [])]
+        members = doc.get("memberships", [])
+        state = sorted((m["identity_id"], m["role"], m["status"]) for m in members)
+        resp = self._send(200, json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+        return self._read_ok(resp, at, gid, state, with_members, tag or shape)
 
     @staticmethod
     def _read_ok(
@@ -1228,6 +1328,20 @@ class Simulator:
         self._count("responses_429")
         return self._groups_error(429, "Rate limit exceeded; slow down.", headers={"Retry-After": str(retry_after)})
 
+    def _high_assurance_required(self, viewer: str) -> _Resp:
+        """What a high-assurance group answers a token whose login is too old: a Globus
+        Auth requirements error asking for a recent login as that identity."""
+        return self._json(401, {
+            "code": "AuthenticationRequired",
+            "detail": "This high-assurance group requires a recent authentication.",
+            "status": 401,
+            "authorization_parameters": {
+                "session_message": "This group requires a recent login with your identity.",
+                "session_required_identities": [viewer],
+                "prompt": "login",
+            },
+        })
+
     def _session_required(self, group_id: str) -> _Resp:
         """What Globus answers when a group's session policy needs a fresh login."""
         return self._json(401, {
@@ -1259,6 +1373,31 @@ class Simulator:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def _malformed_listing(world: World, viewer: str, kind: str) -> bytes:
+    """A broken ``my_groups`` body (LISTING_KINDS), built from the real one."""
+    if kind == "not_json":
+        return b"<html><body>Service temporarily degraded</body></html>"
+    if kind == "whitespace":
+        return b"  \n  "
+    with world.lock:
+        entries = json.loads(world.render_my_groups(("active",), viewer))
+    if kind == "object":
+        return json.dumps({"groups": entries}).encode()
+    victim = entries[0] if entries else {}
+    if kind == "junk_entry":
+        entries.append(42)
+    elif kind == "no_id":
+        victim.pop("id", None)
+    elif kind == "no_my_memberships":
+        victim.pop("my_memberships", None)
+    elif kind == "empty_my_memberships":
+        victim["my_memberships"] = []
+    elif kind == "null_role":
+        for own in victim.get("my_memberships", []):
+            own["role"] = None
+    return json.dumps(entries).encode()
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

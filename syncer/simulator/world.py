@@ -744,6 +744,71 @@ class World:
                 done += 1
             return self.change_log[start:]
 
+    def set_high_assurance(self, group_id: str, timeout: int | None = 28800) -> None:
+        """Designate a group high assurance (``timeout``: its
+        ``authentication_assurance_timeout`` in seconds), or not (None). Its reads then
+        need a login no older than that; a refresh does not renew a login's age."""
+        with self.lock:
+            pol = self.groups[group_id]["policies"]
+            old = (pol.get("is_high_assurance"), pol.get("authentication_assurance_timeout"))
+            pol["is_high_assurance"] = timeout is not None
+            if timeout is not None:
+                pol["authentication_assurance_timeout"] = int(timeout)
+            new = (pol["is_high_assurance"], pol.get("authentication_assurance_timeout"))
+            if new != old:
+                self._changed("set_policy", group_id, None, {"high_assurance": old}, {"high_assurance": new})
+
+    def assurance_timeout(self, group_id: str) -> int | None:
+        """A high-assurance group's ``authentication_assurance_timeout``; None if it is not one."""
+        g = self.groups.get(group_id)
+        if g is None or not g["policies"].get("is_high_assurance"):
+            return None
+        return int(g["policies"].get("authentication_assurance_timeout", 28800))
+
+    def add_implicit_membership(
+        self, group_id: str, identity_id: str, source_group_id: str, role: str = "member", status: str = "active"
+    ) -> None:
+        """Make ``identity_id`` an implicit member of ``group_id`` through its subgroup
+        ``source_group_id``: Globus lists such memberships beside the explicit ones,
+        marked with ``source_group_id`` (an identity may then be listed twice)."""
+        _check_role(role)
+        _check_status(status)
+        with self.lock:
+            if identity_id not in self.identities:
+                self._new_identity(identity_id)
+            implicit = self.groups[group_id].setdefault("implicit", [])
+            implicit.append({"identity_id": identity_id, "role": role, "status": status,
+                             "source_group_id": source_group_id})
+            self._changed("add_implicit", group_id, identity_id, None, {"source_group_id": source_group_id})
+
+    def has_implicit(self, group_id: str) -> bool:
+        """Whether the group has implicit memberships (its documents are then built afresh)."""
+        g = self.groups.get(group_id)
+        return bool(g and g.get("implicit"))
+
+    def _implicit_docs(self, group_id: str, viewer: str) -> list[dict[str, Any]]:
+        """The implicit membership documents ``viewer`` sees (by the same rules as explicit ones)."""
+        g = self.groups[group_id]
+        own = g["memberships"].get(viewer)
+        if own is None or own.status != "active":
+            return []
+        sees_all = own.role in ("admin", "manager")
+        if not sees_all and g["policies"].get("group_members_visibility") != "members":
+            return []
+        docs = []
+        for item in g.get("implicit", []):
+            if not sees_all and item["status"] != "active":
+                continue
+            doc = self._membership_doc(group_id, item["identity_id"], Membership(item["role"], item["status"], iso_z(_GEN_EPOCH)))
+            doc["source_group_id"] = item["source_group_id"]
+            docs.append(doc)
+        return docs
+
+    def all_membership_docs(self, group_id: str) -> list[dict[str, Any]]:
+        """Every membership of a group, whoever asks (a shape some answers take)."""
+        g = self.groups[group_id]
+        return [self._membership_doc(group_id, i, m) for i, m in g["memberships"].items()]
+
     # ------------------------------------------------------------ visibility
 
     def my_membership(self, group_id: str, identity_id: str | None = None) -> Membership | None:
@@ -939,7 +1004,7 @@ class World:
                 doc["memberships"] = [
                     {**d, "membership_fields": dict(d["membership_fields"])}
                     for d in (self._membership_doc(group_id, i, m) for i, m in items)
-                ]
+                ] + self._implicit_docs(group_id, viewer)
             return doc
 
     def render_group(
