@@ -1109,7 +1109,7 @@ class Simulator:
             # authorization_parameters, here with no session requirement in it
             return None, self._json(
                 401,
-                {"code": "UNAUTHORIZED", "detail": "Missing, invalid, expired or revoked access token.",
+                {"code": "INVALID_TOKEN", "detail": "Missing, invalid, expired or revoked access token.",
                  "status": 401, "authorization_parameters": {}},
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
