@@ -274,26 +274,29 @@ def membership_problem(item: t.Any) -> str | None:
 
 
 def _one_per_identity(items: t.Iterable[dict[str, t.Any]]) -> list[dict[str, t.Any]]:
-    """One membership document per identity, in identity order (SPEC: one membership
-    per identity and group).
+    """One membership document per identity (SPEC: one membership per identity and group).
 
     An explicit membership (no ``source_group_id``) beats implicit ones, which Globus
     lists for members of subgroups; among several of a kind, the highest role, then
     the best status. The remaining tie is broken by the document's own text, so the
     same answer always gives the same record, whatever order Globus lists it in.
     """
-    best: dict[str, tuple[tuple[t.Any, ...], dict[str, t.Any]]] = {}
+    first: dict[str, dict[str, t.Any]] = {}
+    repeated: dict[str, list[dict[str, t.Any]]] = {}
     for item in items:
-        key = (
-            not item.get("source_group_id"),
-            _ROLE_RANK[item["role"]],
-            _STATUS_RANK[item["status"]],
-            _JSON(item),
-        )
-        held = best.get(item["identity_id"])
-        if held is None or key > held[0]:
-            best[item["identity_id"]] = (key, item)
-    return [best[identity][1] for identity in sorted(best)]
+        identity = item["identity_id"]
+        if identity not in first:
+            first[identity] = item
+        else:
+            repeated.setdefault(identity, [first[identity]]).append(item)
+    for identity, listed in repeated.items():  # rare: the ranking is paid for only here
+        first[identity] = max(listed, key=_precedence)
+    return list(first.values())
+
+
+def _precedence(item: dict[str, t.Any]) -> tuple[t.Any, ...]:
+    """How a membership document ranks against others of the same identity."""
+    return (not item.get("source_group_id"), _ROLE_RANK[item["role"]], _STATUS_RANK[item["status"]], _JSON(item))
 
 
 def _identity_id(item: t.Any) -> str | None:

@@ -256,6 +256,7 @@ class SyncRun:
     error: str | None = None
     exit_code: int | None = None
     failed_groups: dict[str, str] = dataclasses.field(default_factory=dict)
+    needs_login: int = 0  # of the failed groups, those refused for a session requirement
 
 
 def start_run(db: sqlite_utils.Database, started_at: str | None = None) -> SyncRun:
@@ -346,6 +347,7 @@ class Recorder:
         succeeds. A group never read before is recorded as the listing shows it (name,
         the identity's standing), so that ``syncer groups`` can say it needs a login."""
         self.failed(listing.id, f"needs a new login session: {asked}")
+        self.run.needs_login += 1
         known = self.db.conn.execute(
             "UPDATE group_state SET needs_login = :asked WHERE id = :id AND removed_run IS NULL",
             {"asked": asked, "id": listing.id},

@@ -239,9 +239,10 @@ def _record(
             progress(run.groups_synced + run.groups_failed, len(to_read))
     if cancelled.is_set():
         raise Cancelled("stopped before the run finished; nothing from it was recorded")
-    if run.groups_failed and not run.groups_synced:
+    if run.groups_failed > run.needs_login and not run.groups_synced:
         # not "partial": nothing could be recorded, and a listing whose every group
-        # fails to read is no ground for run_db groups as gone either
+        # fails to read is no ground for run_db groups as gone either (groups Globus
+        # refused for a session requirement prove the listing sound: those are partial)
         group_id, reason = next(iter(run.failed_groups.items()))
         raise SyncerError(f"none of the {run.groups_failed} groups could be read (e.g. {group_id}: {reason})")
     fetched = time.monotonic()

@@ -212,3 +212,26 @@ def test_a_401_with_empty_authorization_parameters_is_a_token_problem(logged_in:
     assert env.sim.stats["refresh_grants"] > grants
     assert dump(env, exclude={"sync_runs"}) == before
     assert "needs_login" not in result.stderr and "session" not in result.stderr
+
+
+def test_a_run_whose_only_group_needs_login_is_partial(logged_in: Env) -> None:
+    """Groups refused for a session requirement prove the listing sound: the run is
+    partial with the group marked, not failed with its mark rolled back."""
+    env, world = logged_in, logged_in.world
+    gid = admin_groups(world)[0]
+    env.write_config(groups=[gid])
+    world.set_high_assurance(gid, timeout=0)
+    result = env.run("sync")
+    assert result.returncode == 3, result.output
+    assert (last_run(env)["status"], last_run(env)["groups_failed"]) == ("partial", 1)
+    assert groups_json(env)[gid]["needs_login"]
+
+
+def test_groups_note_counts_with_the_verb_agreeing(logged_in: Env) -> None:
+    env, world = logged_in, logged_in.world
+    synced(env)
+    hidden = [gid for gid in world.groups if world.my_membership(gid).role == "member"
+              and world.groups[gid]["policies"]["group_members_visibility"] == "managers"]
+    assert len(hidden) == 1  # the conftest world: only group 1
+    result = env.run("groups")
+    assert "1 of these groups does not show your identity their members" in result.stderr
