@@ -235,3 +235,22 @@ def test_groups_note_counts_with_the_verb_agreeing(logged_in: Env) -> None:
     assert len(hidden) == 1  # the conftest world: only group 1
     result = env.run("groups")
     assert "1 of these groups does not show your identity their members" in result.stderr
+
+
+def test_admin_interface_designates_high_assurance_and_subgroup_members(logged_in: Env) -> None:
+    """What `syncer simulate` users can do over HTTP: the same shapes as the tests'."""
+    import urllib.request
+
+    env, world = logged_in, logged_in.world
+    guarded, parent, sub = admin_groups(world)[:3]
+
+    def post(action: str, payload: dict[str, object]) -> None:
+        request = urllib.request.Request(f"{env.sim.url}/admin/{action}", json.dumps(payload).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+
+    post("high-assurance", {"group": guarded, "timeout": 0})
+    post("add-implicit", {"group": parent, "identity": "me", "source_group": sub, "role": "member"})
+    synced(env, expect=3)
+    assert groups_json(env)[guarded]["needs_login"]
+    assert current_state(env)[(parent, world.me)] == (world.my_membership(parent).role, "active")  # explicit counts

@@ -160,6 +160,26 @@ def _add_client(world: World, payload: dict[str, t.Any]) -> dict[str, t.Any]:
     return {"client_id": client_id, "client_secret": secret, "groups": groups}
 
 
+def _high_assurance(world: World, payload: dict[str, t.Any]) -> dict[str, t.Any]:
+    """Designate a group high assurance (``timeout``: seconds a login stays good enough;
+    null: no longer high assurance)."""
+    gid = _group(world, payload)
+    timeout = payload.get("timeout", 28800)
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0):
+        raise AdminError(400, "'timeout' must be a number of seconds or null")
+    world.set_high_assurance(gid, timeout)
+    return {"group_id": gid, "is_high_assurance": timeout is not None, "authentication_assurance_timeout": timeout}
+
+
+def _add_implicit(world: World, payload: dict[str, t.Any]) -> dict[str, t.Any]:
+    """An identity becomes an implicit member of a group through a subgroup (``source_group``)."""
+    gid, iid = _group(world, payload), _identity(world, payload)
+    source = _group(world, {"group": payload.get("source_group")})
+    world.add_implicit_membership(
+        gid, iid, source, role=payload.get("role", "member"), status=payload.get("status", "active"))
+    return {"group_id": gid, "identity_id": iid, "source_group_id": source}
+
+
 _ACTIONS: dict[str, t.Callable[[World, dict[str, t.Any]], dict[str, t.Any]]] = {
     "add-member": _add_member,
     "remove-member": _remove_member,
@@ -168,4 +188,6 @@ _ACTIONS: dict[str, t.Callable[[World, dict[str, t.Any]], dict[str, t.Any]]] = {
     "leave": _leave,
     "rename-group": _rename_group,
     "add-client": _add_client,
+    "high-assurance": _high_assurance,
+    "add-implicit": _add_implicit,
 }
