@@ -137,7 +137,8 @@ def test_before_the_first_successful_run_says_so(history: Scenario) -> None:
 def test_groups_as_of_each_run(history: Scenario, run_id: int) -> None:
     truth = history.truths[run_id]
     rows = as_json(history, "groups", "--at", f"run:{run_id}")
-    assert [list(r) for r in rows[:1]] == [["id", "name", "my_role", "my_status", "members_visible", "active_members"]]
+    assert [list(r) for r in rows[:1]] == [
+        ["id", "name", "my_role", "my_status", "members_visible", "active_members", "needs_login"]]  # SPEC's columns
     got = {r["id"]: (r["name"], r["my_role"], r["my_status"], r["members_visible"], r["active_members"]) for r in rows}
     assert got == {gid: (g.name, g.my_role, g.my_status, g.members_visible, g.active_members)
                    for gid, g in truth.groups.items()}
