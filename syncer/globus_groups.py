@@ -1,11 +1,16 @@
 """Reading groups and memberships from the Globus Groups API.
 
 ``list_my_groups`` asks which groups the identity belongs to; ``GroupReader`` then
-fetches each group with ``include=memberships`` from a few worker threads at once
+fetches each group with ``include=memberships,policies`` from a few worker threads at once
 (each read is one latency-bound HTTP request; Globus does not paginate memberships)
 and yields results as they arrive, so a caller can store them without holding them
 all. An ``AdaptiveLimit`` halves the reads in flight when Globus answers 429 and
 lets them grow back slowly.
+
+Answers are checked before they are believed (SPEC, "Reading Globus"): the plain
+functions ``parse_listing`` and ``parse_group`` turn a body into what is recorded, or
+raise an error naming the entry and the field (never quoting the body); a 401 is
+a session requirement only when ``globus_sdk.gare`` finds one in it.
 """
 
 from __future__ import annotations
