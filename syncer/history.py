@@ -124,6 +124,8 @@ _GROUP_ATTRIBUTES = (
     "group_members_visibility", "members_view", "my_role", "my_status",
     "is_high_assurance", "authentication_assurance_timeout", "enforce_session", "session_limit",
 )
+# What the listing tells of a group: all that is recorded of one Globus refused to show.
+_LISTED_ATTRIBUTES = ("name", "group_visibility", "group_members_visibility", "members_view", "my_role", "my_status")
 # Attributes a document may leave out (null, or absent as in recorded bodies): what is
 # stored stands, so a missing value is never recorded as a change.
 _KEPT_WHEN_MISSING = (
@@ -359,18 +361,17 @@ class Recorder:
             "group_members_visibility": listing.members_visibility, "members_view": str(listing.members_view),
             "my_role": listing.my_role, "my_status": listing.my_status, "asked": asked, **self._params,
         }
-        listed = "name, group_visibility, group_members_visibility, members_view, my_role, my_status"
-        marks = ", ".join(f":{c.strip()}" for c in listed.split(","))
+        listed = ", ".join(_LISTED_ATTRIBUTES)
         self.db.conn.execute(
             f"""INSERT INTO group_state (id, {listed}, first_run, last_run, needs_login)
-                VALUES (:id, {marks}, :run, :run, :asked)
-                ON CONFLICT (id) DO UPDATE SET {", ".join(f"{c.strip()} = excluded.{c.strip()}" for c in listed.split(","))},
+                VALUES (:id, {", ".join(f":{c}" for c in _LISTED_ATTRIBUTES)}, :run, :run, :asked)
+                ON CONFLICT (id) DO UPDATE SET {", ".join(f"{c} = excluded.{c}" for c in _LISTED_ATTRIBUTES)},
                     last_run = :run, removed_run = NULL, needs_login = :asked""",
             values,
         )
         self.db.conn.execute(
-            f"""INSERT INTO group_versions (group_key, from_run, {listed})
-                SELECT key, :run, {listed} FROM group_state WHERE id = :id""",
+            f"INSERT INTO group_versions (group_key, from_run, {listed}) SELECT key, :run, {listed} FROM group_state"
+            " WHERE id = :id",
             values,
         )
 
