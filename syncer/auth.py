@@ -21,6 +21,7 @@ from globus_sdk.transport import RequestsTransport, RetryCheck, RetryCheckResult
 from syncer.client_secret import ClientSecret, load_client_secret
 from syncer.config import Config, is_groups_scope
 from syncer.errors import ConfigError, LoginRequired, SyncerError
+from syncer.ownership import CLIENT, IDENTITY, Credentials
 from syncer.token_store import GROUPS_RESOURCE_SERVER, TokenStore
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class _SharedRenewal:
     each group read would retry the renewal in turn and fail as if the group were at
     fault.
     """
+
+    #: who the credentials act as, where known (see ``syncer.ownership``)
+    credentials: Credentials | None = None
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         self._lock = threading.RLock()
@@ -213,7 +217,7 @@ def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTok
     if not tokens.refresh_token:
         raise LoginRequired(f"the stored tokens in {store.path} have no refresh token")
     write_back = _WriteBack(store, tokens.refresh_token)
-    return SharedRefreshTokenAuthorizer(
+    authorizer = SharedRefreshTokenAuthorizer(
         tokens.refresh_token,
         auth_client(config),
         access_token=tokens.access_token,
@@ -221,6 +225,11 @@ def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTok
         on_refresh=write_back,
         on_rejected=write_back.rejected,
     )
+    # a login made before owners were recorded stored no identity: then the run tells
+    # it from the listing (see syncer.sync)
+    if tokens.identity_id:
+        authorizer.credentials = Credentials(IDENTITY, tokens.identity_id, None)
+    return authorizer
 
 
 def client_credentials_namespace(config: Config) -> str:
@@ -244,7 +253,7 @@ def client_credentials_authorizer(
     cached = store.groups_tokens()
     usable = cached is not None and sorted(cached.scope.split()) == scopes
     client = globus_sdk.ConfidentialAppAuthClient(config.client_id, secret.value, **client_options(config))
-    return SharedClientCredentialsAuthorizer(
+    authorizer = SharedClientCredentialsAuthorizer(
         client,
         scopes,
         access_token=cached.access_token if usable and cached else None,
@@ -252,6 +261,8 @@ def client_credentials_authorizer(
         on_refresh=store.save,
         secret_source=secret.source,
     )
+    authorizer.credentials = Credentials(CLIENT, config.client_id, None)  # a client acts as itself
+    return authorizer
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from syncer.client_secret import secret_source
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, EXIT_LOGIN_REQUIRED, EXIT_OK, EXIT_PARTIAL, StorageError
 from syncer.lock import is_held
+from syncer.ownership import DatabaseOwner, database_owner, describe_owner
 from syncer.schema import connect, parse_time
 from syncer.token_store import TokenStore
 
@@ -95,6 +96,8 @@ def database_state(config: Config) -> dict[str, t.Any]:
             "SELECT max(started_at) FROM sync_runs WHERE status IN ('ok', 'partial')"
         ).fetchone()[0]
         state["last_success_at"] = last_ok
+        owner = database_owner(db)
+        state["owner"] = owner._asdict() if owner else None
     except sqlite3.Error as err:
         raise StorageError(f"{path}: cannot read database: {err}") from None
     finally:
@@ -232,6 +235,14 @@ def render_text(data: dict[str, t.Any]) -> str:
         return "\n".join(lines)
     size = database.get("size_bytes", 0)
     lines.append(f"database: {database['path']} ({size / 1024:.0f} KiB)")
+    owner = database.get("owner")
+    if owner:
+        lines.append(
+            f"  belongs to {describe_owner(DatabaseOwner(**owner))}"
+            f" (recorded by run {owner['recorded_by_run']} at {owner['recorded_at']})"
+        )
+    elif database.get("counts"):
+        lines.append("  belongs to: not recorded yet (the next successful run records it)")
     counts = database.get("counts")
     if counts:
         lines.append(

@@ -44,6 +44,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import jwt
+
 from . import admin
 from .state import read_state, write_state
 from .world import GROUPS_RESOURCE_SERVER, STATUSES, World
@@ -428,6 +430,7 @@ class Simulator:
         self._codes: dict[str, _Code] = {}
         self._refresh: dict[str, _Refresh] = {}
         self._access: dict[str, _Access] = {}
+        self._id_token_key = secrets.token_bytes(32)
         self._serial = 0
         self._access_cutoff = 0  # access tokens with serial <= this are dead
         self._invalid_grant_status = 400
@@ -938,6 +941,8 @@ class Simulator:
                     self._refresh[refresh] = _Refresh(rec.client_id, rec.scope, rec.state, rec.identity_id)
                     self.issued_tokens.add(refresh)
                 payload = self._issue_access(rec.scope, rec.identity_id, rec.state, refresh)
+                if "openid" in rec.scope.split():
+                    payload["id_token"] = self._id_token(rec)
                 self._stats["code_exchanges"] += 1
             else:
                 self._stats["code_exchanges_failed"] += 1
@@ -1005,7 +1010,35 @@ class Simulator:
         }
         if refresh is not None:
             payload["refresh_token"] = refresh
+        if "openid" in scope.split():
+            # as Globus does: the OpenID Connect scopes get a token of Globus Auth's own
+            payload["scope"] = " ".join(s for s in scope.split() if s not in _OIDC_SCOPES)
+            auth_token = secrets.token_urlsafe(32)
+            self.issued_tokens.add(auth_token)
+            payload["other_tokens"] = [{
+                "access_token": auth_token,
+                "expires_in": lifetime,
+                "resource_server": "auth.globus.org",
+                "scope": " ".join(s for s in scope.split() if s in _OIDC_SCOPES),
+                "token_type": "Bearer",
+                "state": payload["state"],
+            }]
         return payload
+
+    def _id_token(self, rec: _Code) -> str:
+        """The OpenID Connect ``id_token`` for a code grant that asked for ``openid``:
+        the identity's ``sub``, username and identity set, as Globus Auth issues it
+        (signed with a key of this simulator's: a client reading it straight from the
+        token endpoint over TLS may rely on TLS instead of the signature, OIDC 3.1.3.7)."""
+        with self.world.lock:
+            username = self.world.identities.get(rec.identity_id, {}).get("username")
+        now = int(time.time())
+        claims = {
+            "iss": f"{self.url}/auth", "sub": rec.identity_id, "aud": rec.client_id,
+            "iat": now, "exp": now + 172800, "preferred_username": username,
+            "identity_set": [{"sub": rec.identity_id, "username": username}],
+        }
+        return jwt.encode(claims, self._id_token_key, algorithm="HS256")
 
     def _revoke(self, body: bytes) -> _Resp:
         form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
@@ -1272,6 +1305,10 @@ def _s256(verifier: str) -> str:
     """PKCE S256: base64url(sha256(verifier)) without padding (RFC 7636)."""
     digest = hashlib.sha256(verifier.encode("ascii", "replace")).digest()
     return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+#: the OpenID Connect scopes, which Globus Auth answers with a token of its own
+_OIDC_SCOPES = ("openid", "profile", "email")
 
 
 def _normalize_scope(scope: str) -> str:
