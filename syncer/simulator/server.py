@@ -941,8 +941,7 @@ class Simulator:
                     self._refresh[refresh] = _Refresh(rec.client_id, rec.scope, rec.state, rec.identity_id)
                     self.issued_tokens.add(refresh)
                 payload = self._issue_access(rec.scope, rec.identity_id, rec.state, refresh)
-                if "openid" in rec.scope.split():
-                    payload["id_token"] = self._id_token(rec)
+                self._oidc_tokens(payload, rec)
                 self._stats["code_exchanges"] += 1
             else:
                 self._stats["code_exchanges_failed"] += 1
@@ -1010,26 +1009,34 @@ class Simulator:
         }
         if refresh is not None:
             payload["refresh_token"] = refresh
-        if "openid" in scope.split():
-            # as Globus does: the OpenID Connect scopes get a token of Globus Auth's own
-            payload["scope"] = " ".join(s for s in scope.split() if s not in _OIDC_SCOPES)
-            auth_token = secrets.token_urlsafe(32)
-            self.issued_tokens.add(auth_token)
-            payload["other_tokens"] = [{
-                "access_token": auth_token,
-                "expires_in": lifetime,
-                "resource_server": "auth.globus.org",
-                "scope": " ".join(s for s in scope.split() if s in _OIDC_SCOPES),
-                "token_type": "Bearer",
-                "state": payload["state"],
-            }]
+        # the OpenID Connect scopes belong to Globus Auth's own token (see _oidc_tokens)
+        payload["scope"] = " ".join(s for s in scope.split() if s not in _OIDC_SCOPES)
         return payload
 
+    def _oidc_tokens(self, payload: dict[str, Any], rec: _Code) -> None:
+        """A code grant that asked for ``openid``: as Globus answers it, an ``id_token``
+        and a token for auth.globus.org beside the Groups one (caller holds ``self._lock``).
+        Refreshing the Groups token renews that token alone."""
+        oidc = [s for s in rec.scope.split() if s in _OIDC_SCOPES]
+        if "openid" not in oidc:
+            return
+        auth_token = secrets.token_urlsafe(32)
+        self.issued_tokens.add(auth_token)
+        payload["other_tokens"] = [{
+            "access_token": auth_token,
+            "expires_in": payload["expires_in"],
+            "resource_server": "auth.globus.org",
+            "scope": " ".join(oidc),
+            "token_type": "Bearer",
+            "state": payload["state"],
+        }]
+        payload["id_token"] = self._id_token(rec)
+
     def _id_token(self, rec: _Code) -> str:
-        """The OpenID Connect ``id_token`` for a code grant that asked for ``openid``:
-        the identity's ``sub``, username and identity set, as Globus Auth issues it
-        (signed with a key of this simulator's: a client reading it straight from the
-        token endpoint over TLS may rely on TLS instead of the signature, OIDC 3.1.3.7)."""
+        """The OpenID Connect ``id_token``: the identity's ``sub``, username and identity
+        set, as Globus Auth issues it (signed with a key of this simulator's: a client
+        reading it straight from the token endpoint over TLS may rely on TLS instead of
+        the signature, OIDC Core 3.1.3.7)."""
         with self.world.lock:
             username = self.world.identities.get(rec.identity_id, {}).get("username")
         now = int(time.time())
