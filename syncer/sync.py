@@ -211,11 +211,14 @@ def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[MyGro
     except (globus_sdk.NetworkError, GroupReadError) as err:
         raise SyncerError(f"could not list your groups: {err}") from None
     listing.mine.sort(key=lambda group: group.id)
+    # excluded groups are not read and stay as they were (like those left out of `groups`)
+    excluded = set(config.exclude_groups)
+    readable = [group for group in listing.mine if group.id not in excluded]
     if not config.groups:
-        return listing, listing.mine
+        return listing, readable
     wanted = set(config.groups)
-    to_read = [group for group in listing.mine if group.id in wanted]
-    missing = wanted - {group.id for group in to_read}
+    to_read = [group for group in readable if group.id in wanted]
+    missing = wanted - excluded - {group.id for group in to_read}
     if missing:
         log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
     return listing, to_read
