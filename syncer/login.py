@@ -26,7 +26,14 @@ from globus_sdk.login_flows import (
 )
 from globus_sdk.login_flows.local_server_login_flow_manager.local_server import RedirectHandler, RedirectHTTPServer
 
-from syncer.auth import auth_client, authorizer_from_store, client_options, describe_api_error, groups_authorizer
+from syncer.auth import (
+    auth_client,
+    authorizer_from_store,
+    client_options,
+    describe_api_error,
+    describe_network_error,
+    groups_authorizer,
+)
 from syncer.client_secret import ClientSecret
 from syncer.config import GROUPS_SCOPE, Config, is_groups_scope
 from syncer.errors import ConfigError, StorageError, SyncerError
@@ -169,6 +176,8 @@ def _run_login_flow(config: Config, no_browser: bool, read_code: ReadCode, say: 
         return _PasteLoginFlow(client, say, read_code).run_login_flow(params)
     except globus_sdk.AuthAPIError as err:
         raise SyncerError(f"Globus Auth refused the code: {describe_api_error(err)}") from None
+    except globus_sdk.NetworkError as err:
+        raise SyncerError(f"Globus Auth could not be reached: {describe_network_error(err)}") from None
     except LocalServerLoginError as err:
         raise SyncerError(f"login failed: {err}") from None
 
@@ -213,7 +222,7 @@ def login(
             ) from None
         raise SyncerError(f"logged in, but Globus Groups refused the new token: {describe_api_error(err)}") from None
     except globus_sdk.NetworkError as err:
-        raise SyncerError(f"logged in, but Globus Groups could not be reached: {type(err).__name__}") from None
+        raise SyncerError(f"logged in, but Globus Groups could not be reached: {describe_network_error(err)}") from None
     say(f"Logged in{_describe_check(check)}. Tokens stored in {store.path}")
 
 
@@ -263,5 +272,5 @@ def confirm_client_credentials(config: Config, secret: ClientSecret, say: Say) -
         except globus_sdk.GlobusAPIError as err:
             raise SyncerError(f"Globus Groups refused the client's token: {describe_api_error(err)}") from None
         except globus_sdk.NetworkError as err:
-            raise SyncerError(f"Globus Groups could not be reached: {type(err).__name__}") from None
+            raise SyncerError(f"Globus Groups could not be reached: {describe_network_error(err)}") from None
     say(f"Client credentials work{_describe_check(check)}.")

@@ -22,7 +22,7 @@ import typing as t
 
 import globus_sdk
 
-from syncer.auth import client_options, describe_api_error, groups_authorizer
+from syncer.auth import client_options, describe_api_error, describe_network_error, groups_authorizer
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, StorageError, SyncerError
 from syncer.globus_groups import (
@@ -208,7 +208,9 @@ def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[MyGro
         listing = list_my_groups(client, config.my_statuses)
     except globus_sdk.GlobusAPIError as err:
         raise SyncerError(f"could not list your groups: {describe_api_error(err)}") from None
-    except (globus_sdk.NetworkError, GroupReadError) as err:
+    except globus_sdk.NetworkError as err:
+        raise SyncerError(f"could not list your groups: {describe_network_error(err)}") from None
+    except GroupReadError as err:
         raise SyncerError(f"could not list your groups: {err}") from None
     listing.mine.sort(key=lambda group: group.id)
     # excluded groups are not read and stay as they were (like those left out of `groups`)

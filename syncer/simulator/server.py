@@ -30,6 +30,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -50,7 +51,7 @@ from . import admin
 from .state import read_state, write_state
 from .world import GROUPS_RESOURCE_SERVER, STATUSES, World
 
-__all__ = ["Faults", "Simulator", "SimulatorSetupError", "serve", "serve_cli"]
+__all__ = ["Faults", "Simulator", "SimulatorSetupError", "TLSFiles", "serve", "serve_cli"]
 
 log = logging.getLogger("syncer.simulator")
 
@@ -266,6 +267,14 @@ class Faults:
         )
 
 
+class TLSFiles(t.NamedTuple):
+    """A certificate (PEM, the chain the server presents) and its private key: the
+    simulator then serves HTTPS, as Globus does, for testing trust settings."""
+
+    cert: str
+    key: str
+
+
 # --------------------------------------------------------------- token store
 
 
@@ -324,6 +333,10 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], sim: Simulator) -> None:
         self.sim = sim
+        self.tls_context: ssl.SSLContext | None = None
+        if sim.tls is not None:
+            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls_context.load_cert_chain(sim.tls.cert, sim.tls.key)
         self.open_sockets: set[socket.socket] = set()
         self._sock_lock = threading.Lock()
         super().__init__(addr, _Handler)
@@ -341,7 +354,7 @@ class _HTTPServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # a client that went away mid-request (timed out, killed) is not a server
         # error: no traceback on the console for it
-        if isinstance(sys.exc_info()[1], ConnectionError):
+        if isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):  # a client refusing our certificate too
             return
         super().handle_error(request, client_address)
 
@@ -365,6 +378,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
 
     def setup(self) -> None:
+        if self.server.tls_context is not None:
+            # the TLS handshake happens here, in the request's thread, not in the accept loop
+            self.request = self.server.tls_context.wrap_socket(self.request, server_side=True)
         super().setup()
         # Headers and body go out in separate writes; without NODELAY, Nagle
         # plus delayed ACKs add ~40 ms to every keep-alive response.
@@ -411,8 +427,11 @@ class Simulator:
         record_reads: bool = True,
         verbose: bool = False,
         state_file: str | os.PathLike[str] | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.world = world
+        #: serve HTTPS with this certificate (e.g. one signed by a test's own CA)
+        self.tls = tls
         self.port = port
         if faults is None:
             faults = Faults(latency_ms=latency_ms, access_token_lifetime=access_token_lifetime)
@@ -554,7 +573,7 @@ class Simulator:
     @property
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:8765`` (no trailing slash)."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -635,7 +654,14 @@ class Simulator:
         so the app receives the code, and the code is taken from the URL.
         Raises ``RuntimeError`` if the authorize request is rejected.
         """
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({}), _NoRedirect()]
+        if self.tls:
+            # the "browser" is this process talking to itself on loopback: nothing to verify
+            unverified = ssl.create_default_context()
+            unverified.check_hostname = False
+            unverified.verify_mode = ssl.CERT_NONE
+            handlers.append(urllib.request.HTTPSHandler(context=unverified))
+        opener = urllib.request.build_opener(*handlers)
         try:
             with opener.open(url, timeout=30) as resp:
                 raise RuntimeError(f"authorize did not redirect (HTTP {resp.status})")
@@ -1401,6 +1427,7 @@ def serve_cli(
     seed: int = 1,
     fault_rate: float = 0.0,
     say: Callable[[str], Any] | None = None,
+    tls: TLSFiles | None = None,
 ) -> None:
     """Back end of ``syncer simulate``: build, load or restore a world and serve it.
 
@@ -1420,7 +1447,7 @@ def serve_cli(
     else:
         world = World.generate(groups=groups, members=members, seed=seed)
     faults = Faults(latency_ms=latency_ms, access_token_lifetime=token_lifetime, random_rate=fault_rate, seed=seed)
-    sim = Simulator(world, port=port, faults=faults, state_file=state_file)
+    sim = Simulator(world, port=port, faults=faults, state_file=state_file, tls=tls)
     if saved is not None:
         try:
             sim.restore_tokens(saved.tokens)
@@ -1432,6 +1459,8 @@ def serve_cli(
         raise SimulatorSetupError(f"{state_file}: cannot write the state file: {err.strerror or err}", config=True) from None
     try:
         sim.start()
+    except ssl.SSLError as err:
+        raise SimulatorSetupError(f"cannot use the TLS certificate and key: {err.reason or err}", config=True) from None
     except OSError as err:
         raise SimulatorSetupError(f"cannot listen on 127.0.0.1:{port}: {err.strerror or err}", config=False) from None
     for client_id in world.clients:
