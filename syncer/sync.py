@@ -250,6 +250,8 @@ def _record(
             log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)
         if progress:
             progress(run.groups_synced + run.groups_failed, len(to_read))
+        # staged: the read (a large group's rows) must not live on while the next is parsed
+        del outcome
     if cancelled.is_set():
         raise Cancelled("stopped before the run finished; nothing from it was recorded")
     if run.groups_failed and not run.groups_synced:

@@ -6,9 +6,10 @@ beside the 10,000x100 world, are benchmarks/bench.py --memory's.)"""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
-from conftest import Env
+from conftest import ISSUED_TOKENS, make_env
 from helpers import current_state, expected_state, my_active_groups
 from test_simulator import groups_client, raw_get
 
@@ -49,15 +50,19 @@ def test_bodies_held_at_once_stay_within_the_budget_plus_one_document(
 
 
 @pytest.mark.slow
-def test_a_sync_of_groups_larger_than_the_budget_records_them_whole(tmp_path: object, env: Env) -> None:
+def test_a_sync_of_groups_larger_than_the_budget_records_them_whole(tmp_path: Path) -> None:
     """Through `syncer sync`: two groups whose documents each exceed the default budget."""
     big = World.generate(groups=2, members=45_000, seed=9)
     with big.lock:
-        gid = my_active_groups(big)[0]
-        body, _ = big.render_group(gid, big.me, include_memberships=True)
+        body, _ = big.render_group(my_active_groups(big)[0], big.me, include_memberships=True)
     assert len(body) > MAX_BODY_BYTES
-    env.world.__dict__.update(big.__dict__)  # the running simulator serves the big world from now on
-    assert env.login().returncode == 0
-    result = env.run("sync", timeout=900)
-    assert result.returncode == 0, result.output
-    assert current_state(env) == expected_state(env.world)
+    sim = Simulator(big, port=0, record_reads=False).start()
+    try:
+        env = make_env(tmp_path, sim, big)
+        assert env.login().returncode == 0
+        result = env.run("sync", timeout=900)
+        assert result.returncode == 0, result.output
+        assert current_state(env) == expected_state(big)
+    finally:
+        ISSUED_TOKENS.update(sim.issued_tokens)
+        sim.stop()
