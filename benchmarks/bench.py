@@ -39,6 +39,10 @@ HERE = Path(__file__).resolve().parent
 # concurrency sets. The 10,000x100 database after churn is the one queries are timed on.
 FULL_WORLDS = ((100, 50, (0, 25)), (1_000, 100, (0, 25)), (400, 100, (100,)), (10_000, 100, (0,)))
 QUICK_WORLDS = ((100, 50, (0, 25)), (1_000, 100, (0,)), (400, 100, (100,)))
+# Bounded memory: eight groups of 100,000 members (one body of ~40 MB each) against
+# the 10,000x100 world, each synced cold once, side by side in the same run.
+MEMORY_WORLDS = ((10_000, 100), (8, 100_000))
+MEMORY_TARGET = 1.5  # the large groups' peak RSS at most this times the small groups'
 CHURN = 0.01  # share of memberships changed between the unchanged and the churn re-sync
 # Baseline first runs and syncer cold syncs per world and latency, each on a new
 # database; the rows show the median.
@@ -567,7 +571,43 @@ def targets(rows: list[Row]) -> list[tuple[bool | None, str]]:
     found.append((not slow, "1% churn re-sync time ~ unchanged (<= 1.25x + 1 s): "
                             + ("; ".join(slow) if slow else "all within") + " [" + ", ".join(pairs) + "]"))
     found.append(query_target(rows))
+    found.append(memory_target(rows))
     return found
+
+
+def memory_rows(work: Path) -> list[Row]:
+    """A cold ``syncer sync`` of each MEMORY_WORLDS world: peak RSS beside peak RSS."""
+    from syncer.simulator import Simulator, World
+
+    rows = []
+    for groups, members in MEMORY_WORLDS:
+        label = f"{groups:,}x{members:,}"
+        log(f"memory {label}: generating the world")
+        world = World.generate(groups=groups, members=members, seed=SEED)
+        sim = Simulator(world, port=0, latency_ms=0, record_reads=False).start()
+        try:
+            sync = Syncer(work / f"memory-{groups}x{members}", sim)
+            log(f"memory {label}: cold sync")
+            child = sync.run()
+            if child.rc != 0:
+                raise RuntimeError(f"syncer failed ({child.rc}) at {label}: {child.stderr[-500:]}")
+            run = sync.last_run()
+            rows.append(Row(label, 0, "syncer", "memory", child.wall, child.requests, child.rss, child.cpu,
+                            child.written, groups=groups, memberships=run["memberships"],
+                            db_size=sync.db.stat().st_size))
+        finally:
+            sim.stop()
+        del world, sim
+    return rows
+
+
+def memory_target(rows: list[Row]) -> tuple[bool | None, str]:
+    small, large = (next((r for r in rows if r.phase == "memory" and r.groups == g), None) for g, _ in MEMORY_WORLDS)
+    if small is None or large is None:
+        return None, f"peak RSS at 8x100,000 <= {MEMORY_TARGET}x that at 10,000x100: not measured"
+    ratio = large.rss / small.rss
+    return (ratio <= MEMORY_TARGET, f"peak RSS at 8x100,000 <= {MEMORY_TARGET}x that at 10,000x100: {ratio:.2f}x"
+                                     f" ({large.rss / MIB:.0f} MiB against {small.rss / MIB:.0f} MiB)")
 
 
 def query_target(rows: list[Row]) -> tuple[bool | None, str]:
@@ -653,7 +693,7 @@ def timed_child(config: str) -> None:
     recorder._apply_batch = timed("batches", recorder._apply_batch)  # type: ignore[method-assign]
     recorder.finish = timed("finish", recorder.finish)  # type: ignore[method-assign]
     sync_mod.list_my_groups = timed("list_my_groups", sync_mod.list_my_groups)  # type: ignore[assignment]
-    groups_mod._fetch_one = timed("fetch", groups_mod._fetch_one)  # type: ignore[assignment]
+    groups_mod.GroupReader._fetch_one = timed("fetch", groups_mod.GroupReader._fetch_one)  # type: ignore[method-assign]
     groups_mod.parse_group = timed("parse_group", groups_mod.parse_group)  # type: ignore[assignment]
     shim = types.ModuleType("json")
     shim.__dict__.update(json.__dict__)
@@ -769,6 +809,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY, help="syncer's `concurrency` (default 8)")
     parser.add_argument("--queries-only", action="store_true",
                         help="only the query commands' times (a cold sync and a churn re-sync per world, no baseline)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only the bounded-memory pair: cold syncs of 10,000x100 and 8x100,000, peak RSS side by side")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--profile-child", nargs=2, help=argparse.SUPPRESS)
@@ -801,7 +843,9 @@ def main() -> None:
     prof = None
     began = time.perf_counter()
     try:
-        if not args.profile_only:
+        if args.memory:
+            rows += memory_rows(work)
+        elif not args.profile_only:
             for groups, members, latencies in worlds:
                 label = f"{groups:,}x{members}"
                 log(f"{label}: generating the world")
@@ -817,6 +861,8 @@ def main() -> None:
                 finally:
                     sim.stop()
                 del world, sim
+            if not args.quick and not args.worlds and not args.queries_only:
+                rows += memory_rows(work)
         if args.profile or args.profile_only:
             world = World.generate(groups=1_000, members=100, seed=SEED)
             sim = Simulator(world, port=0, latency_ms=0, record_reads=False).start()
@@ -854,15 +900,15 @@ def main() -> None:
                     print(f"  {ms:8.1f}  {title}")
                 print()
         print("Targets:")
-        for ok, text in [query_target(rows)] if args.queries_only else targets(rows):
+        chosen = [memory_target(rows)] if args.memory else [query_target(rows)] if args.queries_only else targets(rows)
+        for ok, text in chosen:
             print(f"  {'PASS' if ok else ('MISS' if ok is False else 'n/a ')}  {text}")
     if prof:
         print_profile(prof)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "rows": [dataclasses.asdict(r) for r in rows],
-            "targets": [{"pass": ok, "text": text}
-                        for ok, text in ([query_target(rows)] if args.queries_only else targets(rows) if rows else [])],
+            "targets": [{"pass": ok, "text": text} for ok, text in (chosen if rows else [])],
             "profile": {k: v for k, v in (prof or {}).items() if k != "text"},
         }, indent=1))
 

@@ -24,13 +24,14 @@ import queue
 import threading
 import time
 import typing as t
+import urllib.parse
 from email.utils import parsedate_to_datetime
 
 import globus_sdk
 import requests
-from globus_sdk.transport import RetryCheckResult, RetryContext
+from globus_sdk.transport import RequestCallerInfo, RetryCheckResult, RetryContext
 
-from syncer.auth import MAX_RETRY_SLEEP, describe_api_error, session_requirement
+from syncer.auth import MAX_RETRY_SLEEP, describe_api_error, describe_network_error, session_requirement
 from syncer.errors import LoginRequired
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def list_my_groups(client: globus_sdk.GroupsClient, statuses: t.Sequence[str]) -
     return parse_listing(_json_body(response.text), statuses)
 
 
-def _json_body(text: str) -> t.Any:
+def _json_body(text: str | bytes | bytearray) -> t.Any:
     """A body parsed as JSON; ``_NOT_JSON`` when it is not JSON at all."""
     try:
         return json.loads(text)
@@ -460,7 +461,55 @@ class AdaptiveLimit:
 
 
 Outcome = tuple[GroupListing, GroupRead | GroupReadError]
-_Fetched = tuple[GroupListing, str | GroupReadError]
+_Fetched = tuple[GroupListing, bytearray | GroupReadError]
+
+#: Bytes of group documents a run holds at once (being received, waiting, or being
+#: parsed), beyond the one document that may always exceed it. Globus does not page
+#: memberships: a 100,000-member group is one 40 MB body, and eight of them arriving
+#: together would otherwise be held at once, whatever the queue's length.
+MAX_BODY_BYTES = 16 * 1024 * 1024
+_CHUNK = 256 * 1024
+
+
+class ByteBudget:
+    """Bounds the bytes of response bodies held at once across the reading threads.
+
+    A worker takes room for each chunk it receives and waits while the budget is spent,
+    which stops it reading (TCP then holds Globus back). One body at a time may
+    overdraw the budget, so a document larger than the whole budget still gets
+    through and workers never wait on each other forever: the overdrawn body is read
+    to its end, parsed and recorded, and only then may another overdraw. The caller
+    gives a body's bytes back once it is done with it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0  # the most held at once, for the benchmark's figures
+        self._overdraft: object | None = None  # whose body may exceed the budget
+        self._cond = threading.Condition()
+
+    def take(self, size: int, owner: object, stopping: t.Callable[[], bool]) -> bool:
+        """Wait for room for ``size`` more bytes of ``owner``'s body; False if stopping first."""
+        with self._cond:
+            while not stopping():
+                fits = self.held + size <= self.limit
+                if fits or self._overdraft in (None, owner):
+                    if not fits:
+                        self._overdraft = owner
+                    self.held += size
+                    self.peak = max(self.peak, self.held)
+                    return True
+                self._cond.wait(timeout=0.2)
+            return False
+
+    def give_back(self, size: int, owner: object) -> None:
+        """``owner``'s body of ``size`` bytes is no longer held."""
+        with self._cond:
+            self.held -= size
+            if self._overdraft is owner:
+                self._overdraft = None
+            self._cond.notify_all()
 
 
 class GroupReader:
@@ -468,7 +517,10 @@ class GroupReader:
 
     Iterating yields each outcome as it completes. At most ``limit.limit`` requests
     are in flight and at most ``8 * limit.maximum`` finished results wait for the
-    caller, so memory does not grow with the number of groups. Workers only fetch;
+    caller, so memory does not grow with the number of groups; bodies are received
+    as streams within a ``ByteBudget`` of ``max_bytes``, so it does not grow with
+    the size of groups either (a body's bytes count until the caller asks for the
+    next outcome, its parsed form included). Workers only fetch;
     bodies are parsed by the iterating thread, so a worker sends its next request as
     soon as an answer arrives and the requests in flight stay full. Because the reads
     start at once, the caller can prepare to store them meanwhile. Stops early when
@@ -482,9 +534,11 @@ class GroupReader:
         listings: t.Sequence[GroupListing],
         limit: AdaptiveLimit,
         cancelled: threading.Event,
+        max_bytes: int = MAX_BODY_BYTES,
     ) -> None:
         self._client = client
         self._limit = limit
+        self.budget = ByteBudget(max_bytes)
         self._cancelled = cancelled
         self._todo: queue.SimpleQueue[GroupListing] = queue.SimpleQueue()
         for listing in listings:
@@ -523,7 +577,20 @@ class GroupReader:
                 raise item
             else:
                 listing, body = item
-                yield listing, _parse_body(listing, body) if isinstance(body, str) else body
+                del item
+                if isinstance(body, GroupReadError):
+                    yield listing, body
+                    continue
+                size = len(body)
+                outcome: GroupRead | GroupReadError | None = None
+                try:
+                    outcome = _parse_body(listing, body)
+                    del body  # the caller records the parsed form; the bytes need not wait for that
+                    yield listing, outcome
+                finally:
+                    # the caller is done with it (recorded, or left the loop)
+                    del outcome
+                    self.budget.give_back(size, listing)
 
     def _stopping(self) -> bool:
         return self._done.is_set() or self._cancelled.is_set()
@@ -537,6 +604,33 @@ class GroupReader:
             except queue.Full:
                 continue
 
+    def _fetch_one(self, listing: GroupListing) -> bytearray | GroupReadError:
+        """One group's response body, received within the byte budget, or why it could not be had."""
+        try:
+            response = renewing(lambda: _get_group_streamed(self._client, listing.id))
+        except globus_sdk.GlobusAPIError as err:
+            asked = session_requirement(err)
+            if asked is not None:
+                # a group with a session policy (e.g. high assurance) wants a new login:
+                # that group cannot be read unattended, the others still can
+                return NeedsLogin(asked)
+            return GroupReadError(describe_api_error(err))
+        except globus_sdk.NetworkError as err:
+            return GroupReadError(describe_network_error(err))
+        body = bytearray()
+        try:
+            for chunk in response.iter_content(_CHUNK):
+                if not self.budget.take(len(chunk), listing, self._stopping):
+                    self.budget.give_back(len(body), listing)
+                    return GroupReadError("stopped before the group was read")
+                body += chunk
+        except requests.RequestException as err:
+            self.budget.give_back(len(body), listing)
+            return GroupReadError(f"network error while receiving the group: {type(err).__name__}")
+        finally:
+            response.close()
+        return body
+
     def _work(self) -> None:
         try:
             while not self._stopping():
@@ -548,11 +642,12 @@ class GroupReader:
                     return
                 ok = False
                 try:
-                    fetched: _Fetched = (listing, _fetch_one(self._client, listing))
-                    ok = isinstance(fetched[1], str)
+                    fetched: _Fetched = (listing, self._fetch_one(listing))
+                    ok = not isinstance(fetched[1], GroupReadError)
                 finally:
                     self._limit.release(ok)
                 self._offer(fetched)
+                del fetched  # the caller holds it now; this thread must not keep it while it reads the next
         except BaseException as err:  # noqa: BLE001 - handed to the caller to raise
             self._offer(err)
         finally:
@@ -593,24 +688,31 @@ def _plain_401(err: globus_sdk.GlobusAPIError) -> bool:
     return err.http_status == 401 and session_requirement(err) is None
 
 
-def _parse_body(listing: GroupListing, body: str) -> GroupRead | GroupReadError:
+def _parse_body(listing: GroupListing, body: bytes | bytearray | str) -> GroupRead | GroupReadError:
     try:
         return parse_group(listing, _json_body(body))
     except GroupReadError as err:
         return err
 
 
-def _fetch_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> str | GroupReadError:
-    """One group's response body, or why it could not be had."""
-    try:
-        # policies: the group's session policies are kept with its history
-        return renewing(lambda: client.get_group(listing.id, include=("memberships", "policies"))).text
-    except globus_sdk.GlobusAPIError as err:
-        asked = session_requirement(err)
-        if asked is not None:
-            # a group with a session policy (e.g. high assurance) wants a new login:
-            # that group cannot be read unattended, the others still can
-            return NeedsLogin(asked)
-        return GroupReadError(describe_api_error(err))
-    except globus_sdk.NetworkError as err:
-        return GroupReadError(f"network error: {type(err.underlying_exception).__name__}")
+def _get_group_streamed(client: globus_sdk.GroupsClient, group_id: str) -> requests.Response:
+    """``client.get_group(group_id, include=("memberships", "policies"))``, its body not yet received.
+
+    ``GroupsClient.get_group`` receives the whole body before it returns, and the SDK
+    offers the raw response only through a private attribute; its transport's public
+    ``request(..., stream=True)`` does the same request (authorizer, renewal on 401,
+    retries) and hands over the stream. An error answer raises the client's error
+    class, as ``get_group`` would.
+    """
+    url = f"{client.base_url.rstrip('/')}/v2/groups/{urllib.parse.quote(group_id)}"
+    caller = RequestCallerInfo(retry_config=client.retry_config, authorizer=client.authorizer)
+    # policies: the group's session policies are kept with its history
+    response = client.transport.request(
+        "GET", url, caller_info=caller, query_params={"include": "memberships,policies"}, stream=True
+    )
+    if not 200 <= response.status_code < 300:
+        try:
+            raise client.error_class(response)
+        finally:
+            response.close()
+    return response

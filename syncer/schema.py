@@ -268,6 +268,25 @@ def _group_policies(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE group_state ADD COLUMN needs_login TEXT")
 
 
+@migrations(name="0007_database_owner")
+def _database_owner(db: sqlite_utils.Database) -> None:
+    # Whose data this is: the identity (or confidential client) of the first
+    # successful run, one row at most (see syncer.ownership). An upgraded database
+    # gets its row at its next successful run.
+    db.executescript(
+        """
+        CREATE TABLE database_owner (
+            only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+            kind TEXT NOT NULL CHECK (kind IN ('identity', 'client')),
+            id TEXT NOT NULL,
+            username TEXT,
+            recorded_at TEXT NOT NULL,
+            recorded_by_run INTEGER NOT NULL REFERENCES sync_runs(id)
+        );
+        """
+    )
+
+
 # The tables as 0004 made them. Frozen: a later change is a new migration. A group's
 # attributes, as read: in its current state and in each of its versions.
 _GROUP_ATTRIBUTES_0004 = """name TEXT,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import globus_sdk
+import jwt
 import pytest
 import requests
 from globus_sdk.transport import RequestsTransport, RetryConfig
@@ -117,9 +118,12 @@ def test_full_flow_with_real_sdk(sim: Simulator, world: World) -> None:
     assert data["resource_server"] == "groups.api.globus.org"
     assert data["token_type"] == "Bearer"
     assert data["state"] == "_default"
-    assert data["other_tokens"] == []
-    assert "id_token" not in data
-    assert set(data["scope"].split()) == set(SCOPES.split())
+    # openid, as Globus answers it: Globus Auth's own token beside, and an id_token naming the identity
+    [auth_token] = data["other_tokens"]
+    assert auth_token["resource_server"] == "auth.globus.org" and auth_token["scope"] == "openid profile email"
+    claims = jwt.decode(data["id_token"], options={"verify_signature": False})
+    assert claims["sub"] == world.me and claims["preferred_username"] == world.identities[world.me]["username"]
+    assert data["scope"] == GROUPS_SCOPE
     assert data["expires_in"] == 3600
     assert {data["access_token"], data["refresh_token"]} <= sim.issued_tokens
 
@@ -252,7 +256,8 @@ def test_refresh_grant_echoes_refresh_token(sim: Simulator) -> None:
     assert r["refresh_token"] == data["refresh_token"]
     assert r["access_token"] != data["access_token"]
     assert r["resource_server"] == "groups.api.globus.org"
-    assert set(r["scope"].split()) == set(SCOPES.split())
+    assert r["scope"] == GROUPS_SCOPE and r["other_tokens"] == []  # a refresh renews the Groups token alone
+    assert "id_token" not in r
     assert sim.stats["refresh_grants"] == 1
 
 

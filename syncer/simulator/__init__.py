@@ -9,7 +9,17 @@ environment variables in :attr:`Simulator.env`; shape the data with a
     os.environ.update(sim.env)
 """
 
-from .server import LISTING_KINDS, MALFORMED_KINDS, SHAPE_KINDS, Faults, Simulator, SimulatorSetupError, serve, serve_cli
+from .server import (
+    LISTING_KINDS,
+    MALFORMED_KINDS,
+    SHAPE_KINDS,
+    Faults,
+    Simulator,
+    SimulatorSetupError,
+    TLSFiles,
+    serve,
+    serve_cli,
+)
 from .world import ROLES, STATUSES, Membership, World
 
 __all__ = [
@@ -22,6 +32,7 @@ __all__ = [
     "Membership",
     "Simulator",
     "SimulatorSetupError",
+    "TLSFiles",
     "World",
     "serve",
     "serve_cli",
