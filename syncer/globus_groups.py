@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import hashlib
 import json
 import logging
 import queue
@@ -25,6 +26,7 @@ import globus_sdk
 import requests
 from globus_sdk.transport import RetryCheckResult, RetryContext
 
+from syncer import __version__
 from syncer.auth import MAX_RETRY_SLEEP, describe_api_error
 from syncer.errors import LoginRequired
 
@@ -110,10 +112,62 @@ class MyGroups(t.NamedTuple):
 
 @dataclasses.dataclass
 class GroupRead:
-    """One group's document and its memberships, checked and ready to store."""
+    """One group's document and its memberships, checked and ready to store; ``digest``
+    (see ``group_digest``) is stored with them, so that the next run can tell an
+    unchanged answer (None: nothing to compare with, the group is always diffed)."""
 
     group: GroupRow
     memberships: list[MembershipRow]
+    digest: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Unchanged:
+    """A group whose answer has the digest stored with its recorded rows: what it would
+    record is what is stored, so it is neither parsed nor diffed."""
+
+    digest: bytes
+
+
+class FetchedBody(t.NamedTuple):
+    """A group's response body as the parse reads it, and its ``group_digest``."""
+
+    text: str
+    digest: bytes
+
+
+# The rules that turn Globus's answers into what syncer records: ``list_my_groups``,
+# ``parse_group`` and what the recorder stores of their rows. A group's digest covers
+# them (and the release), so changing them invalidates every stored digest and each
+# group is diffed in full once more. Raise this whenever they change.
+PARSE_RULES = "1"
+
+
+def digest_rules(version: str = __version__, rules: str = PARSE_RULES) -> bytes:
+    """What every digest starts with: the release and the parsing rules it was made by."""
+    return f"syncer {version} parse rules {rules}\0".encode()
+
+
+_DIGEST_RULES = digest_rules()
+
+
+def group_digest(listing: GroupListing, body: bytes, content_type: str | None, rules: bytes = _DIGEST_RULES) -> bytes:
+    """A SHA-256 of everything a group's record is made from: the rules, every field of
+    its listing entry (its name, the identity's role, status and own memberships, the
+    members' visibility: what ``members_view`` and the own membership come from), and
+    the response body with the content type that says how it decodes to text.
+
+    Two answers with equal digests make the same record, so a group whose digest is the
+    one stored with its rows needs no parsing or diffing. A cryptographic hash, because
+    a collision would hide a change that group managers (other people) can shape.
+    """
+    listed = repr(tuple(getattr(listing, field.name) for field in dataclasses.fields(listing)))
+    digest = hashlib.sha256(rules)
+    # repr never holds a raw NUL, so the parts cannot run into each other
+    digest.update(listed.encode("utf-8", "surrogatepass"))
+    digest.update(b"\0" + (content_type or "").encode("utf-8", "surrogatepass") + b"\0")
+    digest.update(body)
+    return digest.digest()
 
 
 class GroupReadError(Exception):
@@ -323,8 +377,10 @@ class AdaptiveLimit:
         return min(max(seconds, 0.0), MAX_RETRY_SLEEP)
 
 
-Outcome = tuple[GroupListing, GroupRead | GroupReadError]
-_Fetched = tuple[GroupListing, str | GroupReadError]
+Outcome = tuple[GroupListing, GroupRead | Unchanged | GroupReadError]
+_Fetched = tuple[GroupListing, FetchedBody | GroupReadError]
+# a group's digest as stored with its rows, by group id (None: none stored)
+RecordedDigest = t.Callable[[str], bytes | None]
 
 
 class GroupReader:
@@ -356,6 +412,7 @@ class GroupReader:
         # room for the answers that arrive while the caller applies a batch to the database
         self._results: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=limit.maximum * 8)
         self._done = threading.Event()  # the caller left early: workers stop too
+        self._recorded: RecordedDigest | None = None
         self._workers = [
             threading.Thread(target=self._work, name=f"groups-reader-{i}", daemon=True)
             for i in range(min(limit.maximum, len(listings)))
@@ -368,6 +425,12 @@ class GroupReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def skip_unchanged(self, recorded: RecordedDigest) -> None:
+        """From now on, yield ``Unchanged`` instead of a parsed read for a group whose
+        answer's digest is ``recorded(group_id)``. Called by the iterating thread (the
+        lookup reads the database), once that is open."""
+        self._recorded = recorded
 
     def close(self) -> None:
         """Stop sending requests. Workers still waiting on a slow request finish it
@@ -387,7 +450,12 @@ class GroupReader:
                 raise item
             else:
                 listing, body = item
-                yield listing, _parse_body(listing, body) if isinstance(body, str) else body
+                if isinstance(body, GroupReadError):
+                    yield listing, body
+                elif self._recorded is not None and self._recorded(listing.id) == body.digest:
+                    yield listing, Unchanged(body.digest)
+                else:
+                    yield listing, _parse_body(listing, body)
 
     def _stopping(self) -> bool:
         return self._done.is_set() or self._cancelled.is_set()
@@ -413,7 +481,7 @@ class GroupReader:
                 ok = False
                 try:
                     fetched: _Fetched = (listing, _fetch_one(self._client, listing))
-                    ok = isinstance(fetched[1], str)
+                    ok = not isinstance(fetched[1], GroupReadError)
                 finally:
                     self._limit.release(ok)
                 self._offer(fetched)
@@ -456,19 +524,28 @@ def _plain_401(err: globus_sdk.GlobusAPIError) -> bool:
     return err.http_status == 401 and not err.info.authorization_parameters
 
 
-def _parse_body(listing: GroupListing, body: str) -> GroupRead | GroupReadError:
+def _parse_body(listing: GroupListing, body: FetchedBody) -> GroupRead | GroupReadError:
     try:
-        return parse_group(listing, json.loads(body))
+        read = parse_group(listing, json.loads(body.text))
     except ValueError:
         return GroupReadError("response body is not valid JSON")
     except GroupReadError as err:
         return err
+    read.digest = body.digest
+    return read
 
 
-def _fetch_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> str | GroupReadError:
-    """One group's response body, or why it could not be had."""
+def _fetch_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> FetchedBody | GroupReadError:
+    """One group's response body and its digest, or why it could not be had.
+
+    The digest is taken here, in the worker thread (SHA-256 releases the GIL), so that
+    an unchanged group costs the iterating thread one lookup.
+    """
     try:
-        return renewing(lambda: client.get_group(listing.id, include="memberships")).text
+        response = renewing(lambda: client.get_group(listing.id, include="memberships"))
+        return FetchedBody(
+            response.text, group_digest(listing, response.binary_content, response.content_type)
+        )
     except globus_sdk.GlobusAPIError as err:
         if err.http_status == 401:
             # a group with a session policy (e.g. high assurance) wants a recent login:

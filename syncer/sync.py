@@ -32,6 +32,7 @@ from syncer.globus_groups import (
     GroupReader,
     GroupReadError,
     MyGroups,
+    Unchanged,
     list_my_groups,
     pin_environment_proxies,
 )
@@ -225,9 +226,13 @@ def _record(
     run = run_db.run
     recorder = Recorder(run_db.db, run, in_flight=in_flight)
     recorder.listed(listing, to_read=len(to_read))
+    # an answer the same as the one a group's rows were made from is not parsed or diffed
+    reads.skip_unchanged(recorder.recorded_digest)
     for group, outcome in reads:
         if isinstance(outcome, GroupRead):
             recorder.read(outcome)
+        elif isinstance(outcome, Unchanged):
+            recorder.unchanged(group.id)
         else:
             recorder.failed(group.id, str(outcome))
             log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)
