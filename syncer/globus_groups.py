@@ -151,7 +151,7 @@ def digest_rules(version: str = __version__, rules: str = PARSE_RULES) -> bytes:
 _DIGEST_RULES = digest_rules()
 
 
-def group_digest(listing: GroupListing, body: bytes, content_type: str | None, rules: bytes = _DIGEST_RULES) -> bytes:
+def group_digest(listing: GroupListing, body: bytes, content_type: str | None, rules: bytes | None = None) -> bytes:
     """A SHA-256 of everything a group's record is made from: the rules, every field of
     its listing entry (its name, the identity's role, status and own memberships, the
     members' visibility: what ``members_view`` and the own membership come from), and
@@ -162,7 +162,7 @@ def group_digest(listing: GroupListing, body: bytes, content_type: str | None, r
     a collision would hide a change that group managers (other people) can shape.
     """
     listed = repr(tuple(getattr(listing, field.name) for field in dataclasses.fields(listing)))
-    digest = hashlib.sha256(rules)
+    digest = hashlib.sha256(_DIGEST_RULES if rules is None else rules)
     # repr never holds a raw NUL, so the parts cannot run into each other
     digest.update(listed.encode("utf-8", "surrogatepass"))
     digest.update(b"\0" + (content_type or "").encode("utf-8", "surrogatepass") + b"\0")

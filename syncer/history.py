@@ -317,6 +317,7 @@ class Recorder:
         self._to_read = 0
         # the last recorded_digest lookup: (group id, its group_state key, stored memberships)
         self._looked_up: tuple[str, int, int] | None = None
+        self.unchanged_groups = 0  # groups read with the digest of their rows: not diffed
 
     def listed(self, listing: MyGroups, to_read: int | None = None) -> None:
         """Open the run's transaction; record the groups the identity no longer belongs to
@@ -378,6 +379,7 @@ class Recorder:
         self.db.conn.execute("UPDATE group_state SET last_run = ? WHERE key = ?", [self.run.run_id, key])
         self.run.groups_synced += 1
         self.run.memberships += memberships
+        self.unchanged_groups += 1
         unread = self._to_read - self.run.groups_synced - self.run.groups_failed
         if self._staged and unread <= self.in_flight:
             self._apply_batch()

@@ -251,3 +251,4 @@ def _record(
         "read and staged %d groups in %.2fs, finished run_db in %.2fs",
         len(to_read), fetched - began, time.monotonic() - fetched,
     )
+    log.debug("%d of the groups read were unchanged since their last read: not diffed", recorder.unchanged_groups)
