@@ -348,6 +348,11 @@ class Recorder:
         if self._staged >= self.batch_rows or unread <= self.in_flight:
             self._apply_batch()
 
+    def has_digests(self) -> bool:
+        """Whether any group has a digest: none on a first run, or the first after an
+        upgrade, whose groups then need no lookups."""
+        return bool(self.db.conn.execute("SELECT EXISTS (SELECT 1 FROM group_digests)").fetchone()[0])
+
     def recorded_digest(self, group_id: str) -> bytes | None:
         """The digest stored with a group's rows (None: none, or the group is gone).
 

@@ -227,7 +227,8 @@ def _record(
     recorder = Recorder(run_db.db, run, in_flight=in_flight)
     recorder.listed(listing, to_read=len(to_read))
     # an answer the same as the one a group's rows were made from is not parsed or diffed
-    reads.skip_unchanged(recorder.recorded_digest)
+    if recorder.has_digests():
+        reads.skip_unchanged(recorder.recorded_digest)
     for group, outcome in reads:
         if isinstance(outcome, GroupRead):
             recorder.read(outcome)
