@@ -198,6 +198,31 @@ class Syncer:
             return {(row[0], row[1]): (row[2], row[3]) for row in rows}
 
 
+class Floor:
+    """``floor.py``: the same documents over HTTP with syncer's token, nothing else."""
+
+    def __init__(self, folder: Path, sim: t.Any, world: t.Any, sync: Syncer) -> None:
+        from syncer.token_store import TokenStore
+
+        self.folder, self.sim = folder, sim
+        folder.mkdir(parents=True, exist_ok=True)
+        with TokenStore(sync.folder / "tokens.db") as store:
+            tokens = store.groups_tokens()
+        assert tokens is not None, "syncer's token store has no Groups tokens"
+        token_file = folder / "token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(tokens.access_token)
+        with world.lock:  # the groups syncer reads: those where the identity is active, in id order
+            self.ids = sorted(gid for gid, g in world.groups.items()
+                              if (m := g["memberships"].get(world.me)) is not None and m.status == "active")
+        ids_file = folder / "ids"
+        ids_file.write_text("\n".join(self.ids) + "\n")
+        self.args = [str(HERE / "floor.py"), str(token_file), str(ids_file), "--concurrency", str(CONCURRENCY)]
+
+    def run(self) -> Child:
+        return run_child(python_command(*self.args), sim=self.sim, cwd=self.folder)
+
+
 class ReadOnly:
     def __init__(self, path: Path) -> None:
         self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -259,6 +284,7 @@ class Row:
     ratio: float | None = None  # baseline wall / this wall, same world and latency
     version_bytes: float | None = None  # churn: bytes per history version, table and indexes
     queries: dict[str, float] | None = None  # churn: median ms of each timed query
+    floor: float | None = None  # syncer: CPU per group / the floor's CPU per group (same world, latency)
     note: str = ""
 
 
@@ -278,6 +304,7 @@ def scenario(
     repeats = COLD_RUNS if world_memberships(world) <= 200_000 else COLD_RUNS_ABOVE_200K
     firsts: list[Child] = []
     colds: list[Child] = []
+    floors: list[Child] = []
     for i in range(repeats):
         base = Baseline(folder / f"baseline{i}", sim)
         log(f"{tag}: baseline first run {i + 1}/{repeats}")
@@ -294,6 +321,10 @@ def scenario(
         sync = Syncer(folder / f"syncer{i}", sim)
         log(f"{tag}: syncer cold sync {i + 1}/{repeats}")
         colds.append(sync.run())
+        # the floor right after, so that a noisy moment lands on both
+        floor = Floor(folder / "floor", sim, world, sync)
+        log(f"{tag}: floor (fetch only) {len(floors) + 1}")
+        floors.append(floor.run())
         if i < repeats - 1:
             shutil.rmtree(sync.folder)  # the last one goes on to the re-syncs
     base_wall = statistics.median(c.wall for c in firsts)
@@ -320,6 +351,8 @@ def scenario(
         hist, before = sync.history_rows(), sync.db.stat().st_size
         child = sync.run()
         unchanged.append((child, sync.db.stat().st_size - before, sync.history_rows() - hist, sync.last_run()))
+        log(f"{tag}: floor (fetch only) {len(floors) + 1}")
+        floors.append(floor.run())
     rows.append(Row(
         label, latency, "syncer", "unchanged", statistics.mean(u[0].wall for u in unchanged),
         max(u[0].requests for u in unchanged), max(u[0].rss for u in unchanged), statistics.mean(u[0].cpu for u in unchanged),
@@ -331,29 +364,72 @@ def scenario(
         note=f"{runs_note([u[0] for u in unchanged], 'mean')}; first re-sync grew {fmt_bytes(unchanged[0][1])}",
     ))
 
+    # 1% of the groups changed, one membership each: what "99% of groups come back
+    # exactly as they were" looks like
+    rng = random.Random(f"group churn:{label}:{latency}")
+    chosen = rng.sample(sorted(floor.ids), max(1, round(CHURN * len(floor.ids))))
+    log(f"{tag}: one change in each of {len(chosen)} groups, then syncer re-sync")
+    rows.append(churn_row(sync, world, label, latency, "churn 1% grp", lambda: group_changes(world, chosen, rng)))
+
     n = max(1, round(CHURN * run["memberships"]))
     log(f"{tag}: {n} random changes to the world, then syncer re-sync")
-    changes = world.random_changes(n, random.Random(f"churn:{label}:{latency}"))
-    touched = {c["group_id"] for c in changes}
-    before_state = sync.memberships(touched)
-    hist, before = sync.history_rows(), sync.db.stat().st_size
-    churn = sync.run()
-    after_run = sync.last_run()
-    truth = visible_state(world, touched)
-    rows.append(Row(
-        label, latency, "syncer", "churn", churn.wall, churn.requests, churn.rss, churn.cpu, churn.written,
-        groups=after_run["groups_synced"], growth=sync.db.stat().st_size - before, rows_added=sync.history_rows() - hist,
-        changes=after_run["changes"], expected_changes=diff_count(before_state, truth),
-        correct=sync.memberships(touched) == truth, note=f"{len(changes)} world changes in {len(touched)} groups",
-        version_bytes=history_bytes_per_version(sync.db),
-        queries=timed_queries(sync.db) if time_queries else None,
+    row = churn_row(sync, world, label, latency, "churn",
+                    lambda: world.random_changes(n, random.Random(f"churn:{label}:{latency}")))
+    row.version_bytes = history_bytes_per_version(sync.db)
+    row.queries = timed_queries(sync.db) if time_queries else None
+    rows.append(row)
+    # the floor: CPU is what it is compared by, so its row shows the median CPU run
+    by_cpu = sorted(floors, key=lambda c: c.cpu)
+    mid = by_cpu[len(by_cpu) // 2]
+    groups = len(floor.ids)
+    rows.insert(0, Row(
+        label, latency, "floor", "fetch", mid.wall, mid.requests, mid.rss, mid.cpu, mid.written, groups=groups,
+        note=f"fetch only, median CPU of {len(floors)} runs (" + ", ".join(f"{c.cpu:.2f}" for c in floors) + " CPU s)",
     ))
+    per_group = mid.cpu / groups
     for row in rows:
         row.ratio = base_wall / row.wall
+        if row.client == "syncer" and row.groups:
+            row.floor = row.cpu / row.groups / per_group
     if latency == 0:  # the query commands do not talk to Globus: once per world
         rows += query_rows(sync, world, label, latency)
     shutil.rmtree(sync.folder)
     return rows
+
+
+def group_changes(world: t.Any, groups: list[str], rng: random.Random) -> list[dict[str, t.Any]]:
+    """One membership change in each of ``groups``: a member's role, or a new member
+    where there is no one else; their change-log entries."""
+    with world.lock:
+        start = len(world.change_log)
+        for gid in groups:
+            members = sorted(i for i in world.groups[gid]["memberships"] if i != world.me)
+            if members:
+                iid = rng.choice(members)
+                role = world.groups[gid]["memberships"][iid].role
+                world.set_role(gid, iid, "manager" if role == "member" else "member")
+            else:
+                world.add_member(gid)
+        return list(world.change_log[start:])
+
+
+def churn_row(sync: Syncer, world: t.Any, label: str, latency: int, phase: str,
+              change: t.Callable[[], list[dict[str, t.Any]]]) -> Row:
+    """Change the world, re-sync, and check the database against the world for every
+    group the changes touched."""
+    changes = change()
+    touched = {c["group_id"] for c in changes}
+    before_state = sync.memberships(touched)
+    hist, before = sync.history_rows(), sync.db.stat().st_size
+    child = sync.run()
+    after_run = sync.last_run()
+    truth = visible_state(world, touched)
+    return Row(
+        label, latency, "syncer", phase, child.wall, child.requests, child.rss, child.cpu, child.written,
+        groups=after_run["groups_synced"], growth=sync.db.stat().st_size - before, rows_added=sync.history_rows() - hist,
+        changes=after_run["changes"], expected_changes=diff_count(before_state, truth),
+        correct=sync.memberships(touched) == truth, note=f"{len(changes)} world changes in {len(touched)} groups",
+    )
 
 
 QUERY_REPEATS = 3
@@ -474,7 +550,7 @@ def fmt_bytes(n: int | None) -> str:
 
 def table(rows: list[Row]) -> str:
     head = ("world", "lat", "client", "run", "wall s", "x base", "req/s", "DB after 1st", "growth/run", "written",
-            "rows added", "peak RSS", "CPU s", "CPU ms/grp", "notes")
+            "rows added", "peak RSS", "CPU s", "CPU ms/grp", "x floor", "notes")
     lines = []
     for r in rows:
         rows_added = "" if r.rows_added is None else f"{r.rows_added:,}"
@@ -483,7 +559,7 @@ def table(rows: list[Row]) -> str:
         elif r.client == "syncer" and r.rows_added is not None:
             rows_added += " hist"
         notes = r.note
-        if r.phase == "churn":
+        if r.phase.startswith("churn"):
             notes = (f"changes {r.changes:,} (expected {r.expected_changes:,}),"
                      f" DB {'==' if r.correct else '!='} world; {r.note}")
         elif r.phase == "cold" and r.memberships is not None:
@@ -495,7 +571,8 @@ def table(rows: list[Row]) -> str:
             "1.0" if r.client == "baseline" and r.phase == "cold" else "" if r.ratio is None else f"{r.ratio:.1f}",
             f"{r.requests / r.wall:,.0f}", fmt_bytes(r.db_size), fmt_bytes(r.growth), fmt_bytes(round(r.written)), rows_added,
             f"{r.rss / MIB:.0f} MiB", f"{r.cpu:.2f}",
-            f"{1000 * r.cpu / groups:.2f}" if groups else "", notes,
+            f"{1000 * r.cpu / groups:.2f}" if groups else "",
+            "1.0" if r.client == "floor" else "" if r.floor is None else f"{r.floor:.2f}", notes,
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
     out = ["  ".join(str(x).ljust(w) for x, w in zip(head, widths, strict=True)).rstrip()]
@@ -549,6 +626,7 @@ def targets(rows: list[Row]) -> list[tuple[bool | None, str]]:
                                                    f" {peak.rss / MIB:.0f} MiB ({peak.phase} @ {peak.latency_ms} ms)"))
         else:
             found.append((None, f"peak RSS <= {limit} MiB at {world}: not measured"))
+    every_churn = [r for r in rows if r.client == "syncer" and r.phase.startswith("churn")]
     churns = [r for r in rows if r.client == "syncer" and r.phase == "churn"]
     costliest = max(churns, key=lambda r: r.version_bytes or 0)
     found.append(((costliest.version_bytes or 0) <= 100, "<= 100 bytes per history version after churn: worst"
@@ -558,9 +636,10 @@ def targets(rows: list[Row]) -> list[tuple[bool | None, str]]:
         r = timed[-1]
         slowest = max(r.queries.values())  # type: ignore[union-attr]
         found.append((slowest <= 50, f"README queries <= 50 ms each on {r.world} after churn: slowest {slowest:.1f} ms"))
-    exact = all(r.correct and r.changes == r.expected_changes for r in churns)
-    found.append((exact, "1% churn re-sync records exactly the changes (changes == expected, DB == world): "
-                         + ", ".join(f"{r.world}@{r.latency_ms}ms {r.changes}/{r.expected_changes}" for r in churns)))
+    exact = all(r.correct and r.changes == r.expected_changes for r in every_churn)
+    found.append((exact, "churn re-syncs record exactly the changes (changes == expected, DB == world): "
+                         + ", ".join(f"{r.world}@{r.latency_ms}ms {r.phase} {r.changes}/{r.expected_changes}"
+                                     for r in every_churn)))
     slow, pairs = [], []
     for r in churns:
         base = pick(r.world, r.latency_ms, "syncer", "unchanged")[0]
@@ -572,6 +651,33 @@ def targets(rows: list[Row]) -> list[tuple[bool | None, str]]:
                             + ("; ".join(slow) if slow else "all within") + " [" + ", ".join(pairs) + "]"))
     found.append(query_target(rows))
     found.append(memory_target(rows))
+    found += floor_targets(rows)
+    return found
+
+
+# CPU per group as a multiple of the floor's, at 1,000x100 @ 0 ms: unchanged and 1%
+# churn at most these; cold no worse than before unchanged groups were skipped
+# (2026-12-06: 2.6-2.7x).
+FLOOR_TARGETS = {"unchanged": 1.5, "churn": 1.7, "cold": 2.7}
+# shown beside them, without a target: 1% of the groups changed (one membership each)
+FLOOR_SHOWN = ("churn 1% grp",)
+
+
+def floor_targets(rows: list[Row]) -> list[tuple[bool | None, str]]:
+    found: list[tuple[bool | None, str]] = []
+    for phase, limit in FLOOR_TARGETS.items():
+        mine = [r for r in rows if r.world == "1,000x100" and r.latency_ms == 0 and r.client == "syncer"
+                and r.phase == phase and r.floor is not None]
+        text = f"1,000x100 @ 0 ms {phase} CPU per group <= {limit}x the floor's"
+        if mine:
+            found.append((mine[0].floor <= limit, f"{text}: {mine[0].floor:.2f}x"))  # type: ignore[operator]
+        else:
+            found.append((None, f"{text}: not measured"))
+    for phase in FLOOR_SHOWN:
+        mine = [r for r in rows if r.world == "1,000x100" and r.latency_ms == 0 and r.client == "syncer"
+                and r.phase == phase and r.floor is not None]
+        if mine:
+            found.append((None, f"1,000x100 @ 0 ms {phase} CPU per group (no target): {mine[0].floor:.2f}x the floor's"))
     return found
 
 
@@ -691,6 +797,9 @@ def timed_child(config: str) -> None:
     recorder = Recorder
     recorder.read = timed("stage", recorder.read)  # type: ignore[method-assign]
     recorder._apply_batch = timed("batches", recorder._apply_batch)  # type: ignore[method-assign]
+    recorder.recorded_digest = timed("digest lookup", recorder.recorded_digest)  # type: ignore[method-assign]
+    recorder.unchanged = timed("unchanged", recorder.unchanged)  # type: ignore[method-assign]
+    groups_mod.group_digest = timed("group_digest", groups_mod.group_digest)  # type: ignore[assignment]
     recorder.finish = timed("finish", recorder.finish)  # type: ignore[method-assign]
     sync_mod.list_my_groups = timed("list_my_groups", sync_mod.list_my_groups)  # type: ignore[assignment]
     groups_mod.GroupReader._fetch_one = timed("fetch", groups_mod.GroupReader._fetch_one)  # type: ignore[method-assign]
@@ -707,7 +816,14 @@ def timed_child(config: str) -> None:
     print(json.dumps({"cpu": cpu, "wall": wall, "groups": result.groups_synced, "parts": parts}))
 
 
-def profile(sim: t.Any, folder: Path) -> dict[str, t.Any]:
+def timed_run(sync: Syncer) -> dict[str, t.Any]:
+    """One sync of ``sync``'s database in a child whose parts are timed (``timed_child``)."""
+    run = run_child([sys.executable, str(Path(__file__).resolve()), "--timed-child", str(sync.folder / "syncer.toml")],
+                    sim=sync.sim, cwd=sync.folder)
+    return t.cast(dict[str, t.Any], json.loads(run.stdout.strip().splitlines()[-1]))
+
+
+def profile(sim: t.Any, world: t.Any, folder: Path) -> dict[str, t.Any]:
     import io
     import pstats
 
@@ -716,13 +832,18 @@ def profile(sim: t.Any, folder: Path) -> dict[str, t.Any]:
     log("profile: unprofiled cold sync")
     child = plain.run()
     groups = plain.last_run()["groups_synced"]
+    log("profile: unprofiled unchanged re-sync")
+    again = plain.run()
+    floor = Floor(folder / "floor", sim, world, plain)
+    log("profile: floor (fetch only)")
+    floor_child = floor.run()
     shutil.rmtree(plain.folder)
 
     timed_sync = Syncer(folder / "timed", sim)
     log("profile: cold sync with its parts timed by thread CPU clocks")
-    run = run_child([sys.executable, str(Path(__file__).resolve()), "--timed-child", str(timed_sync.folder / "syncer.toml")],
-                    sim=sim, cwd=timed_sync.folder)
-    timed_info = json.loads(run.stdout.strip().splitlines()[-1])
+    timed_info = timed_run(timed_sync)
+    log("profile: unchanged re-sync with its parts timed by thread CPU clocks")
+    timed_unchanged = timed_run(timed_sync)
     shutil.rmtree(timed_sync.folder)
 
     profiled = Syncer(folder / "profiled", sim)
@@ -753,37 +874,66 @@ def profile(sim: t.Any, folder: Path) -> dict[str, t.Any]:
         "groups": groups,
         "unprofiled_cpu": child.cpu,
         "unprofiled_wall": child.wall,
+        "unchanged_cpu": again.cpu,
+        "unchanged_wall": again.wall,
+        "floor_cpu": floor_child.cpu,
+        "floor_wall": floor_child.wall,
+        "floor_groups": len(floor.ids),
         "profiled_cpu": info["cpu"],
         "profiled_wall": info["wall"],
         "parts": parts,
         "timed": timed_info,
+        "timed_unchanged": timed_unchanged,
         "text": text.getvalue(),
     }
 
 
 def print_profile(p: dict[str, t.Any]) -> None:
     g = p["groups"]
+    floor = p["floor_cpu"] / p["floor_groups"]
     print()
-    timed = p["timed"]
-    tp = timed["parts"]
-    print(f"Client CPU profile: one cold sync, 1,000x100 @ 0 ms ({g:,} groups read)")
-    print(f"  whole process, unprofiled: {p['unprofiled_cpu']:.2f} CPU s (start-up and imports included),"
-          f" {1000 * p['unprofiled_cpu'] / g:.2f} CPU ms/group; wall {p['unprofiled_wall']:.2f} s")
-    print(f"  run_sync, parts timed by thread CPU clocks: {timed['cpu']:.2f} CPU s,"
-          f" {1000 * timed['cpu'] / g:.2f} CPU ms/group; wall {timed['wall']:.2f} s")
-    pieces = {
-        "HTTP + SDK (worker threads)": tp.get("fetch", 0.0),
-        "json.loads (main thread)": tp.get("json.loads", 0.0),
-        "parse_group (main thread)": tp.get("parse_group", 0.0),
-        "staging (main thread, TEMP tables)": tp.get("stage", 0.0),
-        "applying batches (main thread, during the reads)": tp.get("batches", 0.0),
-        "finishing (end statements, commit)": tp.get("finish", 0.0),
-        "list_my_groups": tp.get("list_my_groups", 0.0),
+    print(f"Client CPU profile: 1,000x100 @ 0 ms ({g:,} groups read), a cold sync and an unchanged re-sync")
+    print(f"  floor (fetch only, floor.py), whole process: {p['floor_cpu']:.2f} CPU s,"
+          f" {1000 * floor:.2f} CPU ms/group; wall {p['floor_wall']:.2f} s")
+    for label, cpu, wall in (("cold sync", p["unprofiled_cpu"], p["unprofiled_wall"]),
+                             ("unchanged re-sync", p["unchanged_cpu"], p["unchanged_wall"])):
+        print(f"  {label}, whole process, unprofiled: {cpu:.2f} CPU s (start-up and imports included),"
+              f" {1000 * cpu / g:.2f} CPU ms/group = {cpu / g / floor:.2f}x the floor; wall {wall:.2f} s")
+    runs = {"cold": p["timed"], "unchanged": p["timed_unchanged"]}
+    print("  run_sync, parts timed by thread CPU clocks (ms/group):")
+    print(f"    {'':<56} {'cold':>8} {'unchanged':>10}")
+    print(f"    {'run_sync in all':<56} " + " ".join(
+        f"{1000 * r['cpu'] / g:{w}.3f}" for r, w in zip(runs.values(), (8, 10), strict=True)))
+    names = {
+        "HTTP + SDK (worker threads)": "fetch",
+        "  of which group_digest (worker threads, SHA-256)": "group_digest",
+        "json.loads (main thread)": "json.loads",
+        "parse_group (main thread)": "parse_group",
+        "digest lookup (main thread, Recorder.recorded_digest)": "digest lookup",
+        "unchanged groups (main thread, Recorder.unchanged)": "unchanged",
+        "staging (main thread, TEMP tables)": "stage",
+        "applying batches (main thread, during the reads)": "batches",
+        "finishing (end statements, commit)": "finish",
+        "list_my_groups": "list_my_groups",
     }
-    pieces["other (token, queues, threads, GIL hand-offs)"] = timed["cpu"] - sum(pieces.values())
-    for key, value in pieces.items():
-        print(f"    {key:<56} {value:6.2f} s  {1000 * value / g:6.3f} ms/group")
-    print(f"  under cProfile (every thread, thread CPU clock): {p['profiled_cpu']:.2f} CPU s,"
+    pieces: dict[str, list[float]] = {}
+    for label, key in names.items():
+        pieces[label] = [r["parts"].get(key, 0.0) for r in runs.values()]
+    # group_digest is timed exclusively, so "fetch" is the rest of the HTTP read
+    pieces["other (token, queues, threads, GIL hand-offs)"] = [
+        r["cpu"] - sum(r["parts"].values()) for r in runs.values()]
+    for label, values in pieces.items():
+        if label.startswith("  "):
+            continue
+        if label == "HTTP + SDK (worker threads)":  # the read as a whole, digest included
+            digest = pieces["  of which group_digest (worker threads, SHA-256)"]
+            values = [v + d for v, d in zip(values, digest, strict=True)]
+            print(f"    {label:<56} {1000 * values[0] / g:8.3f} {1000 * values[1] / g:10.3f}")
+            print(f"    {'  of which group_digest (worker threads, SHA-256)':<56}"
+                  f" {1000 * digest[0] / g:8.3f} {1000 * digest[1] / g:10.3f}")
+            continue
+        print(f"    {label:<56} {1000 * values[0] / g:8.3f} {1000 * values[1] / g:10.3f}")
+    print(f"  cold sync under cProfile (every thread, thread CPU clock): {p['profiled_cpu']:.2f} CPU s,"
           f" {1000 * p['profiled_cpu'] / g:.2f} CPU ms/group; wall {p['profiled_wall']:.2f} s."
           " cProfile's per-call overhead inflates code with many small calls (parse_group most):")
     for key, value in sorted(p["parts"].items(), key=lambda kv: -kv[1]):
@@ -867,7 +1017,7 @@ def main() -> None:
             world = World.generate(groups=1_000, members=100, seed=SEED)
             sim = Simulator(world, port=0, latency_ms=0, record_reads=False).start()
             try:
-                prof = profile(sim, work / "profile")
+                prof = profile(sim, world, work / "profile")
             finally:
                 sim.stop()
     finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import hashlib
 import json
 import logging
 import queue
@@ -31,6 +32,7 @@ import globus_sdk
 import requests
 from globus_sdk.transport import RequestCallerInfo, RetryCheckResult, RetryContext
 
+from syncer import __version__
 from syncer.auth import MAX_RETRY_SLEEP, describe_api_error, describe_network_error, session_requirement
 from syncer.errors import LoginRequired
 
@@ -122,10 +124,62 @@ class MyGroups(t.NamedTuple):
 
 @dataclasses.dataclass
 class GroupRead:
-    """One group's document and its memberships, checked and ready to store."""
+    """One group's document and its memberships, checked and ready to store; ``digest``
+    (see ``group_digest``) is stored with them, so that the next run can tell an
+    unchanged answer (None: nothing to compare with, the group is always diffed)."""
 
     group: GroupRow
     memberships: list[MembershipRow]
+    digest: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Unchanged:
+    """A group whose answer has the digest stored with its recorded rows: what it would
+    record is what is stored, so it is neither parsed nor diffed."""
+
+    digest: bytes
+
+
+class FetchedBody(t.NamedTuple):
+    """A group's response body as received (JSON decodes it from bytes), and its ``group_digest``."""
+
+    content: bytearray
+    digest: bytes
+
+
+# The rules that turn Globus's answers into what syncer records: ``list_my_groups``,
+# ``parse_group`` and what the recorder stores of their rows. A group's digest covers
+# them (and the release), so changing them invalidates every stored digest and each
+# group is diffed in full once more. Raise this whenever they change.
+PARSE_RULES = "1"
+
+
+def digest_rules(version: str = __version__, rules: str = PARSE_RULES) -> bytes:
+    """What every digest starts with: the release and the parsing rules it was made by."""
+    return f"syncer {version} parse rules {rules}\0".encode()
+
+
+_DIGEST_RULES = digest_rules()
+
+
+def group_digest(listing: GroupListing, body: bytes, content_type: str | None, rules: bytes | None = None) -> bytes:
+    """A SHA-256 of everything a group's record is made from: the rules, every field of
+    its listing entry (its name, the identity's role, status and own memberships, the
+    members' visibility: what ``members_view`` and the own membership come from), and
+    the response body with the content type that says how it decodes to text.
+
+    Two answers with equal digests make the same record, so a group whose digest is the
+    one stored with its rows needs no parsing or diffing. A cryptographic hash, because
+    a collision would hide a change that group managers (other people) can shape.
+    """
+    listed = repr(tuple(getattr(listing, field.name) for field in dataclasses.fields(listing)))
+    digest = hashlib.sha256(_DIGEST_RULES if rules is None else rules)
+    # repr never holds a raw NUL, so the parts cannot run into each other
+    digest.update(listed.encode("utf-8", "surrogatepass"))
+    digest.update(b"\0" + (content_type or "").encode("utf-8", "surrogatepass") + b"\0")
+    digest.update(body)
+    return digest.digest()
 
 
 class GroupReadError(Exception):
@@ -460,8 +514,10 @@ class AdaptiveLimit:
         return min(max(seconds, 0.0), MAX_RETRY_SLEEP)
 
 
-Outcome = tuple[GroupListing, GroupRead | GroupReadError]
-_Fetched = tuple[GroupListing, bytearray | GroupReadError]
+Outcome = tuple[GroupListing, GroupRead | Unchanged | GroupReadError]
+_Fetched = tuple[GroupListing, FetchedBody | GroupReadError]
+# a group's digest as stored with its rows, by group id (None: none stored)
+RecordedDigest = t.Callable[[str], bytes | None]
 
 #: Bytes of group documents a run holds at once (being received, waiting, or being
 #: parsed), beyond the one document that may always exceed it. Globus does not page
@@ -546,6 +602,7 @@ class GroupReader:
         # room for the answers that arrive while the caller applies a batch to the database
         self._results: queue.Queue[_Fetched | BaseException | None] = queue.Queue(maxsize=limit.maximum * 8)
         self._done = threading.Event()  # the caller left early: workers stop too
+        self._recorded: RecordedDigest | None = None
         self._workers = [
             threading.Thread(target=self._work, name=f"groups-reader-{i}", daemon=True)
             for i in range(min(limit.maximum, len(listings)))
@@ -558,6 +615,12 @@ class GroupReader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def skip_unchanged(self, recorded: RecordedDigest) -> None:
+        """From now on, yield ``Unchanged`` instead of a parsed read for a group whose
+        answer's digest is ``recorded(group_id)``. Called by the iterating thread (the
+        lookup reads the database), once that is open."""
+        self._recorded = recorded
 
     def close(self) -> None:
         """Stop sending requests. Workers still waiting on a slow request finish it
@@ -581,10 +644,13 @@ class GroupReader:
                 if isinstance(body, GroupReadError):
                     yield listing, body
                     continue
-                size = len(body)
-                outcome: GroupRead | GroupReadError | None = None
+                size = len(body.content)
+                outcome: GroupRead | Unchanged | GroupReadError | None = None
                 try:
-                    outcome = _parse_body(listing, body)
+                    if self._recorded is not None and self._recorded(listing.id) == body.digest:
+                        outcome = Unchanged(body.digest)
+                    else:
+                        outcome = _parse_body(listing, body)
                     del body  # the caller records the parsed form; the bytes need not wait for that
                     yield listing, outcome
                 finally:
@@ -604,8 +670,13 @@ class GroupReader:
             except queue.Full:
                 continue
 
-    def _fetch_one(self, listing: GroupListing) -> bytearray | GroupReadError:
-        """One group's response body, received within the byte budget, or why it could not be had."""
+    def _fetch_one(self, listing: GroupListing) -> FetchedBody | GroupReadError:
+        """One group's response body, received within the byte budget, and its digest,
+        or why it could not be had.
+
+        The digest is taken here, in the worker thread (SHA-256 releases the GIL), so that
+        an unchanged group costs the iterating thread one lookup.
+        """
         try:
             response = renewing(lambda: _get_group_streamed(self._client, listing.id))
         except globus_sdk.GlobusAPIError as err:
@@ -629,7 +700,7 @@ class GroupReader:
             return GroupReadError(f"network error while receiving the group: {type(err).__name__}")
         finally:
             response.close()
-        return body
+        return FetchedBody(body, group_digest(listing, body, response.headers.get("Content-Type")))
 
     def _work(self) -> None:
         try:
@@ -688,11 +759,13 @@ def _plain_401(err: globus_sdk.GlobusAPIError) -> bool:
     return err.http_status == 401 and session_requirement(err) is None
 
 
-def _parse_body(listing: GroupListing, body: bytes | bytearray | str) -> GroupRead | GroupReadError:
+def _parse_body(listing: GroupListing, body: FetchedBody) -> GroupRead | GroupReadError:
     try:
-        return parse_group(listing, _json_body(body))
+        read = parse_group(listing, _json_body(body.content))
     except GroupReadError as err:
         return err
+    read.digest = body.digest
+    return read
 
 
 def _get_group_streamed(client: globus_sdk.GroupsClient, group_id: str) -> requests.Response:

@@ -19,6 +19,13 @@ differs 'changed'; a group no longer among the identity's groups is 'group_gone'
 Batches write only what changed: current state lives in ``membership_state`` and
 ``identity_state``, and the views derive times from run ids, so an unchanged run
 writes its run row and the groups' ``last_run``.
+
+Each group's recorded rows carry the digest of the answer they were made from
+(``group_digests``, written by the same batch, so in the same transaction). A group
+whose answer has that digest again (``Recorder.recorded_digest``) is not staged at
+all: ``Recorder.unchanged`` moves its ``last_run``, which is all a diff of the same
+answer would write. A group gone from the listing loses its digest with its
+memberships, so a group that comes back is diffed in full.
 """
 
 from __future__ import annotations
@@ -57,7 +64,8 @@ def _columns(row_type: type[t.NamedTuple]) -> str:
 # stage_context what each of its groups was before this run, and stage_keyed its
 # memberships with the groups' and identities' keys. stage_ended: memberships of
 # current state that end (gone from their group's list, or their group gone), with
-# their group's last read before this run.
+# their group's last read before this run. stage_digests: the digest of each staged
+# group's answer (NULL: none known, the group keeps none).
 _STAGING = f"""
 CREATE TEMP TABLE IF NOT EXISTS stage_listed (group_id TEXT PRIMARY KEY);
 CREATE TEMP TABLE IF NOT EXISTS stage_others (group_id TEXT PRIMARY KEY, my_role TEXT, my_status TEXT);
@@ -72,13 +80,14 @@ CREATE TEMP TABLE IF NOT EXISTS stage_keyed (
     group_key INTEGER NOT NULL, identity_key INTEGER NOT NULL, role TEXT, status TEXT,
     status_reason TEXT, membership_fields TEXT, updated TEXT,
     PRIMARY KEY (group_key, identity_key)) WITHOUT ROWID;
+CREATE TEMP TABLE IF NOT EXISTS stage_digests (group_id TEXT PRIMARY KEY, digest BLOB);
 CREATE TEMP TABLE IF NOT EXISTS stage_ended (
     group_key INTEGER NOT NULL, identity_key INTEGER NOT NULL, last_run INTEGER NOT NULL,
     PRIMARY KEY (group_key, identity_key)) WITHOUT ROWID;
 """
 _STAGING_TABLES = (
     "stage_listed", "stage_others", "stage_gone", "stage_groups", "stage_memberships",
-    "stage_context", "stage_keyed", "stage_ended",
+    "stage_context", "stage_keyed", "stage_ended", "stage_digests",
 )
 _INSERT_GROUP = f"INSERT OR REPLACE INTO temp.stage_groups VALUES ({', '.join('?' * len(GroupRow._fields))})"
 # a membership listed twice keeps its last occurrence
@@ -115,6 +124,8 @@ _APPLY_LISTING = (
     """INSERT INTO stage_ended SELECT m.group_key, m.identity_key, g.last_run
        FROM membership_state m JOIN group_state g ON g.key = m.group_key
        WHERE m.group_key IN (SELECT group_key FROM stage_gone)""",
+    # its rows are no longer what its answer would make: a group that comes back is diffed
+    "DELETE FROM group_digests WHERE group_key IN (SELECT group_key FROM stage_gone)",
     *_END_MEMBERSHIPS,
 )
 
@@ -228,6 +239,17 @@ _APPLY_BATCH = (
           OR membership_state.status_reason IS NOT excluded.status_reason
           OR membership_state.membership_fields IS NOT excluded.membership_fields
           OR membership_state.updated IS NOT excluded.updated""",
+    # the digests of the answers these rows now come from, with their memberships'
+    # count (what an unchanged group adds to the run's count)
+    """DELETE FROM group_digests WHERE group_key IN (
+         SELECT c.group_key FROM stage_digests JOIN stage_context c ON c.id = stage_digests.group_id
+         WHERE stage_digests.digest IS NULL)""",
+    """INSERT OR REPLACE INTO group_digests (group_key, digest, memberships)
+       SELECT c.group_key, stage_digests.digest,
+           (SELECT count(*) FROM stage_memberships s WHERE s.group_id = stage_digests.group_id)
+       FROM stage_digests JOIN stage_context c ON c.id = stage_digests.group_id
+       WHERE stage_digests.digest IS NOT NULL""",
+    "DELETE FROM stage_digests",
     "DELETE FROM stage_groups",
     "DELETE FROM stage_memberships",
     "DELETE FROM stage_context",
@@ -309,6 +331,9 @@ class Recorder:
         self._params = {"run": run.run_id}
         self._staged = 0  # membership rows staged since the last batch was applied
         self._to_read = 0
+        # the last recorded_digest lookup: (group id, its group_state key, stored memberships)
+        self._looked_up: tuple[str, int, int] | None = None
+        self.unchanged_groups = 0  # groups read with the digest of their rows: not diffed
 
     def listed(self, listing: MyGroups, to_read: int | None = None) -> None:
         """Open the run's transaction; record the groups the identity no longer belongs to
@@ -332,10 +357,55 @@ class Recorder:
         conn = self.db.conn
         conn.execute(_INSERT_GROUP, read.group)
         conn.executemany(_INSERT_MEMBERSHIP, read.memberships)
+        conn.execute("INSERT OR REPLACE INTO temp.stage_digests VALUES (?, ?)", [read.group.id, read.digest])
         self.run.groups_synced += 1
         self._staged += len(read.memberships)
         unread = self._to_read - self.run.groups_synced - self.run.groups_failed
         if self._staged >= self.batch_rows or unread <= self.in_flight:
+            self._apply_batch()
+
+    def has_digests(self) -> bool:
+        """Whether any group has a digest: none on a first run, or the first after an
+        upgrade, whose groups then need no lookups."""
+        return bool(self.db.conn.execute("SELECT EXISTS (SELECT 1 FROM group_digests)").fetchone()[0])
+
+    def recorded_digest(self, group_id: str) -> bytes | None:
+        """The digest stored with a group's rows (None: none, or the group is gone).
+
+        Read inside the run's transaction, after ``listed``: a group this run found
+        gone has lost its digest already.
+        """
+        row = self.db.conn.execute(
+            "SELECT g.key, d.digest, d.memberships FROM group_state g JOIN group_digests d ON d.group_key = g.key"
+            " WHERE g.id = ? AND g.removed_run IS NULL",
+            [group_id],
+        ).fetchone()
+        if row is None:
+            self._looked_up = None
+            return None
+        self._looked_up = (group_id, row[0], row[2])
+        return t.cast(bytes, row[1])
+
+    def unchanged(self, group_id: str) -> None:
+        """Record a group read whose answer has the digest stored with its rows (checked
+        with ``recorded_digest`` just before): a diff of it would change nothing but
+        the group's last read (and that it no longer needs a login), so that is all that
+        is written."""
+        looked_up = self._looked_up
+        if looked_up is None or looked_up[0] != group_id:
+            if self.recorded_digest(group_id) is None:
+                raise ValueError(f"group {group_id} has no recorded digest")
+            looked_up = self._looked_up
+            assert looked_up is not None
+        _, key, memberships = looked_up
+        self.db.conn.execute(
+            "UPDATE group_state SET last_run = ?, needs_login = NULL WHERE key = ?", [self.run.run_id, key]
+        )
+        self.run.groups_synced += 1
+        self.run.memberships += memberships
+        self.unchanged_groups += 1
+        unread = self._to_read - self.run.groups_synced - self.run.groups_failed
+        if self._staged and unread <= self.in_flight:
             self._apply_batch()
 
     def failed(self, group_id: str, reason: str) -> None:

@@ -287,6 +287,24 @@ def _database_owner(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations(name="0008_group_digests")
+def _group_digests(db: sqlite_utils.Database) -> None:
+    # One row per group whose rows were made from a known answer: the digest of that
+    # answer (syncer.globus_groups.group_digest) and how many memberships it recorded.
+    # A run that gets the same answer again skips the group's diff. Written in the same
+    # transaction as the group's rows; created empty, so the first run after the
+    # upgrade diffs every group.
+    db.executescript(
+        """
+        CREATE TABLE group_digests (
+            group_key INTEGER PRIMARY KEY REFERENCES group_state(key),
+            digest BLOB NOT NULL,
+            memberships INTEGER NOT NULL
+        );
+        """
+    )
+
+
 # The tables as 0004 made them. Frozen: a later change is a new migration. A group's
 # attributes, as read: in its current state and in each of its versions.
 _GROUP_ATTRIBUTES_0004 = """name TEXT,
@@ -507,9 +525,18 @@ def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TI
 
 
 def ensure_schema(db: sqlite_utils.Database) -> None:
-    """Apply pending migrations, then make indexes and views match the declarations."""
+    """Apply pending migrations, then make indexes and views match the declarations.
+
+    A database that any migration changed forgets every group's digest: its rows may
+    now be recorded differently from how the digests' answers were, so each group is
+    diffed in full at its next read.
+    """
     try:
+        upgraded = bool(migrations.pending(db))
         migrations.apply(db)
+        if upgraded:
+            with db.atomic():
+                db.execute("DELETE FROM group_digests")
         existing = {
             row["name"]: row["sql"]
             for row in db.query("SELECT name, sql FROM sqlite_master WHERE type IN ('index', 'view')")

@@ -33,6 +33,7 @@ from syncer.globus_groups import (
     GroupReadError,
     MyGroups,
     NeedsLogin,
+    Unchanged,
     list_my_groups,
     pin_environment_proxies,
 )
@@ -243,12 +244,17 @@ def _record(
     run = run_db.run
     recorder = Recorder(run_db.db, run, in_flight=in_flight)
     recorder.listed(listing, to_read=len(to_read))
+    # an answer the same as the one a group's rows were made from is not parsed or diffed
+    if recorder.has_digests():
+        reads.skip_unchanged(recorder.recorded_digest)
     for group, outcome in reads:
         if isinstance(outcome, GroupRead):
             recorder.read(outcome)
         elif isinstance(outcome, NeedsLogin):
             recorder.needs_login(group, outcome.asked)
             log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)
+        elif isinstance(outcome, Unchanged):
+            recorder.unchanged(group.id)
         else:
             recorder.failed(group.id, str(outcome))
             log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)
@@ -272,3 +278,4 @@ def _record(
         "read and staged %d groups in %.2fs, finished run_db in %.2fs",
         len(to_read), fetched - began, time.monotonic() - fetched,
     )
+    log.debug("%d of the groups read were unchanged since their last read: not diffed", recorder.unchanged_groups)
