@@ -64,7 +64,13 @@ def test_group_member_reads_between_and_during_runs(shared_state: Env) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert oct(os.stat(db).st_mode & 0o777) == "0o640"
-    assert set(os.listdir(env.tmp / "state")) == {"groups.db", "groups.db.lock"}  # no -wal/-shm needed
+    # the WAL's files stay, emptied, with the database's group and mode; the lock is the owner's alone
+    files = {name: os.stat(env.tmp / "state" / name) for name in os.listdir(env.tmp / "state")}
+    assert set(files) == {"groups.db", "groups.db-wal", "groups.db-shm", "groups.db.lock", "groups.db.running"}
+    modes = {name: (oct(st.st_mode & 0o777), st.st_gid) for name, st in files.items()}
+    assert modes["groups.db-wal"] == modes["groups.db-shm"] == modes["groups.db.running"] == ("0o640", SYNCER_GID)
+    assert modes["groups.db.lock"][0] == "0o600"
+    assert files["groups.db-wal"].st_size == 0
 
     between = read_as(db, SYNCER_GID)
     assert between.returncode == 0, between.stderr
