@@ -67,7 +67,7 @@ class StatusCollector(Collector):
                 "syncer_last_run_end_timestamp_seconds", "When the latest finished run ended (Unix time)",
                 value=self.outcome.finished_at,
             )
-        if database.get("exists"):
+        if "size_bytes" in database:
             yield GaugeMetricFamily("syncer_database_size_bytes", "Size of the database file", value=database["size_bytes"])
         counts = database.get("counts")
         if counts:
