@@ -510,18 +510,21 @@ def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TI
     """
     try:
         if readonly:
-            conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=busy_timeout)
+            # a WAL database without its log holds everything in the file: read it as it
+            # is, creating nothing (a copy on read-only media, or after another tool's close)
+            whole = _whole_without_wal(path)
+            options = "mode=ro&immutable=1" if whole else "mode=ro"
+            conn = sqlite3.connect(f"{path.absolute().as_uri()}?{options}", uri=True, timeout=busy_timeout)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, timeout=busy_timeout, factory=WriterConnection)
         try:
             conn.execute("PRAGMA schema_version").fetchone()  # fails fast on a non-SQLite file
         except sqlite3.Error as err:
-            if readonly and _wal_files_missing(path):
+            if readonly and _is_wal(path) and not path.with_name(path.name + "-shm").exists():
                 raise StorageError(
-                    f"{path}: cannot read the database: its {path.name}-wal and {path.name}-shm files are"
-                    f" missing and this user may not create them; the next sync (or any command run by the"
-                    f" database's owner) puts them back ({err})"
+                    f"{path}: cannot read the database: its {path.name}-shm file is missing and this user may"
+                    f" not create it; the next sync puts it back ({err})"
                 ) from None
             raise
         if not readonly:
@@ -538,15 +541,29 @@ def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TI
     return sqlite_utils.Database(conn, execute_plugins=False)
 
 
-def _wal_files_missing(path: Path) -> bool:
-    """Whether ``path`` is a WAL database whose ``-wal`` or ``-shm`` file is gone."""
+def _is_wal(path: Path) -> bool:
+    """Whether ``path`` is a WAL-mode SQLite database (its header says so)."""
     try:
         with path.open("rb") as file:
             header = file.read(20)
     except OSError:
         return False
-    is_wal = len(header) == 20 and header[18:20] == b"\x02\x02"
-    return is_wal and not all(path.with_name(path.name + suffix).exists() for suffix in WAL_FILES)
+    return len(header) == 20 and header[18:20] == b"\x02\x02"
+
+
+def _whole_without_wal(path: Path) -> bool:
+    """Whether ``path`` is a WAL database with no log beside it and no sync writing it.
+
+    Then the file alone holds the whole database (SQLite checkpoints the log into it
+    before it deletes the log), and a reader may read it as immutable: without the
+    ``-wal``/``-shm`` files, which a reader who may not write the folder cannot create.
+    """
+    from syncer.lock import sync_running
+
+    log_file = path.with_name(path.name + "-wal")
+    if not _is_wal(path) or log_file.exists():
+        return False
+    return sync_running(path.with_name(path.name + ".lock")) is False
 
 
 def share_wal_files(path: Path) -> None:
