@@ -10,7 +10,9 @@ Three figures, each against SPEC's target of at most 1 s:
    run (every membership new, committed at the end), a reader process opens the
    database read-only again and again, as `syncer status` or `sqlite3 'file:...?mode=ro'`
    would, and reads the latest run and one group's members. The worst time one such
-   open-and-read took, over the whole run (its commit included).
+   open-and-read took, over the whole run (its commit included), and how many reads
+   found the database busy (each read tries first with no busy timeout, so this counts
+   the reads that had to wait for the writer, whatever the machine's load).
 2. **A commit's delay caused by a long reader**: a 1% churn re-sync while another
    process holds a read transaction open the whole time (a slow Datasette query), and
    the same re-sync without it. The delay is the difference in the time the run took
@@ -57,18 +59,30 @@ FINISHED = re.compile(r"finished run_db in ([\d.]+)s")
 POLL = """
 import json, os, sqlite3, sys, time
 path, stop = sys.argv[1], sys.argv[2]
-times, errors = [], []
+times, errors, blocked = [], [], 0
+
+def read(timeout):
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
+    try:
+        conn.execute("SELECT id, status FROM sync_runs ORDER BY id DESC LIMIT 1").fetchall()
+        conn.execute("SELECT identity_id, role FROM memberships WHERE group_id ="
+                     " (SELECT id FROM group_state ORDER BY key LIMIT 1)").fetchall()
+    finally:
+        conn.close()
+
 while not os.path.exists(stop):
     if not os.path.exists(path):  # a cold run has not created the file yet
         time.sleep(0.01)
         continue
     began = time.perf_counter()
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-        conn.execute("SELECT id, status FROM sync_runs ORDER BY id DESC LIMIT 1").fetchall()
-        conn.execute("SELECT identity_id, role FROM memberships WHERE group_id ="
-                     " (SELECT id FROM group_state ORDER BY key LIMIT 1)").fetchall()
-        conn.close()
+        try:
+            read(0)  # no busy wait: SQLITE_BUSY here means this read would have waited for the writer
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) and "busy" not in str(err):
+                raise
+            blocked += 1
+            read(30)
     except sqlite3.Error as err:
         if "no such table" in str(err):  # the new file's schema is not committed yet
             time.sleep(0.01)
@@ -77,7 +91,7 @@ while not os.path.exists(stop):
     times.append(time.perf_counter() - began)
     time.sleep(0.01)
 print(json.dumps({"reads": len(times), "max": max(times, default=0), "median": sorted(times)[len(times) // 2] if times else 0,
-                  "errors": errors[:3], "error_count": len(errors)}))
+                  "blocked": blocked, "errors": errors[:3], "error_count": len(errors)}))
 """
 
 # A long reader: one read transaction held open until the stop file exists.
@@ -246,7 +260,8 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     print(f"\nreaders and a large run: world {args.world} ({memberships:,} memberships)")
     print(f"1. reader's worst wait during a cold run of {wait['sync_wall']:.1f} s (commit phase {wait['sync_finish']:.1f} s):"
-          f" {wait['max']:.3f} s over {wait['reads']} reads (median {wait['median'] * 1000:.1f} ms,"
+          f" {wait['max']:.3f} s over {wait['reads']} reads (median {wait['median'] * 1000:.1f} ms;"
+          f" {wait['blocked']} found the database busy,"
           f" {wait['error_count']} errors {wait['errors']})  target <= 1 s")
     print(f"2. 1% churn re-sync, last read to end: {delay['alone']['finish']:.2f} s alone,"
           f" {delay['with_long_reader']['finish']:.2f} s with a long reader (delay {delay['delay_finish']:+.2f} s;"
