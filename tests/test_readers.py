@@ -6,6 +6,7 @@ root; skipped elsewhere.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -148,6 +149,29 @@ def sqlite3_cli_as_member(db: str, sql: str) -> subprocess.CompletedProcess[str]
     )
 
 
+# Datasette as `syncer serve` makes it, asked through its own client (no port needed)
+DATASETTE = """
+import asyncio, json, sys
+from pathlib import Path
+from syncer.web import make_datasette
+async def main():
+    ds = make_datasette(Path(sys.argv[1]))
+    await ds.invoke_startup()
+    answer = await ds.client.get("/groups/sync_runs.json?_shape=array&_col=status&_sort=id")
+    print(answer.status_code, json.dumps([(r["id"], r["status"]) for r in answer.json()]))
+asyncio.run(main())
+"""
+
+
+def datasette_as_member(env: Env, db: str) -> str:
+    done = subprocess.run(
+        ["setpriv", f"--reuid={READER_UID}", f"--regid={SYNCER_GID}", "--clear-groups", sys.executable, "-c", DATASETTE, db],
+        env=env.vars, cwd=env.tmp, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 class Seen(t.NamedTuple):
     """What the readers say about the database: the same for every reader."""
 
@@ -180,6 +204,10 @@ def every_reader(env: Env, db: str, group: str) -> tuple[Seen, dict[str, t.Any],
             runs=cli.stdout.strip(),
         )
     assert seen["owner"] == seen["member"]
+    if importlib.util.find_spec("datasette") is not None:
+        served = datasette_as_member(env, db)
+        runs = " ".join(f"{run_id}:{status}" for run_id, status in json.loads(served.split(" ", 1)[1]))
+        assert served.startswith("200 ") and runs == seen["owner"].runs, served
     for field in ("health", "exit_code"):
         assert statuses["owner"][field] == statuses["member"][field], statuses
     return seen["owner"], statuses["owner"], statuses["member"]
