@@ -5,6 +5,12 @@ cannot leave it held, so no stale-lock clean-up is ever needed. The file is 0600
 whatever the umask: ``flock`` works on a read-only descriptor, so anyone who can open
 the file can take the lock and hold off every sync (under the service's UMask=0027, a
 0640 file let any member of the readers' group do so).
+
+Readers still need to know whether a sync is running (``syncer status`` calls a run
+killed mid-way ``aborted``, a live one "in progress"), so a sync that holds the lock
+also holds a ``flock`` on a run marker (``groups.db.running``) that they may read. A
+reader's lock cannot hold a sync off: each sync makes a new marker file, locks it
+while only it knows the file, and only then renames it into place.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ class SyncLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+        self._marker: int | None = None
 
     def __enter__(self) -> SyncLock:
         try:
@@ -40,14 +47,76 @@ class SyncLock:
             os.close(fd)
             raise LockBusy(f"another sync is running on this database (lock {self.path} is held)") from None
         self._fd = fd
+        self._marker = _mark_running(marker_path(self.path))
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._marker is not None:
+            os.close(self._marker)  # the marker stays, unlocked: no sync is running
+            self._marker = None
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def marker_path(lock_path: Path) -> Path:
+    """The run marker beside the lock file: ``groups.db.lock`` -> ``groups.db.running``."""
+    return lock_path.with_suffix(".running")
+
+
+def _mark_running(path: Path) -> int | None:
+    """Publish a new run marker, locked by this process until it exits; its descriptor.
+
+    Made under the umask like the database (group-readable under the service's), with
+    this process's id in it for people. A marker that cannot be made is a warning: the
+    sync goes on, and readers may meanwhile call its run aborted.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        temporary.unlink(missing_ok=True)
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        log.warning("%s: cannot create the run marker (%s): readers may not see this sync", path, err.strerror)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else can know this file yet
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.replace(temporary, path)
+    except OSError as err:
+        os.close(fd)
+        temporary.unlink(missing_ok=True)
+        log.warning("%s: cannot publish the run marker (%s): readers may not see this sync", path, err.strerror)
+        return None
+    return fd
+
+
+def sync_running(lock_path: Path) -> bool | None:
+    """Whether a sync holds the lock now, as any user who may read the database's folder
+    can tell; None when this user cannot tell.
+
+    Reads the run marker: locked means a live sync (the kernel drops the lock when its
+    process ends, however it ends). Without a marker (no sync of this release yet) it
+    asks the lock file itself, which only its owner may open.
+    """
+    try:
+        fd = os.open(marker_path(lock_path), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            return is_held(lock_path)
+        except OSError:
+            return None
+    except OSError:
+        return None
+    try:
+        # a marker is locked before it is published, so this never holds a sync off
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _restrict(fd: int, path: Path) -> None:

@@ -3,9 +3,12 @@
 The figures are those of ``syncer status``, exposed through prometheus-client's own
 exposition code (a collector yielding gauges into a private registry, rendered by
 ``generate_latest``), so the text format is the library's, not hand-written. The
-metrics file is rewritten after every run that did something (not one that found the
-lock busy) for node_exporter's textfile collector: written to a temporary file in the
-same folder and renamed over the old one, so a reader never sees half of it.
+metrics file is rewritten after every run that took the lock (not one that found it
+busy), failed runs included, for node_exporter's textfile collector: written to a
+temporary file in the same folder and renamed over the old one, so a reader never sees
+half of it. Its ``syncer_last_run_exit_code`` is the run's own exit code, known to the
+process that ran it, so it is right even when the database cannot be read (then
+``syncer_database_readable`` is 0 and the database's figures are left out).
 """
 
 from __future__ import annotations
@@ -22,16 +25,26 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from syncer.config import Config
+from syncer.errors import EXIT_FAILED
 from syncer.schema import parse_time
 
 log = logging.getLogger(__name__)
 
 
-class StatusCollector(Collector):
-    """Gauges from one ``syncer status`` report (``status.report``'s data)."""
+class RunOutcome(t.NamedTuple):
+    """How the run that writes the metrics file ended, as its own process knows it."""
 
-    def __init__(self, data: dict[str, t.Any]) -> None:
+    exit_code: int
+    finished_at: float  # Unix time
+
+
+class StatusCollector(Collector):
+    """Gauges from one ``syncer status`` report (``status.report``'s data), and from the
+    outcome of the run that just ended, if any (it then says the run's exit code)."""
+
+    def __init__(self, data: dict[str, t.Any], outcome: RunOutcome | None = None) -> None:
         self.data = data
+        self.outcome = outcome
 
     def collect(self) -> t.Iterator[GaugeMetricFamily]:
         database = self.data["database"]
@@ -40,13 +53,27 @@ class StatusCollector(Collector):
             "Exit code of `syncer status`: 0 ok, 3 partial or hooks behind, 77 login required, 1 otherwise",
             value=self.data["exit_code"],
         )
-        if database.get("exists"):
+        yield GaugeMetricFamily(
+            "syncer_database_readable", "1 if the database could be read for these figures, 0 if not",
+            value=0 if database.get("error") else 1,
+        )
+        if self.outcome is not None:
+            yield GaugeMetricFamily(
+                "syncer_last_run_exit_code",
+                "Exit code of the latest finished run (0 ok, 3 partial, 1 failed, 77 login required, 78 configuration)",
+                value=self.outcome.exit_code,
+            )
+            yield GaugeMetricFamily(
+                "syncer_last_run_end_timestamp_seconds", "When the latest finished run ended (Unix time)",
+                value=self.outcome.finished_at,
+            )
+        if "size_bytes" in database:
             yield GaugeMetricFamily("syncer_database_size_bytes", "Size of the database file", value=database["size_bytes"])
         counts = database.get("counts")
         if counts:
             yield GaugeMetricFamily("syncer_groups", "Groups currently among the identity's groups", value=counts["groups"])
             yield GaugeMetricFamily("syncer_memberships", "Memberships in the current state", value=counts["memberships"])
-        yield from _last_run(database)
+        yield from _last_run(database, with_exit_code=self.outcome is None)
         hooks = GaugeMetricFamily(
             "syncer_hook_backlog_runs", "Runs with changes for the hook that it has not received yet", labels=["hook"]
         )
@@ -55,8 +82,9 @@ class StatusCollector(Collector):
         yield hooks
 
 
-def _last_run(database: dict[str, t.Any]) -> t.Iterator[GaugeMetricFamily]:
-    """Gauges of the latest finished run, and of the latest successful one."""
+def _last_run(database: dict[str, t.Any], with_exit_code: bool) -> t.Iterator[GaugeMetricFamily]:
+    """Gauges of the latest finished run, and of the latest successful one; its exit
+    code too if ``with_exit_code`` (unless the run's own process gives it)."""
     last_ok = database.get("last_success_at")
     if last_ok:
         yield GaugeMetricFamily(
@@ -73,7 +101,7 @@ def _last_run(database: dict[str, t.Any]) -> t.Iterator[GaugeMetricFamily]:
     if run["finished_at"]:
         duration = parse_time(run["finished_at"]).timestamp() - started
         yield GaugeMetricFamily("syncer_last_run_duration_seconds", "How long the latest finished run took", value=duration)
-    if run["exit_code"] is not None:
+    if with_exit_code and run["exit_code"] is not None:
         yield GaugeMetricFamily(
             "syncer_last_run_exit_code", "Exit code of the latest finished run (0 ok, 3 partial, 1 failed, 77 login required)",
             value=run["exit_code"],
@@ -84,22 +112,29 @@ def _last_run(database: dict[str, t.Any]) -> t.Iterator[GaugeMetricFamily]:
     )
 
 
-def render_metrics(data: dict[str, t.Any]) -> str:
-    """The Prometheus text format of a ``syncer status`` report."""
+def render_metrics(data: dict[str, t.Any], outcome: RunOutcome | None = None) -> str:
+    """The Prometheus text format of a ``syncer status`` report (and of a run's outcome)."""
     registry = CollectorRegistry()
-    registry.register(StatusCollector(data))
+    registry.register(StatusCollector(data, outcome))
     return generate_latest(registry).decode()
 
 
-def write_metrics_file(config: Config) -> None:
-    """Rewrite ``metrics_file`` atomically from the database's state; a failure is a warning."""
+def write_metrics_file(config: Config, outcome: RunOutcome) -> None:
+    """Rewrite ``metrics_file`` atomically from the database's state and the run's
+    outcome; a database that cannot be read leaves its figures out, and a failure to
+    write is a warning."""
     if config.metrics_file is None:
         return
     from syncer.status import report
 
     try:
-        data, _ = report(config)
-        _write_atomically(config.metrics_file, render_metrics(data).encode(), config.metrics_file_mode)
+        try:
+            data, _ = report(config)
+        except Exception as err:  # noqa: BLE001 - the run's exit code is written all the same
+            log.warning("the metrics file %s lacks the database's figures: %s", config.metrics_file, err)
+            data = {"exit_code": EXIT_FAILED, "database": {"exists": config.database.exists(), "error": str(err)}}
+        text = render_metrics(data, outcome)
+        _write_atomically(config.metrics_file, text.encode(), config.metrics_file_mode)
     except Exception as err:  # noqa: BLE001 - metrics never change a run's outcome
         log.warning("could not write the metrics file %s: %s", config.metrics_file, err)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 import typing as t
 
 from syncer.config import Config
@@ -36,8 +37,9 @@ def sync_and_report(
     except LockBusy:
         raise
     except Exception as err:
-        pings.finished(err.exit_code if isinstance(err, SyncerError) else EXIT_FAILED)
-        _write_metrics(config)
+        exit_code = err.exit_code if isinstance(err, SyncerError) else EXIT_FAILED
+        pings.finished(exit_code)
+        _write_metrics(config, exit_code)
         raise
     pings.finished(run.exit_code or 0)
     if config.hooks:
@@ -49,13 +51,14 @@ def sync_and_report(
             log.warning("hooks not delivered: %s; they are retried after the next run", err)
         except Exception:  # hooks never change a run's outcome; a failure here is a bug, logged in full
             log.exception("hooks could not be delivered; they are retried after the next run")
-    _write_metrics(config)
+    _write_metrics(config, run.exit_code or 0)
     return run
 
 
-def _write_metrics(config: Config) -> None:
+def _write_metrics(config: Config, exit_code: int) -> None:
+    """The metrics file, with this run's exit code (whatever the database says or not)."""
     # imported only when configured: prometheus-client is not needed otherwise
     if config.metrics_file is not None:
-        from syncer.metrics import write_metrics_file
+        from syncer.metrics import RunOutcome, write_metrics_file
 
-        write_metrics_file(config)
+        write_metrics_file(config, RunOutcome(exit_code, time.time()))

@@ -15,7 +15,7 @@ import typing as t
 from syncer.client_secret import secret_source
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, EXIT_LOGIN_REQUIRED, EXIT_OK, EXIT_PARTIAL, StorageError
-from syncer.lock import is_held
+from syncer.lock import sync_running
 from syncer.ownership import DatabaseOwner, database_owner, describe_owner
 from syncer.schema import connect, parse_time
 from syncer.token_store import TokenStore
@@ -118,12 +118,11 @@ def database_state(config: Config) -> dict[str, t.Any]:
 
 
 def _sync_running(config: Config) -> bool:
-    """Whether a sync is running on the database: it holds the sync lock. A ``running``
-    row alone does not tell: a killed run leaves one, which the next sync marks ``aborted``."""
-    try:
-        return is_held(config.lock_path)
-    except OSError:
-        return True  # the lock is not readable by this user: cannot tell, so do not call the run dead
+    """Whether a sync is running on the database: it holds the sync lock (and the run
+    marker that every reader of the folder may check). A ``running`` row alone does not
+    tell: a killed run leaves one, which the next sync marks ``aborted``."""
+    running = sync_running(config.lock_path)
+    return True if running is None else running  # cannot tell: do not call the run dead
 
 
 def _scalar_text(db: t.Any, sql: str, *params: t.Any) -> str | None:

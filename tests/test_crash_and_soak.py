@@ -2,9 +2,10 @@
 
 * kill -9 trials: ``syncer sync`` is SIGKILLed at moments spread over a whole run
   (start-up, the token refresh and its write to tokens.db, the group list, the
-  fetch, the final apply transaction, the exit), and after every kill the databases must be intact,
-  no run may be half visible, the token store must still hold a refresh token, and
-  the next ``syncer sync`` must recover exactly to the world.
+  fetch, the final apply transaction, the exit), and after every kill the databases must be intact
+  (read at once, read-only, as any reader would), no run may be half visible, the token
+  store must still hold a refresh token, and the next ``syncer sync`` must recover exactly
+  to the world.
 * soak: ``benchmarks/soak.py`` for ~20 s: ``syncer run --interval 1s`` while the
   world changes and ~10% of group reads fail; the recorded history must equal what
   the simulator served, read by read, and memory must stay flat.
@@ -41,7 +42,10 @@ LATENCY_MS = 20  # lengthens the fetch (8 reads in flight: ~0.5 s more)
 UNIFORM_TRIALS = 20  # kills at stratified random fractions of an uninterrupted run
 APPLY_WATCHED_TRIALS = 3  # kills 0-30 ms after the apply transaction's journal appears
 TOKEN_LOCKED_TRIALS = 3  # kills while the token write waits for its commit lock
-APPLY_LOCKED_TRIALS = 3  # kills while the apply transaction waits for its commit lock
+APPLY_HELD_TRIALS = 3  # kills while the run's transaction is open, half its groups applied, the rest held
+# groups.db is a WAL database: between runs its -wal is empty; a run's commit writes its
+# pages there (MiBs here), far more than its row's own transaction
+WAL_APPLY_BYTES = 64 * 1024
 
 
 @pytest.fixture
@@ -56,6 +60,34 @@ def world(request: pytest.FixtureRequest) -> World:
 
 def _journal(path: Path) -> Path:
     return path.with_name(path.name + "-journal")
+
+
+def _wal(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def _wal_size(path: Path) -> int:
+    try:
+        return _wal(path).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _uncommitted_frames(path: Path) -> int:
+    """Frames in the WAL after its last commit (a killed transaction's pages): every
+    reader ignores them. Frames of this WAL generation carry its header's salts."""
+    data = _wal(path).read_bytes() if _wal(path).exists() else b""
+    if len(data) < 32:
+        return 0
+    page_size = int.from_bytes(data[8:12], "big")
+    salts = data[16:24]
+    after_commit = 0
+    for offset in range(32, len(data) - 24 - page_size + 1, 24 + page_size):
+        header = data[offset:offset + 24]
+        if header[8:16] != salts:
+            break
+        after_commit = 0 if int.from_bytes(header[4:8], "big") else after_commit + 1
+    return after_commit
 
 
 def _expire_access_token(env: Env) -> None:
@@ -84,26 +116,22 @@ def _timeline(env: Env) -> dict[str, float]:
     """Run one uninterrupted sync and note when each phase happened (seconds from spawn).
 
     Watches files only (no database reads that could slow the writer): the token
-    store's mtime changes when the refresh is written; the rollback journal of
-    groups.db exists while a transaction writes it, the last and longest time being
-    the apply transaction.
+    store's mtime changes when the refresh is written; the WAL of groups.db grows by
+    MiBs when the apply transaction commits, and is emptied by the closing checkpoint.
     """
     token_mtime = env.tokens.stat().st_mtime_ns
-    journal = _journal(env.database)
     marks: dict[str, float] = {}
     began = time.monotonic()
     proc = env.popen("sync")
-    in_journal = False
     while proc.poll() is None:
         now = time.monotonic() - began
         if "token" not in marks and env.tokens.stat().st_mtime_ns != token_mtime:
             marks["token"] = now
-        exists = journal.exists()
-        if exists and not in_journal and "token" in marks:
-            marks["apply_start"] = now  # the last journal to appear is the apply's
-        if in_journal and not exists and "apply_start" in marks:
-            marks["apply_end"] = now
-        in_journal = exists
+        size = _wal_size(env.database)
+        if "apply_start" not in marks and size > WAL_APPLY_BYTES and "token" in marks:
+            marks["apply_start"] = now
+        if "apply_start" in marks and "apply_end" not in marks and size == 0:
+            marks["apply_end"] = now  # committed and checkpointed
         time.sleep(0.005)
     marks["exit"] = time.monotonic() - began
     out, err = proc.communicate()
@@ -147,15 +175,15 @@ def _kill(env: Env, how: str, delay: float, last_run: int) -> tuple[subprocess.P
         if how == "token-locked":
             # the refresh has written its rollback journal and waits to commit
             assert _wait_for(lambda: _journal(env.tokens).exists(), proc), "token write never started"
-        elif how == "apply-locked":
+        elif how == "apply-held":
+            # every read in flight waits: the run's transaction is open, the groups before applied
+            assert _wait_for(lambda: env.sim.stats["faults"].get("held", 0) >= 8, proc), "reads never held"
             assert _wait_for(lambda: _run_row_running(env, last_run), proc), "run never started"
-            lock = _hold_read_lock(env.database)
-            assert _wait_for(lambda: _journal(env.database).exists(), proc), "apply never started"
         elif how == "apply-watched":
-            # the run row's own transaction also has a journal, for a moment: wait for
-            # the row first, then for the apply's journal, and kill it in its stride
+            # the run row's own commit is a few pages in the WAL: wait for the row
+            # first, then for the apply's commit to fill the WAL, and kill it in its stride
             assert _wait_for(lambda: _run_row_running(env, last_run), proc), "run never started"
-            assert _wait_for(lambda: _journal(env.database).exists(), proc), "apply never started"
+            assert _wait_for(lambda: _wal_size(env.database) > WAL_APPLY_BYTES, proc), "apply never started"
             time.sleep(delay)
         else:
             remaining = began + delay - time.monotonic()
@@ -165,6 +193,7 @@ def _kill(env: Env, how: str, delay: float, last_run: int) -> tuple[subprocess.P
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
+        env.sim.faults.release_reads()
         if lock is not None:
             lock.rollback()
             lock.close()
@@ -173,11 +202,11 @@ def _kill(env: Env, how: str, delay: float, last_run: int) -> tuple[subprocess.P
 
 def _check_after_kill(env: Env, before_tokens: dict[str, t.Any], last_run: int) -> str:
     """Every invariant that must hold right after a SIGKILL; returns the phase it hit."""
-    hot_groups = _journal(env.database).exists()
+    hot_groups = _uncommitted_frames(env.database) > 0
     hot_tokens = _journal(env.tokens).exists()
 
-    # a read-write connection, as any reader's: a hot journal is rolled back on open
-    conn = sqlite3.connect(env.database)
+    # read-only, at once, as any reader: nothing to roll back, the killed run's frames ignored
+    conn = sqlite3.connect(f"file:{env.database}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -265,7 +294,8 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
         ("timed", (i + rng.random()) / UNIFORM_TRIALS * duration) for i in range(UNIFORM_TRIALS)
     ]
     plan += [("apply-watched", (i + 0.5) / APPLY_WATCHED_TRIALS * 0.03) for i in range(APPLY_WATCHED_TRIALS)]
-    plan += [("token-locked", 0.0)] * TOKEN_LOCKED_TRIALS + [("apply-locked", 0.0)] * APPLY_LOCKED_TRIALS
+    plan += [("token-locked", 0.0)] * TOKEN_LOCKED_TRIALS + [("apply-held", 0.0)] * APPLY_HELD_TRIALS
+    groups = sorted(world.groups)
 
     phases: collections.Counter[str] = collections.Counter()
     landed: list[tuple[str, float, str]] = []
@@ -274,6 +304,9 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
         _expire_access_token(env)
         before_tokens = stored_tokens(env.tokens)
         last_run = _max_run(env)
+        if how == "apply-held":
+            sim.reset_stats()
+            sim.faults.hold_reads(except_groups=groups[: len(groups) // 2])
 
         proc, alive = _kill(env, how, delay, last_run)
         out, err = proc.communicate()
@@ -285,8 +318,8 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
         landed.append((how, round(delay, 3), phase))
         if how == "token-locked":
             assert phase == "token-write", landed[-1]
-        if how == "apply-locked":
-            assert phase == "db-write", landed[-1]
+        if how == "apply-held":
+            assert phase in ("fetch", "db-write"), landed[-1]
 
         sim.latency_ms = 0  # the recovery need not be slow
         recovery = env.run("sync")
@@ -305,7 +338,8 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
         expected = expected_state(world)
         assert current_state(env) == expected
         assert state_as_of(env, recovered_id) == expected
-        assert not _journal(env.database).exists() and not _journal(env.tokens).exists()
+        # the closing checkpoint emptied the WAL: the files stay for readers, 0 bytes
+        assert _wal_size(env.database) == 0 and _wal(env.database).exists() and not _journal(env.tokens).exists()
 
     print(
         f"\nkill -9 trials: {len(plan)} (uninterrupted run {duration:.2f}s; token written at"
@@ -315,7 +349,8 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
     )
     # the kills really spread over the run
     assert phases["listing"] + phases["fetch"] >= 3  # reading Globus, before and after the row
-    assert phases["db-write"] >= APPLY_LOCKED_TRIALS
+    assert phases["db-write"] >= 1  # killed while its commit wrote the WAL
+    assert phases["fetch"] >= APPLY_HELD_TRIALS
     assert phases["token-write"] >= TOKEN_LOCKED_TRIALS
     assert len(plan) >= 20
 

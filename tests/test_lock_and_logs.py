@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from syncer import logs
-from syncer.lock import SyncLock
+from syncer.lock import SyncLock, marker_path, sync_running
 
 # --------------------------------------------------------------------- the lock file
 
@@ -40,6 +41,32 @@ def test_an_older_releases_0640_lock_file_becomes_0600(tmp_path: Path) -> None:
     with SyncLock(path):
         assert mode(path) == 0o600
     assert mode(path) == 0o600
+
+
+def test_readers_see_a_sync_through_the_run_marker_and_cannot_hold_it_off(tmp_path: Path) -> None:
+    """Issue 21: the marker is group-readable (umask 0027) and locked while a sync holds
+    the lock; a reader holding a lock on it (as anyone who may read it can) does not
+    stop the next sync, whose marker is a new file."""
+    path = tmp_path / "groups.db.lock"
+    marker = marker_path(path)
+    assert sync_running(path) is False  # no sync ever ran
+    previous = os.umask(0o027)
+    try:
+        with SyncLock(path):
+            assert mode(marker) == 0o640 and mode(path) == 0o600
+            assert sync_running(path) is True
+        assert sync_running(path) is False
+        reader = os.open(marker, os.O_RDONLY)
+        try:
+            fcntl.flock(reader, fcntl.LOCK_SH)  # a reader's lock, held on purpose
+            with SyncLock(path):
+                assert sync_running(path) is True
+            assert sync_running(path) is False
+        finally:
+            os.close(reader)
+    finally:
+        os.umask(previous)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary marker left
 
 
 # ---------------------------------------------------------------------------- logs

@@ -148,7 +148,8 @@ def test_the_metrics_file_parses_after_ok_partial_and_failed_runs(logged_in: Env
 
     shown = env.run("status", "--format", "prometheus")
     assert shown.returncode == 1  # the latest run failed
-    assert parse(shown.stdout) == third
+    # the same figures, but for when the run ended, which only its own process knows
+    assert parse(shown.stdout) == {k: v for k, v in third.items() if k != "syncer_last_run_end_timestamp_seconds"}
     for family in text_string_to_metric_families(shown.stdout):
         assert family.documentation and family.type == "gauge"
     assert "# HELP syncer_last_run_exit_code " in shown.stdout and "# TYPE syncer_last_run_exit_code gauge" in shown.stdout
@@ -165,6 +166,34 @@ def test_the_metrics_file_mode_can_be_set_and_a_missing_folder_is_a_warning(logg
     result = env.run("sync")
     assert result.returncode == 0, result.output
     assert "could not write the metrics file" in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("breakage", ["not-a-database", "unreadable"])
+def test_the_metrics_file_says_a_run_failed_when_the_database_cannot_be_read(logged_in: Env, breakage: str) -> None:
+    """Issue 21: with the database broken, `sync` exits 1 and the metrics file says 1 (it
+    kept the last good run's 0), with the database marked unreadable."""
+    env = logged_in
+    env.write_config(metrics_file="syncer.prom")
+    assert env.run("sync").returncode == 0
+    metrics = env.tmp / "syncer.prom"
+    good = parse(metrics.read_text())
+    assert good["syncer_last_run_exit_code"] == {(): 0} and good["syncer_database_readable"] == {(): 1}
+    if breakage == "not-a-database":
+        for suffix in ("-wal", "-shm"):
+            Path(f"{env.database}{suffix}").unlink()
+        env.database.write_bytes(b"this is not an SQLite database, but it was one" * 100)
+    else:  # the run's own database is a folder now: nothing can open it
+        env.database.rename(env.tmp / "moved.db")
+        env.database.mkdir()
+    failed = env.run("sync")
+    assert failed.returncode == 1, failed.output
+    assert failed.stderr.count("syncer: error:") == 1 and "Traceback" not in failed.output
+    broken = parse(metrics.read_text())
+    assert broken["syncer_last_run_exit_code"] == {(): 1}
+    assert broken["syncer_database_readable"] == {(): 0}
+    assert broken["syncer_status_exit_code"] == {(): 1}
+    assert broken["syncer_last_run_end_timestamp_seconds"][()] > good["syncer_last_run_end_timestamp_seconds"][()]
+    assert "syncer_memberships" not in broken  # no figure from a database that could not be read
 
 
 def parse(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
