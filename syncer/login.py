@@ -205,10 +205,13 @@ def login(
 
 def confirm_client_credentials(config: Config, secret: ClientSecret, say: Say) -> None:
     """``syncer login`` with a confidential client: none is needed; prove the
-    credentials work instead (a rejected secret is a ConfigError naming its source)."""
+    credentials work instead (a rejected secret is a ConfigError naming its source).
+
+    The secret is checked with Globus Auth every time (a new token, never the cached
+    one): "the credentials work" must be true of the secret in place now."""
     say(f"No login needed: client {config.client_id} is a confidential client (secret from {secret.source});"
         " every run uses client credentials.")
-    with groups_authorizer(config) as authorizer:
+    with groups_authorizer(config, cached_token=False) as authorizer:
         try:
             check = check_access(config, authorizer)
         except globus_sdk.GlobusAPIError as err:
