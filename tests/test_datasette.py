@@ -5,6 +5,7 @@ when Datasette is not installed."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import shutil
 import socket
@@ -65,7 +66,114 @@ def test_every_user_facing_table_and_column_is_described_and_the_rest_hidden(ds:
         missing = [c for c in columns if not described[name]["columns"].get(c)]
         assert not missing, f"{name}: columns without a description: {missing}"
     assert shown | views >= USER_FACING  # every documented name is there, none hidden
-    assert {t["name"] for t in tables if t["hidden"]} >= {"_sqlite_migrations", "sqlite_sequence"}
+    # syncer's own tables are not even listed as hidden: they cannot be viewed at all
+    assert {t["name"] for t in tables} | views == USER_FACING
+
+
+def internal_names(history: Scenario) -> list[str]:
+    """Every table and view in the file that SPEC does not document."""
+    rows = history.env.query("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') ORDER BY name")
+    return [r["name"] for r in rows if r["name"] not in USER_FACING]
+
+
+def status_of(ds: t.Any, path: str) -> int:
+    return int(asyncio.run(ds.client.get(path)).status_code)
+
+
+def test_internal_tables_cannot_be_reached_by_url(ds: t.Any, history: Scenario) -> None:
+    internal = internal_names(history)
+    # the storage behind the views, the migrations, hook state, SQLite's own
+    assert {"_sqlite_migrations", "hook_deliveries", "membership_state", "sqlite_sequence"} <= set(internal)
+    for name in internal:
+        quoted = urllib.parse.quote(name)
+        for path in (f"/groups/{quoted}", f"/groups/{quoted}.json", f"/groups/{quoted}.csv",
+                     f"/groups/{quoted}/1.json", f"/groups/{quoted}.json?_shape=array&_size=max",
+                     f"/groups/{urllib.parse.quote(name.upper())}.json"):
+            assert status_of(ds, path) in (403, 404), path
+    assert status_of(ds, "/groups.db") in (403, 404)  # no download of the whole file
+    for name in USER_FACING:  # the documented ones stay open
+        assert status_of(ds, f"/groups/{name}.json") == 200, name
+
+
+def test_arbitrary_sql_is_off_unless_allowed(ds: t.Any, history: Scenario) -> None:
+    assert status_of(ds, "/groups.json?sql=select+1") == 403
+    assert status_of(ds, "/groups/sync_runs.json?_where=id>1") == 403
+    open_sql = make_datasette(history.env.database, allow_sql=True)
+    asyncio.run(open_sql.invoke_startup())
+
+    def ask(sql: str) -> t.Any:
+        return asyncio.run(open_sql.client.get(f"/groups.json?{urllib.parse.urlencode({'sql': sql})}"))
+
+    counted = ask("select count(*) from membership_history")
+    assert counted.status_code == 200 and counted.json()["rows"][0][0] > 0
+    # the documented views read the storage tables behind them; a visitor's SQL may not
+    for name in internal_names(history):
+        for sql in (f"select * from [{name}]", f"select rowid from [{name}]",
+                    f"select 1 from groups where exists (select * from [{name}])"):
+            refused = ask(sql)
+            assert refused.status_code == 400 and not refused.json()["rows"], sql
+            if sql.startswith("select *"):
+                assert f"access to {name}." in refused.json()["error"], sql
+    for name in internal_names(history):  # and the internal tables stay unreachable by URL
+        assert asyncio.run(open_sql.client.get(f"/groups/{urllib.parse.quote(name)}.json")).status_code in (403, 404)
+
+
+def error_of(ds: t.Any, name: str, **params: str) -> str:
+    """The error a canned query shows for these parameters (HTTP 400, never rows)."""
+    response = asyncio.run(ds.client.get(f"/groups/{name}.json?{urllib.parse.urlencode(params)}"))
+    body = response.json()
+    assert response.status_code == 400 and body["ok"] is False and not body["rows"], body
+    return str(body["error"])
+
+
+def as_of_run(ds: t.Any, history: Scenario, at: str) -> set[int]:
+    return {r["run_id"] for r in canned(ds, "members_as_of", group=history.a, at=at)}
+
+
+def test_members_as_of_takes_every_form_of_when_the_cli_takes(ds: t.Any, history: Scenario) -> None:
+    third = dt.datetime.fromisoformat(history.truths[3].started_at)
+    assert as_of_run(ds, history, history.truths[3].started_at) == {3}
+    assert as_of_run(ds, history, third.astimezone(dt.timezone(dt.timedelta(hours=5))).isoformat()) == {3}
+    assert as_of_run(ds, history, third.astimezone(dt.timezone(dt.timedelta(hours=-7))).isoformat()) == {3}
+    assert as_of_run(ds, history, "run:3") == {3}
+    assert as_of_run(ds, history, "run:4") == {4}  # the partial run answers for itself
+    assert as_of_run(ds, history, "0s") == {5}
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).date().isoformat()
+    assert as_of_run(ds, history, tomorrow) == {5}
+    assert as_of_run(ds, history, "") == {5}
+
+
+def test_a_bad_when_is_an_error_never_another_answer(ds: t.Any, history: Scenario) -> None:
+    second = dt.datetime.fromisoformat(history.truths[2].started_at)
+    before_first = (second - dt.timedelta(minutes=1)).astimezone(dt.timezone(dt.timedelta(hours=5))).isoformat()
+    for at, message in [
+        ("yesterday", "bad WHEN 'yesterday': not a date, date-time, span or run"),
+        ("7 days", "bad WHEN '7 days'"),
+        ("2026-06-01T09:30", "a date-time needs Z or an offset"),
+        ("2026-02-30", "bad WHEN '2026-02-30'"),
+        ("run:99", "there is no run 99 (runs 1-5)"),
+        ("run:1", "nothing recorded as of run:1: the first successful run (run 2) started"),
+        ("400d", "too long"),
+        ("300d", "nothing recorded as of 300d"),
+        (before_first, f"nothing recorded as of {before_first}"),
+        ("1999-01-01", "nothing recorded as of 1999-01-01"),
+    ]:
+        assert message in error_of(ds, "members_as_of", group=history.a, at=at), at
+    assert "bad WHEN 'last week'" in error_of(ds, "events_between", since="last week", until="")
+    assert "there is no run 42" in error_of(ds, "events_between", since="run:2", until="run:42")
+
+
+def test_an_ambiguous_or_unknown_group_is_an_error_listing_the_ids(ds: t.Any, history: Scenario) -> None:
+    for name in ("members_as_of", "group_sizes", "admins_and_managers"):
+        params = {"group": history.a_old_name, **({"at": ""} if name == "members_as_of" else {})}
+        error = error_of(ds, name, **params)
+        assert f"group name {history.a_old_name!r} is ambiguous: 2 groups have or had it" in error, name
+        assert history.a in error and history.d in error and "give the id" in error
+        unknown = error_of(ds, name, **{**params, "group": "No Such Group"})
+        assert "unknown group 'No Such Group'" in unknown
+    # each id still answers, and a unique old name finds its group
+    assert {r["group_id"] for r in canned(ds, "admins_and_managers", group=history.d)} == {history.d}
+    assert "unknown user 'nobody@example.org'" in error_of(ds, "identity_history", user="nobody@example.org")
 
 
 # ------------------------------------------------------------------- canned queries
