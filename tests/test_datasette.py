@@ -5,6 +5,7 @@ when Datasette is not installed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import shutil
@@ -296,3 +297,65 @@ def test_members_as_of_page_in_headless_chromium(history: Scenario) -> None:
     for iid in history.truths[3].members(history.a):
         assert history.username(iid) in dom.stdout
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+@contextlib.contextmanager
+def serving(env: Env, *options: str) -> t.Iterator[str]:
+    """`syncer serve` on a free port with ``options``, until the block ends; yields its base URL."""
+    port = _free_port()
+    server = env.popen("serve", "--port", str(port), *options)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: server.poll() is not None or _up(f"{base}/-/versions.json"), what="syncer serve")
+        assert server.poll() is None, server.communicate()
+        yield base
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+def browse(url: str, shot: Path) -> str:
+    """The page at ``url`` as headless Chromium renders it (its DOM), with a screenshot."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--window-size=1400,1000"]
+        dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        assert dom.returncode == 0, dom.stderr
+        subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return dom.stdout
+
+
+def test_serve_in_headless_chromium_shows_errors_and_hides_internal_tables(history: Scenario, tmp_path: Path) -> None:
+    env: Env = history.env
+    with serving(env) as base:
+        ambiguous = browse(f"{base}/groups/members_as_of?" + urllib.parse.urlencode(
+            {"group": history.a_old_name, "at": "run:3"}), tmp_path / "ambiguous.png")
+        bad_when = browse(f"{base}/groups/members_as_of?" + urllib.parse.urlencode(
+            {"group": history.a, "at": "yesterday"}), tmp_path / "bad-when.png")
+        index = browse(f"{base}/groups", tmp_path / "index.png")
+        internal = browse(f"{base}/groups/hook_deliveries", tmp_path / "internal.png")
+        no_sql = browse(f"{base}/groups?sql=select+*+from+sync_runs", tmp_path / "no-sql.png")
+    assert "is ambiguous: 2 groups have or had it" in ambiguous and history.a in ambiguous and history.d in ambiguous
+    assert "bad WHEN &#39;yesterday&#39;" in bad_when or "bad WHEN 'yesterday'" in bad_when
+    for page in (ambiguous, bad_when):  # an error instead of rows, never another question's answer
+        assert all(history.username(iid) not in page for iid in history.truths[5].members(history.a))
+    assert "membership_changes" in index and "Members of a group as of a date" in index
+    for name in internal_names(history):
+        assert f'/groups/{name}"' not in index, name
+    assert "Forbidden" in internal and "delivered_run" not in internal
+    assert "Forbidden" in no_sql
+
+    with serving(env, "--allow-sql") as base:
+        own_sql = browse(f"{base}/groups?" + urllib.parse.urlencode(
+            {"sql": "select status, count(*) as n from sync_runs group by status"}), tmp_path / "own-sql.png")
+        sneaky = browse(f"{base}/groups?" + urllib.parse.urlencode(
+            {"sql": "select * from hook_deliveries"}), tmp_path / "sneaky-sql.png")
+        still_hidden = browse(f"{base}/groups/hook_deliveries.json", tmp_path / "still-hidden.png")
+    assert "partial" in own_sql and "failed" in own_sql
+    assert "access to hook_deliveries." in sneaky and "is prohibited" in sneaky
+    assert "Forbidden" in still_hidden or "403" in still_hidden
