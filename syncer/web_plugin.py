@@ -1,8 +1,11 @@
 """The Datasette plugin behind ``syncer serve`` (registered in-process by
 ``syncer.web.make_datasette``; see that module for what it guarantees).
 
-Every hook first asks whether syncer made the Datasette instance it is called for,
-and leaves any other alone.
+The permission and connection hooks first ask whether syncer made the Datasette
+instance they are called for, and leave any other alone. The magic parameters also
+serve a plain ``datasette groups.db -m config/datasette-metadata.json`` run where
+syncer is installed (the plugin's ``datasette`` entry point), so the shipped canned
+queries work there too.
 
 Magic parameters of the canned queries (``:_<prefix>_<argument>``), each computed
 from the request's argument with the CLI's own code, on a read-only connection of
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import typing as t
+from pathlib import Path
 
 from datasette import hookimpl
 
@@ -75,12 +79,23 @@ def _documented_only(action: int, table: str | None, column: str | None, schema:
     return sqlite3.SQLITE_OK
 
 
+def _database_file(datasette: t.Any) -> Path | None:
+    """The file the canned queries ask: syncer's, or in a plain ``datasette`` (which
+    loads this plugin through its entry point) the first database on a file."""
+    where = served(datasette)
+    if where is not None:
+        return where.database
+    for db in datasette.databases.values():
+        if db.path and not db.is_memory:
+            return Path(db.path)
+    return None
+
+
 @hookimpl
 def register_magic_parameters(datasette: t.Any) -> list[tuple[str, t.Callable[[str, t.Any], t.Any]]]:
-    where = served(datasette)
-    if where is None:
+    database = _database_file(datasette)
+    if database is None:
         return []
-    database = where.database
 
     def checked(answer: t.Callable[[t.Any], t.Any]) -> t.Any:
         try:

@@ -237,6 +237,25 @@ def test_runs_and_failures(ds: t.Any) -> None:
     assert len(failed) == 1 and failed[0]["groups_failed"] == 1 and failed[0]["failed_groups"]
 
 
+def test_plain_datasette_with_the_config_copy_checks_parameters_too(history: Scenario) -> None:
+    """`datasette groups.db -m config/datasette-metadata.json` where syncer is installed:
+    the canned queries' magic parameters come with syncer's plugin (its entry point)."""
+
+    def get(path: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "datasette", "serve", str(history.env.database),
+             "-m", str(ROOT / "config" / "datasette-metadata.json"), "--get", path],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    answer = get("/groups/members_as_of.json?" + urllib.parse.urlencode(
+        {"group": history.a, "at": "run:3", "_shape": "array"}))
+    assert answer.returncode == 0, answer.stderr
+    assert {r["identity_id"] for r in json.loads(answer.stdout)} == set(history.truths[3].members(history.a))
+    refused = get("/groups/members_as_of.json?" + urllib.parse.urlencode({"group": history.a, "at": "yesterday"}))
+    assert "bad WHEN 'yesterday'" in refused.stdout
+
+
 # ------------------------------------------------------------------- syncer serve
 
 
