@@ -324,20 +324,26 @@ def open_token_store(config: Config, secret: ClientSecret | None) -> TokenStore:
 
 
 def client_credentials_authorizer(
-    config: Config, secret: ClientSecret, store: TokenStore
+    config: Config, secret: ClientSecret, store: TokenStore, cached_token: bool = True
 ) -> SharedClientCredentialsAuthorizer:
     """Client credentials for a confidential client; tokens cached in ``store``
-    (a namespace of its own) so that each run does not need a new one."""
+    (a namespace of its own) so that each run does not need a new one.
+
+    A cached token is used only with the secret it was issued for: after a rotation
+    (or a wrong secret put in place) the first request asks Globus Auth, so a
+    rejected secret is a 78 now, not when the cached token expires. Without
+    ``cached_token`` Globus Auth is asked in any case (``syncer login``'s check).
+    """
     scopes = sorted(scope for scope in config.scopes if is_groups_scope(scope))  # one resource server
-    cached = store.groups_tokens()
-    usable = cached is not None and sorted(cached.scope.split()) == scopes
+    cached = store.groups_tokens() if cached_token else None
+    usable = cached is not None and sorted(cached.scope.split()) == scopes and store.issued_for(secret)
     client = globus_sdk.ConfidentialAppAuthClient(config.client_id, secret.value, **client_options(config))
     authorizer = SharedClientCredentialsAuthorizer(
         client,
         scopes,
         access_token=cached.access_token if usable and cached else None,
         expires_at=cached.expires_at_seconds if usable and cached else None,
-        on_refresh=store.save,
+        on_refresh=lambda response: store.save_issued_for(response, secret),
         secret_source=secret.source,
     )
     authorizer.credentials = Credentials(CLIENT, config.client_id, None)  # a client acts as itself
@@ -345,14 +351,17 @@ def client_credentials_authorizer(
 
 
 @contextlib.contextmanager
-def groups_authorizer(config: Config) -> t.Iterator[globus_sdk.authorizers.GlobusAuthorizer]:
+def groups_authorizer(
+    config: Config, cached_token: bool = True
+) -> t.Iterator[globus_sdk.authorizers.GlobusAuthorizer]:
     """The authorizer every run uses: client credentials when a client secret is
     configured, else the stored login's refresh token. Its token store stays open
-    for the block (renewals are written back to it)."""
+    for the block (renewals are written back to it). ``cached_token=False``: a
+    confidential client gets a new token from Globus Auth whatever is cached."""
     secret = load_client_secret(config)
     with open_token_store(config, secret) as store:
         if secret is not None:
-            yield client_credentials_authorizer(config, secret, store)
+            yield client_credentials_authorizer(config, secret, store, cached_token)
         else:
             yield authorizer_from_store(config, store)
 

@@ -514,12 +514,13 @@ def identity_command(settings: _Settings, user: str, fmt: str) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
+@click.option("--allow-sql", is_flag=True, help="Let visitors run their own SQL (on the documented tables and views).")
 @click.pass_obj
-def serve(settings: _Settings, host: str, port: int) -> None:
+def serve(settings: _Settings, host: str, port: int, allow_sql: bool) -> None:
     """Datasette on the database, read-only, with descriptions and canned queries."""
     from syncer.web import serve as serve_datasette
 
-    serve_datasette(_existing_database(settings).database, host, port)
+    serve_datasette(_existing_database(settings).database, host, port, allow_sql)
 
 
 def main() -> None:

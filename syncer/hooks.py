@@ -23,9 +23,9 @@ import json
 import logging
 import os
 import re
-import signal
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 #: characters of a hook's output (or an HTTP answer) put in the log
 OUTPUT_LOGGED = 1000
 #: environment variables a hook does not inherit: secrets, and systemd's channels to the service itself
+#: the script that runs a hook's command and ends all of it (see its docstring)
+KEEPER = Path(__file__).with_name("hook_supervisor.py")
+#: seconds a keeper told to stop has to end its command's processes and exit
+KEEPER_GRACE = 30.0
 _WITHHELD_ENV = re.compile(r"TOKEN|SECRET|PASSW(OR)?D|CREDENTIAL|API_?KEY|^NOTIFY_SOCKET$|^WATCHDOG_", re.IGNORECASE)
 
 
@@ -83,14 +87,22 @@ def lock_path(config: Config) -> Path:
     return config.database.with_name(config.database.name + ".hooks.lock")
 
 
+class Delivering(t.NamedTuple):
+    """The database opened to deliver hooks, and the hooks lock's descriptor (handed to
+    each hook's keeper, so the lock is held until every process of a call is gone)."""
+
+    db: sqlite_utils.Database
+    lock_fd: int
+
+
 @contextlib.contextmanager
-def _delivering(config: Config) -> t.Iterator[sqlite_utils.Database]:
+def _delivering(config: Config) -> t.Iterator[Delivering]:
     """The database, opened to deliver hooks, while this process holds the hooks lock
     (LockBusy at once if another process does)."""
-    with SyncLock(lock_path(config)):
+    with SyncLock(lock_path(config)) as lock:
         db = open_database(config.database, config.busy_timeout)
         try:
-            yield db
+            yield Delivering(db, lock.fileno())
         finally:
             db.close()
 
@@ -104,10 +116,10 @@ def deliver_after_run(config: Config, run_id: int, cancelled: threading.Event | 
     if not config.hooks:
         return []
     try:
-        with _delivering(config) as db:
+        with _delivering(config) as (db, lock_fd):
             deliveries: list[Delivery] = []
             for hook in config.hooks:
-                queue = HookQueue(db, hook, config.database)
+                queue = HookQueue(db, hook, config.database, lock_fd)
                 queue.start_after(run_id - 1)
                 deliveries += queue.deliver(cancelled)
             return deliveries
@@ -133,8 +145,8 @@ def replay(config: Config, hook: HookConfig, since: When, cancelled: threading.E
     if first is None:
         return Replay(None, [])
     try:
-        with _delivering(config) as db:
-            queue = HookQueue(db, hook, config.database)
+        with _delivering(config) as (db, lock_fd):
+            queue = HookQueue(db, hook, config.database, lock_fd)
             queue.rewind(first - 1)
             return Replay(first, queue.deliver(cancelled))
     except LockBusy:
@@ -213,10 +225,11 @@ def hook_environment(environ: t.Mapping[str, str]) -> dict[str, str]:
 class HookQueue:
     """One hook's queue on an open database: its position, and sending what follows it."""
 
-    def __init__(self, db: sqlite_utils.Database, hook: HookConfig, database: Path) -> None:
+    def __init__(self, db: sqlite_utils.Database, hook: HookConfig, database: Path, lock_fd: int | None = None) -> None:
         self.db = db
         self.hook = hook
         self.database = database
+        self.lock_fd = lock_fd  # the hooks lock, held by each command's keeper too
 
     def start_after(self, run_id: int) -> None:
         """Give a hook seen for the first time its position: it gets the runs after ``run_id``."""
@@ -271,7 +284,7 @@ class HookQueue:
             changes = self._spool(run_id, payload)
             payload.seek(0)
             if self.hook.command:
-                delivered, detail = _run_command(self.hook, run_id, payload, self.database, cancelled)
+                delivered, detail = _run_command(self.hook, run_id, payload, self.database, cancelled, self.lock_fd)
             else:
                 delivered, detail = _post(self.hook, run_id, payload, cancelled)
         took = time.monotonic() - began
@@ -346,42 +359,79 @@ def _last_finished_run(db: sqlite_utils.Database) -> int:
 
 
 def _run_command(
-    hook: HookConfig, run_id: int, payload: t.IO[bytes], database: Path, cancelled: threading.Event | None
+    hook: HookConfig, run_id: int, payload: t.IO[bytes], database: Path, cancelled: threading.Event | None,
+    lock_fd: int | None = None,
 ) -> tuple[bool, str]:
     """Run the hook's command with the changes on stdin; True if it exits 0 within its timeout.
 
-    It runs in a session (so a process group) of its own, which is killed whole at the
-    timeout: a shell script's children too.
+    It runs under a keeper (``syncer/hook_supervisor.py``) that ends every process of
+    the command, its children and their children included, when the command exits,
+    at the timeout, or when this process goes, however (kill -9 too): a call is over
+    only when all of it is gone, so calls of one hook never overlap.
     """
     assert hook.command is not None
     env = hook_environment(os.environ)
     env.update(SYNCER_HOOK=hook.name, SYNCER_RUN_ID=str(run_id), SYNCER_DATABASE=str(database))
-    with tempfile.TemporaryFile() as output:
-        try:
-            proc = subprocess.Popen(
-                hook.command, stdin=payload, stdout=output, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True, close_fds=True,
-            )
-        except OSError as err:
-            return False, f"cannot start {hook.command[0]}: {err.strerror or err}"
-        stopped = _wait_bounded(lambda seconds: _exited(proc, seconds), hook.timeout, cancelled)
-        if stopped:
-            stopped += ": killed"
-            _kill_group(proc)
-        output.seek(0)
-        shown = _excerpt(output.read(OUTPUT_LOGGED * 4 + 1))
+    control_read, control = os.pipe()  # only this process writes: its end closes with it
+    status, status_write = os.pipe()
+    keep = (control_read, status_write) + (() if lock_fd is None else (lock_fd,))
+    try:
+        with tempfile.TemporaryFile() as output:
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", str(KEEPER), str(control_read), str(status_write), "--", *hook.command],
+                    stdin=payload, stdout=output, stderr=subprocess.STDOUT,
+                    env=env, start_new_session=True, pass_fds=keep,
+                )
+            except OSError as err:
+                return False, f"cannot start the hook's keeper: {err.strerror or err}"
+            finally:
+                os.close(control_read)
+                os.close(status_write)
+            stopped = _wait_bounded(lambda seconds: _exited(proc, seconds), hook.timeout, cancelled)
+            os.close(control)  # the keeper ends whatever of the command is left, then exits
+            control = -1
+            _reap_keeper(proc)
+            with os.fdopen(status, "rb") as answer:
+                status = -1
+                said = answer.read()
+            output.seek(0)
+            shown = _excerpt(output.read(OUTPUT_LOGGED * 4 + 1))
+    finally:
+        for fd in (control, status):
+            if fd >= 0:
+                os.close(fd)
+    return _verdict(stopped, said, shown)
+
+
+def _reap_keeper(proc: subprocess.Popen[bytes]) -> None:
+    """Wait for the keeper to end the command and exit (killing it would leave the
+    command's processes behind, so it is killed only if it does not answer)."""
+    try:
+        proc.wait(timeout=KEEPER_GRACE)
+    except subprocess.TimeoutExpired:
+        log.warning("hook keeper %d did not exit in %gs after it was told to stop; killed", proc.pid, KEEPER_GRACE)
+        proc.kill()
+        proc.wait()
+
+
+def _verdict(stopped: str | None, said: bytes, shown: str) -> tuple[bool, str]:
+    """Whether a command's call delivered, and what to log, from the keeper's answer."""
     if stopped:
-        return False, stopped + shown
-    if proc.returncode != 0:
-        status = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
-        return False, status + shown
-    return True, shown
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):  # already gone, with every process of its group
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        return False, f"{stopped}: killed{shown}"
+    try:
+        outcome = json.loads(said)
+    except ValueError:
+        return False, f"the hook's keeper ended without an answer{shown}"
+    if "error" in outcome:
+        return False, str(outcome["error"]) + shown
+    returncode = outcome.get("returncode")
+    if returncode == 0:
+        return True, shown
+    if not isinstance(returncode, int):
+        return False, f"stopped{shown}"
+    status = f"killed by signal {-returncode}" if returncode < 0 else f"exit status {returncode}"
+    return False, status + shown
 
 
 def _post(hook: HookConfig, run_id: int, payload: t.IO[bytes], cancelled: threading.Event | None) -> tuple[bool, str]:

@@ -50,6 +50,12 @@ class SyncLock:
         self._marker = _mark_running(marker_path(self.path))
         return self
 
+    def fileno(self) -> int:
+        """The locked descriptor: a process it is handed to holds the lock too, until
+        every holder has closed it."""
+        assert self._fd is not None, "the lock is not held"
+        return self._fd
+
     def __exit__(
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:

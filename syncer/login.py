@@ -259,14 +259,17 @@ def _revoke_unused(config: Config, response: globus_sdk.OAuthTokenResponse) -> N
 def confirm_client_credentials(config: Config, secret: ClientSecret, say: Say) -> None:
     """``syncer login`` with a confidential client: none is needed; prove the
     credentials work instead (a rejected secret is a ConfigError naming its source).
-    A database that belongs to another identity is a ConfigError before anything else."""
+
+    The secret is checked with Globus Auth every time (a new token, never the cached
+    one): "the credentials work" must be true of the secret in place now. A database
+    that belongs to another identity is a ConfigError before anything else."""
     owner = _database_owner(config)
     who = Credentials(CLIENT, config.client_id, None)
     if owner is not None and not is_owner(owner, who):
         raise mismatch(owner, who, config.database)
     say(f"No login needed: client {config.client_id} is a confidential client (secret from {secret.source});"
         " every run uses client credentials.")
-    with groups_authorizer(config) as authorizer:
+    with groups_authorizer(config, cached_token=False) as authorizer:
         try:
             check = check_access(config, authorizer)
         except globus_sdk.GlobusAPIError as err:

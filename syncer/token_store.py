@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import hmac
 import logging
+import secrets
 import sqlite3
 import stat
 import threading
@@ -27,6 +29,7 @@ from pathlib import Path
 import globus_sdk
 from globus_sdk.token_storage import SQLiteTokenStorage, TokenStorageData
 
+from syncer.client_secret import ClientSecret, secret_digest
 from syncer.errors import StorageError
 from syncer.logs import register_secret
 
@@ -71,6 +74,7 @@ class TokenStore:
 
     def __init__(self, path: Path, namespace: str = "DEFAULT") -> None:
         self.path = path
+        self.namespace = namespace
         self._lock = threading.RLock()
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -183,6 +187,51 @@ class TokenStore:
             except sqlite3.OperationalError:  # no table: nothing was ever refused
                 return False
             return row is not None
+
+    def issued_for(self, secret: ClientSecret) -> bool:
+        """Whether the cached tokens were issued for this client secret (see ``bind_to``).
+
+        False when no secret is recorded (tokens cached by an older release, or a crash
+        while they were replaced): a new token is cheap, using one with the wrong
+        secret hides a bad rotation until it expires.
+        """
+        with self._lock:
+            try:
+                row = self._storage._connection.execute(
+                    "SELECT digest_key, digest FROM syncer_secret_digests WHERE namespace = ?", [self.namespace]
+                ).fetchone()
+            except sqlite3.OperationalError:  # no table: no token was ever bound to a secret
+                return False
+        return row is not None and hmac.compare_digest(secret_digest(secret, row[0]), row[1])
+
+    def save_issued_for(self, response: globus_sdk.OAuthTokenResponse, secret: ClientSecret) -> None:
+        """Store a client-credentials response with a keyed digest of the secret it was
+        issued for (never the secret). The old digest goes first and the new one is
+        written last, so a crash in between leaves tokens bound to no secret (a new
+        token next run), never to the wrong one."""
+        with self._lock:
+            self._forget_secret()
+            self.save(response)
+            key = secrets.token_bytes(32)
+            self._write_secret_digest(
+                "INSERT INTO syncer_secret_digests (namespace, digest_key, digest) VALUES (?, ?, ?)",
+                [self.namespace, key, secret_digest(secret, key)],
+            )
+
+    def _forget_secret(self) -> None:
+        self._write_secret_digest("DELETE FROM syncer_secret_digests WHERE namespace = ?", [self.namespace])
+
+    def _write_secret_digest(self, sql: str, params: list[t.Any]) -> None:
+        try:
+            connection = self._storage._connection
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS syncer_secret_digests"
+                " (namespace TEXT PRIMARY KEY, digest_key BLOB NOT NULL, digest TEXT NOT NULL)"
+            )
+            connection.execute(sql, params)
+            connection.commit()
+        except sqlite3.DatabaseError as err:
+            raise StorageError(f"{self.path}: token store error: {err}") from None
 
     def clear(self) -> None:
         """Delete every stored token (one transaction per resource server)."""

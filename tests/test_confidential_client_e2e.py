@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import typing as t
+from pathlib import Path
 
 import pytest
 from conftest import Env, Result
@@ -34,7 +35,7 @@ def client(env: Env) -> Client:
 def configure(env: Env, client: Client, source: str, secret: str) -> str:
     """Point syncer at the client with the secret from ``source``; return what messages name."""
     if source == "client_secret_file":
-        (env.tmp / "client.secret").write_text(secret + "\n")
+        write_secret(env.tmp / "client.secret", secret)
         env.write_config(client_id=client.id, client_secret_file="client.secret")
         return str(env.tmp / "client.secret")
     env.write_config(client_id=client.id)
@@ -46,6 +47,12 @@ def configure(env: Env, client: Client, source: str, secret: str) -> str:
     (credentials / "client_secret").write_text(secret)
     env.vars["CREDENTIALS_DIRECTORY"] = str(credentials)
     return str(credentials / "client_secret")
+
+
+def write_secret(path: Path, secret: str, mode: int = 0o600) -> None:
+    """Put a secret in a file readable by its owner only (or with ``mode``)."""
+    path.write_text(secret + "\n")
+    path.chmod(mode)
 
 
 def assert_secret_nowhere(env: Env, secret: str, *results: Result) -> None:
@@ -133,3 +140,75 @@ def test_an_unreadable_secret_file_is_a_configuration_error(env: Env, client: Cl
         f"syncer: error: {env.tmp / 'missing.secret'} (key 'client_secret_file' in {env.config}):"
         " cannot read the client secret: No such file or directory"
     ]
+
+
+def rotate(env: Env, client: Client, secret: str) -> None:
+    """Globus Auth now knows the client by ``secret`` only (a rotation in the web app)."""
+    with env.world.lock:
+        env.world.clients[client.id] = secret
+
+
+def test_a_cached_token_serves_only_the_secret_it_was_issued_for(env: Env, client: Client) -> None:
+    secret_file = env.tmp / "client.secret"
+    named = configure(env, client, "client_secret_file", client.secret)
+    assert env.run("sync").returncode == 0
+    assert env.sim.stats["client_credentials_grants"] == 1
+
+    # a wrong secret put in place: refused now, although the cached token is still valid
+    wrong = "not-the-secret-" + client.secret[::-1]
+    write_secret(secret_file, wrong)
+    results = [env.run("sync"), env.run("login")]
+    for result in results:
+        assert result.returncode == 78, result.output
+        assert result.stderr.startswith(f"syncer: error: Globus Auth rejected the client secret from {named} (key")
+    assert env.sim.stats["client_credentials_grants_failed"] == 2
+
+    # a rotation: the new secret gets a new token, and it is cached for that secret
+    rotated = client.secret + "-rotated"
+    rotate(env, client, rotated)
+    write_secret(secret_file, rotated)
+    assert env.run("sync").returncode == 0
+    assert env.sim.stats["client_credentials_grants"] == 2
+    assert env.run("sync").returncode == 0
+    assert env.sim.stats["client_credentials_grants"] == 2  # cached, same secret
+
+    # the old secret, put back, is refused at once rather than served by the new token
+    write_secret(secret_file, client.secret)
+    old = env.run("sync")
+    assert old.returncode == 78 and named in old.stderr, old.output
+    assert env.sim.stats["client_credentials_grants_failed"] == 3
+
+    # the token store keeps a keyed digest, never the secret
+    stored = env.tokens.read_bytes()
+    for secret in (client.secret, wrong, rotated):
+        assert secret.encode() not in stored
+    assert_secret_nowhere(env, rotated, *results, old)
+
+
+def test_login_checks_the_secret_with_globus_every_time(env: Env, client: Client) -> None:
+    configure(env, client, "SYNCER_CLIENT_SECRET", client.secret)
+    for attempt in (1, 2, 3):
+        login = env.run("login")
+        assert login.returncode == 0 and "Client credentials work" in login.stdout, login.output
+        assert env.sim.stats["client_credentials_grants"] == attempt
+    # revoked at Globus meanwhile (the client's secret deleted there): the next login says so
+    rotate(env, client, client.secret + "-elsewhere")
+    login = env.run("login")
+    assert login.returncode == 78 and "SYNCER_CLIENT_SECRET" in login.stderr, login.output
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o644], ids=lambda mode: f"{mode:04o}")
+def test_a_secret_file_others_may_read_is_a_configuration_error(env: Env, client: Client, mode: int) -> None:
+    secret_file = env.tmp / "client.secret"
+    named = configure(env, client, "client_secret_file", client.secret)
+    write_secret(secret_file, client.secret, mode)
+    for command in ("sync", "login", "logout"):
+        result = env.run(command)
+        assert result.returncode == 78, (command, result.output)
+        assert result.stderr.splitlines() == [
+            f"syncer: error: {named} (key 'client_secret_file' in {env.config}): the client secret file may be"
+            f" read or written by group or others (mode {mode:04o}); run: chmod 600 {secret_file}"
+        ], command
+    assert env.sim.stats["client_credentials_grants"] == 0  # never sent anywhere
+    secret_file.chmod(0o600)
+    assert env.run("sync").returncode == 0

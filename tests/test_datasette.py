@@ -5,6 +5,8 @@ when Datasette is not installed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import json
 import shutil
 import socket
@@ -65,7 +67,114 @@ def test_every_user_facing_table_and_column_is_described_and_the_rest_hidden(ds:
         missing = [c for c in columns if not described[name]["columns"].get(c)]
         assert not missing, f"{name}: columns without a description: {missing}"
     assert shown | views >= USER_FACING  # every documented name is there, none hidden
-    assert {t["name"] for t in tables if t["hidden"]} >= {"_sqlite_migrations", "sqlite_sequence"}
+    # syncer's own tables are not even listed as hidden: they cannot be viewed at all
+    assert {t["name"] for t in tables} | views == USER_FACING
+
+
+def internal_names(history: Scenario) -> list[str]:
+    """Every table and view in the file that SPEC does not document."""
+    rows = history.env.query("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') ORDER BY name")
+    return [r["name"] for r in rows if r["name"] not in USER_FACING]
+
+
+def status_of(ds: t.Any, path: str) -> int:
+    return int(asyncio.run(ds.client.get(path)).status_code)
+
+
+def test_internal_tables_cannot_be_reached_by_url(ds: t.Any, history: Scenario) -> None:
+    internal = internal_names(history)
+    # the storage behind the views, the migrations, hook state, SQLite's own
+    assert {"_sqlite_migrations", "hook_deliveries", "membership_state", "sqlite_sequence"} <= set(internal)
+    for name in internal:
+        quoted = urllib.parse.quote(name)
+        for path in (f"/groups/{quoted}", f"/groups/{quoted}.json", f"/groups/{quoted}.csv",
+                     f"/groups/{quoted}/1.json", f"/groups/{quoted}.json?_shape=array&_size=max",
+                     f"/groups/{urllib.parse.quote(name.upper())}.json"):
+            assert status_of(ds, path) in (403, 404), path
+    assert status_of(ds, "/groups.db") in (403, 404)  # no download of the whole file
+    for name in USER_FACING:  # the documented ones stay open
+        assert status_of(ds, f"/groups/{name}.json") == 200, name
+
+
+def test_arbitrary_sql_is_off_unless_allowed(ds: t.Any, history: Scenario) -> None:
+    assert status_of(ds, "/groups.json?sql=select+1") == 403
+    assert status_of(ds, "/groups/sync_runs.json?_where=id>1") == 403
+    open_sql = make_datasette(history.env.database, allow_sql=True)
+    asyncio.run(open_sql.invoke_startup())
+
+    def ask(sql: str) -> t.Any:
+        return asyncio.run(open_sql.client.get(f"/groups.json?{urllib.parse.urlencode({'sql': sql})}"))
+
+    counted = ask("select count(*) from membership_history")
+    assert counted.status_code == 200 and counted.json()["rows"][0][0] > 0
+    # the documented views read the storage tables behind them; a visitor's SQL may not
+    for name in internal_names(history):
+        for sql in (f"select * from [{name}]", f"select rowid from [{name}]",
+                    f"select 1 from groups where exists (select * from [{name}])"):
+            refused = ask(sql)
+            assert refused.status_code == 400 and not refused.json()["rows"], sql
+            if sql.startswith("select *"):
+                assert f"access to {name}." in refused.json()["error"], sql
+    for name in internal_names(history):  # and the internal tables stay unreachable by URL
+        assert asyncio.run(open_sql.client.get(f"/groups/{urllib.parse.quote(name)}.json")).status_code in (403, 404)
+
+
+def error_of(ds: t.Any, name: str, **params: str) -> str:
+    """The error a canned query shows for these parameters (HTTP 400, never rows)."""
+    response = asyncio.run(ds.client.get(f"/groups/{name}.json?{urllib.parse.urlencode(params)}"))
+    body = response.json()
+    assert response.status_code == 400 and body["ok"] is False and not body["rows"], body
+    return str(body["error"])
+
+
+def as_of_run(ds: t.Any, history: Scenario, at: str) -> set[int]:
+    return {r["run_id"] for r in canned(ds, "members_as_of", group=history.a, at=at)}
+
+
+def test_members_as_of_takes_every_form_of_when_the_cli_takes(ds: t.Any, history: Scenario) -> None:
+    third = dt.datetime.fromisoformat(history.truths[3].started_at)
+    assert as_of_run(ds, history, history.truths[3].started_at) == {3}
+    assert as_of_run(ds, history, third.astimezone(dt.timezone(dt.timedelta(hours=5))).isoformat()) == {3}
+    assert as_of_run(ds, history, third.astimezone(dt.timezone(dt.timedelta(hours=-7))).isoformat()) == {3}
+    assert as_of_run(ds, history, "run:3") == {3}
+    assert as_of_run(ds, history, "run:4") == {4}  # the partial run answers for itself
+    assert as_of_run(ds, history, "0s") == {5}
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).date().isoformat()
+    assert as_of_run(ds, history, tomorrow) == {5}
+    assert as_of_run(ds, history, "") == {5}
+
+
+def test_a_bad_when_is_an_error_never_another_answer(ds: t.Any, history: Scenario) -> None:
+    second = dt.datetime.fromisoformat(history.truths[2].started_at)
+    before_first = (second - dt.timedelta(minutes=1)).astimezone(dt.timezone(dt.timedelta(hours=5))).isoformat()
+    for at, message in [
+        ("yesterday", "bad WHEN 'yesterday': not a date, date-time, span or run"),
+        ("7 days", "bad WHEN '7 days'"),
+        ("2026-06-01T09:30", "a date-time needs Z or an offset"),
+        ("2026-02-30", "bad WHEN '2026-02-30'"),
+        ("run:99", "there is no run 99 (runs 1-5)"),
+        ("run:1", "nothing recorded as of run:1: the first successful run (run 2) started"),
+        ("400d", "too long"),
+        ("300d", "nothing recorded as of 300d"),
+        (before_first, f"nothing recorded as of {before_first}"),
+        ("1999-01-01", "nothing recorded as of 1999-01-01"),
+    ]:
+        assert message in error_of(ds, "members_as_of", group=history.a, at=at), at
+    assert "bad WHEN 'last week'" in error_of(ds, "events_between", since="last week", until="")
+    assert "there is no run 42" in error_of(ds, "events_between", since="run:2", until="run:42")
+
+
+def test_an_ambiguous_or_unknown_group_is_an_error_listing_the_ids(ds: t.Any, history: Scenario) -> None:
+    for name in ("members_as_of", "group_sizes", "admins_and_managers"):
+        params = {"group": history.a_old_name, **({"at": ""} if name == "members_as_of" else {})}
+        error = error_of(ds, name, **params)
+        assert f"group name {history.a_old_name!r} is ambiguous: 2 groups have or had it" in error, name
+        assert history.a in error and history.d in error and "give the id" in error
+        unknown = error_of(ds, name, **{**params, "group": "No Such Group"})
+        assert "unknown group 'No Such Group'" in unknown
+    # each id still answers, and a unique old name finds its group
+    assert {r["group_id"] for r in canned(ds, "admins_and_managers", group=history.d)} == {history.d}
+    assert "unknown user 'nobody@example.org'" in error_of(ds, "identity_history", user="nobody@example.org")
 
 
 # ------------------------------------------------------------------- canned queries
@@ -128,6 +237,25 @@ def test_runs_and_failures(ds: t.Any) -> None:
     assert len(failed) == 1 and failed[0]["groups_failed"] == 1 and failed[0]["failed_groups"]
 
 
+def test_plain_datasette_with_the_config_copy_checks_parameters_too(history: Scenario) -> None:
+    """`datasette groups.db -m config/datasette-metadata.json` where syncer is installed:
+    the canned queries' magic parameters come with syncer's plugin (its entry point)."""
+
+    def get(path: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "datasette", "serve", str(history.env.database),
+             "-m", str(ROOT / "config" / "datasette-metadata.json"), "--get", path],
+            capture_output=True, text=True, timeout=120,
+        )
+
+    answer = get("/groups/members_as_of.json?" + urllib.parse.urlencode(
+        {"group": history.a, "at": "run:3", "_shape": "array"}))
+    assert answer.returncode == 0, answer.stderr
+    assert {r["identity_id"] for r in json.loads(answer.stdout)} == set(history.truths[3].members(history.a))
+    refused = get("/groups/members_as_of.json?" + urllib.parse.urlencode({"group": history.a, "at": "yesterday"}))
+    assert "bad WHEN 'yesterday'" in refused.stdout
+
+
 # ------------------------------------------------------------------- syncer serve
 
 
@@ -188,3 +316,65 @@ def test_members_as_of_page_in_headless_chromium(history: Scenario) -> None:
     for iid in history.truths[3].members(history.a):
         assert history.username(iid) in dom.stdout
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+@contextlib.contextmanager
+def serving(env: Env, *options: str) -> t.Iterator[str]:
+    """`syncer serve` on a free port with ``options``, until the block ends; yields its base URL."""
+    port = _free_port()
+    server = env.popen("serve", "--port", str(port), *options)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: server.poll() is not None or _up(f"{base}/-/versions.json"), what="syncer serve")
+        assert server.poll() is None, server.communicate()
+        yield base
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+def browse(url: str, shot: Path) -> str:
+    """The page at ``url`` as headless Chromium renders it (its DOM), with a screenshot."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={profile}", "--window-size=1400,1000"]
+        dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+        assert dom.returncode == 0, dom.stderr
+        subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return dom.stdout
+
+
+def test_serve_in_headless_chromium_shows_errors_and_hides_internal_tables(history: Scenario, tmp_path: Path) -> None:
+    env: Env = history.env
+    with serving(env) as base:
+        ambiguous = browse(f"{base}/groups/members_as_of?" + urllib.parse.urlencode(
+            {"group": history.a_old_name, "at": "run:3"}), tmp_path / "ambiguous.png")
+        bad_when = browse(f"{base}/groups/members_as_of?" + urllib.parse.urlencode(
+            {"group": history.a, "at": "yesterday"}), tmp_path / "bad-when.png")
+        index = browse(f"{base}/groups", tmp_path / "index.png")
+        internal = browse(f"{base}/groups/hook_deliveries", tmp_path / "internal.png")
+        no_sql = browse(f"{base}/groups?sql=select+*+from+sync_runs", tmp_path / "no-sql.png")
+    assert "is ambiguous: 2 groups have or had it" in ambiguous and history.a in ambiguous and history.d in ambiguous
+    assert "bad WHEN &#39;yesterday&#39;" in bad_when or "bad WHEN 'yesterday'" in bad_when
+    for page in (ambiguous, bad_when):  # an error instead of rows, never another question's answer
+        assert all(history.username(iid) not in page for iid in history.truths[5].members(history.a))
+    assert "membership_changes" in index and "Members of a group as of a date" in index
+    for name in internal_names(history):
+        assert f'/groups/{name}"' not in index, name
+    assert "Forbidden" in internal and "delivered_run" not in internal
+    assert "Forbidden" in no_sql
+
+    with serving(env, "--allow-sql") as base:
+        own_sql = browse(f"{base}/groups?" + urllib.parse.urlencode(
+            {"sql": "select status, count(*) as n from sync_runs group by status"}), tmp_path / "own-sql.png")
+        sneaky = browse(f"{base}/groups?" + urllib.parse.urlencode(
+            {"sql": "select * from hook_deliveries"}), tmp_path / "sneaky-sql.png")
+        still_hidden = browse(f"{base}/groups/hook_deliveries.json", tmp_path / "still-hidden.png")
+    assert "partial" in own_sql and "failed" in own_sql
+    assert "access to hook_deliveries." in sneaky and "is prohibited" in sneaky
+    assert "Forbidden" in still_hidden or "403" in still_hidden

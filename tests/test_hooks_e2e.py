@@ -6,6 +6,7 @@ script recording what it got) and a real HTTP server on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -226,8 +227,9 @@ def test_a_run_whose_bookkeeping_was_killed_is_sent_again_with_the_same_key(
         if proc.poll() is None:
             proc.kill()
         receiver.release()
-        if kind == "command":
-            os.killpg(int(Path(f"{once.out}.pid").read_text()), signal.SIGKILL)
+    if kind == "command":  # the hook died with the syncer that started it
+        wait_for(lambda: not alive(int(Path(f"{once.out}.pid").read_text())), timeout=60, what="the hook to end")
+        wait_for(lambda: not hooks_lock_held(env), timeout=60, what="its keeper to let go of the hooks lock")
     assert env.query("SELECT status FROM sync_runs WHERE id = 2")[0][0] == "ok"  # the run itself was committed
 
     second = churn(world, 2)
@@ -375,3 +377,71 @@ def test_a_hook_that_cannot_start_or_answers_an_error_is_retried(logged_in: Env,
     sync(env)
     assert [p.json()["run_id"] for p in receiver.posts()] == [2, 2]
     assert "missing: 1 run(s) undelivered" in env.run("status").stdout
+
+
+def hooks_lock_held(env: Env) -> bool:
+    """Whether some process (a hook's keeper, say) still holds the database's hooks lock."""
+    from syncer.lock import is_held
+
+    return is_held(env.database.with_name("groups.db.hooks.lock"))
+
+
+# A slow hook for the kill -9 test: logs "start N" and "end N" around each call. Its
+# first call of run 2 leaves two processes behind it (one in a session of its own, one
+# orphaned at once), notes every pid, and then blocks on a FIFO that nobody opens.
+SLOW_HOOK = """#!/bin/sh
+log=$1; fifo=$2
+echo "start $SYNCER_RUN_ID" >> "$log"
+cat > /dev/null
+if [ "$SYNCER_RUN_ID" = 2 ] && [ ! -e "$fifo.taken" ]; then
+    : > "$fifo.taken"
+    setsid sleep 1000 &
+    own_session=$!
+    sh -c 'sleep 1001 & echo $! > "$0.orphan"' "$fifo"
+    echo "$$ $PPID $own_session $(cat "$fifo.orphan")" > "$fifo.pids.tmp"
+    mv "$fifo.pids.tmp" "$fifo.pids"
+    cat "$fifo" > /dev/null
+fi
+echo "end $SYNCER_RUN_ID" >> "$log"
+"""
+
+
+@pytest.mark.parametrize("command", ["run", "sync"])
+def test_a_hook_dies_with_a_killed_syncer_and_later_runs_arrive_in_order(logged_in: Env, command: str) -> None:
+    env, world = logged_in, logged_in.world
+    script, log, fifo = env.tmp / "slow-hook.sh", env.tmp / "slow-hook.log", env.tmp / "hold.fifo"
+    script.write_text(SLOW_HOOK)
+    script.chmod(0o755)
+    os.mkfifo(fifo)
+    configure(env, {"name": "slow", "command": [str(script), str(log), str(fifo)], "timeout": "10m"})
+    sync(env)  # run 1: observations only, nothing for this hook
+    churn(world, 2)
+    pids_file = Path(f"{fifo}.pids")
+    syncer = env.popen(*(["run", "--interval", "1h"] if command == "run" else ["sync"]))
+    pids: list[int] = []
+    try:
+        wait_for(lambda: pids_file.exists() or syncer.poll() is not None, timeout=120, what="the hook to start")
+        assert syncer.poll() is None, syncer.communicate()
+        pids = [int(pid) for pid in pids_file.read_text().split()]  # hook, its keeper, session leader, orphan
+        syncer.send_signal(signal.SIGKILL)
+        syncer.communicate(timeout=30)
+        # every process of the call ends with syncer, and the keeper lets go of the hooks lock
+        wait_for(lambda: not any(alive(pid) for pid in pids), timeout=60, what="the hook's processes to end")
+        wait_for(lambda: not hooks_lock_held(env), timeout=60, what="the hooks lock to be free")
+    finally:
+        if syncer.poll() is None:
+            syncer.kill()
+            syncer.communicate()
+        for pid in pids:  # only if the test failed: leave nothing running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert log.read_text().splitlines() == ["start 2"]
+
+    for run_id in (3, 4):
+        churn(world, run_id)
+        sync(env)
+    # run 2 again first (it was never delivered), then 3 and 4: one call at a time, in run order
+    assert log.read_text().splitlines() == [
+        "start 2", "start 2", "end 2", "start 3", "end 3", "start 4", "end 4"
+    ]
+    assert env.run("status").returncode == 0
