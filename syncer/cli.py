@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import sqlite3
 import sys
@@ -40,7 +41,26 @@ class _Settings(t.NamedTuple):
 
 
 class SyncerGroup(click.Group):
-    """Turns SyncerError into one line and its exit code; anything else too, but as a bug."""
+    """Turns SyncerError into one line and its exit code; anything else too, but as a bug.
+
+    Usage errors too: click's own (an unknown option, a missing argument, a value not
+    among the choices) are one ``syncer: error:`` line with exit 2, as ours are, not
+    click's three-line block.
+    """
+
+    def main(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        standalone = kwargs.pop("standalone_mode", True)
+        if not standalone:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as err:
+            click.echo(f"syncer: error: {_usage_message(err)}", err=True)
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:  # end of input or ^C while click prompted
+            click.echo("syncer: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
 
     def invoke(self, ctx: click.Context) -> t.Any:
         try:
@@ -58,6 +78,15 @@ class SyncerGroup(click.Group):
             reason = f"{type(err).__name__}: {_one_line(str(err))}"
             click.echo(f"syncer: internal error: {reason} (run with -vv for details)", err=True)
             ctx.exit(EXIT_FAILED)
+
+
+def _usage_message(err: click.ClickException) -> str:
+    """A click error as one line, naming where to read the usage."""
+    message = _one_line(err.format_message())
+    ctx = getattr(err, "ctx", None)
+    if isinstance(err, click.UsageError) and ctx is not None:
+        message += f" (see `{ctx.command_path} --help`)"
+    return message
 
 
 def _one_line(message: str) -> str:
@@ -232,6 +261,7 @@ def replay(ctx: click.Context, name: str, since: str) -> None:
     """Send hook NAME the runs since WHEN again (or for the first time: a hook starts with the run after it was added)."""
     from syncer.hooks import find_hook
     from syncer.hooks import replay as replay_hook
+    from syncer.queries import check_period
     from syncer.when import parse_when
 
     config = ctx.obj.config()
@@ -239,7 +269,10 @@ def replay(ctx: click.Context, name: str, since: str) -> None:
     if hook is None:
         known = ", ".join(h.name for h in config.hooks) or "none configured"
         raise _BadValue(f"no hook named {name!r} (hooks: {known})")
-    first, deliveries = replay_hook(config, hook, parse_when(since))
+    when = parse_when(since)
+    with _reading(ctx.obj) as db:  # a run:N that does not exist is a usage error, as in the query commands
+        check_period(db, when, None)
+    first, deliveries = replay_hook(config, hook, when)
     if first is None:
         click.echo(f"no run since {since}: nothing to replay")
         return
@@ -340,17 +373,23 @@ def _format_option(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
 
 
 def _existing_database(settings: _Settings) -> Config:
+    from syncer.errors import StorageError, os_problem
     from syncer.queries import NotFound
 
     config = settings.config()
     if not config.database.exists():
+        problem = os_problem(config.database, FileNotFoundError(2, "no such file"))
+        if "not a folder" in problem:  # `database` under a path that is a file
+            raise StorageError(f"{config.database}: cannot open database: {problem}")
         raise NotFound(f"no database at {config.database} yet; run `syncer sync` first")
     return config
 
 
 @contextlib.contextmanager
 def _reading(settings: _Settings) -> t.Iterator[t.Any]:
-    """The output database, open read-only; a missing or pre-history-rework schema is one line, exit 1."""
+    """The output database, open read-only. Whatever the file holds, a failure is one
+    line (exit 1): not SQLite, SQLite but not syncer's, syncer's before this release's
+    views, damaged."""
     from syncer.errors import StorageError
     from syncer.queries import missing_interface
     from syncer.schema import connect
@@ -358,17 +397,23 @@ def _reading(settings: _Settings) -> t.Iterator[t.Any]:
     config = _existing_database(settings)
     path = config.database
     db = connect(path, readonly=True, busy_timeout=config.busy_timeout)
-    # a command reads much of a large file once: mapped pages are not copied into
-    # SQLite's cache one read() at a time (`groups` at 1M memberships: half the CPU)
-    db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
     try:
+        # a command reads much of a large file once: mapped pages are not copied into
+        # SQLite's cache one read() at a time (`groups` at 1M memberships: half the CPU)
+        db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sync_runs'").fetchall():
+            raise StorageError(
+                f"{path}: not a syncer database (an SQLite file without syncer's tables); check `database` in the configuration"
+            )
         yield db
     except sqlite3.OperationalError as err:
         if missing_interface(err):
             raise StorageError(
                 f"{path}: no snapshot in this release's format yet ({err}); run `syncer sync` to create or upgrade it"
             ) from None
-        raise StorageError(f"{path}: {err}") from None
+        raise StorageError(f"{path}: cannot read database: {err}") from None
+    except sqlite3.Error as err:  # damaged: "database disk image is malformed", "file is not a database"
+        raise StorageError(f"{path}: cannot read database: {err}") from None
     finally:
         db.close()
 
@@ -377,13 +422,24 @@ def _note(text: str) -> None:
     click.echo(f"syncer: note: {text}", err=True)
 
 
-def _emit(rows: t.Sequence[t.Sequence[t.Any]], fields: t.Sequence[str], fmt: str, nothing: str) -> None:
-    from syncer.output import render
+def _emit(
+    rows: t.Sequence[t.Sequence[t.Any]], fields: t.Sequence[str], fmt: str, nothing: str, layout: t.Any = None,
+) -> None:
+    """The rows on stdout: a table (fitted to a terminal, full to a pipe or a file, its
+    notes on stderr) or a machine format, written as bytes, exactly."""
+    from syncer.output import render, table, write_stdout
 
-    if not rows and fmt == "table":
+    if fmt != "table":
+        write_stdout(render(rows, fields, fmt))
+        return
+    if not rows:
         _note(nothing)
         return
-    click.echo(render(rows, fields, fmt), nl=False)
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    shown = table(rows, fields, width, layout)
+    write_stdout(shown.text)
+    for note in shown.notes:
+        _note(note)
 
 
 def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str, every_status: bool = False) -> None:
@@ -437,9 +493,12 @@ def changes_command(
 ) -> None:
     """Membership events in a period (default: the last 7 days), oldest first."""
     from syncer import queries
+    from syncer.output import CHANGES_LAYOUT
     from syncer.when import When, parse_when
 
     with _reading(settings) as db:
+        queries.check_period(db, since, until)  # a bad period is a usage error before anything else
+        queries.latest_run(db)  # no successful run yet: nothing to answer from (exit 1)
         found = queries.resolve_group(db, group) if group is not None else None
         people = queries.resolve_user(db, user) if user is not None else ()
         runs = queries.run_span(db, since or parse_when("7d"), until)
@@ -451,7 +510,7 @@ def changes_command(
             with contextlib.suppress(queries.NotFound):
                 last = queries.as_of(db, When(until.text, run_id=runs[1]) if until else None)
                 _visibility_note(db, found, last, "changes of other members are not known")
-    _emit(rows, queries.CHANGE_FIELDS, fmt, "no changes in that period")
+    _emit(rows, queries.CHANGE_FIELDS, fmt, "no changes in that period", CHANGES_LAYOUT)
 
 
 @cli.command("groups")
@@ -482,6 +541,7 @@ def identity_command(settings: _Settings, user: str, fmt: str) -> None:
     from syncer import queries
 
     with _reading(settings) as db:
+        queries.latest_run(db)
         people = queries.resolve_user(db, user)
         rows = queries.identity_history(db, people)
         hidden = queries.hidden_groups(db)

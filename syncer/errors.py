@@ -6,6 +6,8 @@ else escaping a command is a bug.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # Exit codes (see README "Exit codes"); values follow sysexits.h where one fits.
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,3 +49,14 @@ class StorageError(SyncerError):
     """The database or token store cannot be opened or written."""
 
     exit_code = EXIT_FAILED
+
+
+def os_problem(path: Path, err: OSError) -> str:
+    """Why ``path`` could not be made or opened, in words: "File exists" from mkdir
+    means a file stands where a folder is needed, which the message then names."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if folder != path and not folder.is_dir():
+                return f"{folder} is a file, not a folder"
+            break
+    return err.strerror or str(err)
