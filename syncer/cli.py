@@ -468,7 +468,7 @@ def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str, every_statu
 @click.pass_obj
 def members_command(settings: _Settings, group: str, at: t.Any, every_status: bool, fmt: str) -> None:
     """A group's members now or as of WHEN. GROUP: its id or any name it has had."""
-    from syncer import queries
+    from syncer import output, queries
 
     with _reading(settings) as db:
         run = queries.as_of(db, at)
@@ -477,7 +477,7 @@ def members_command(settings: _Settings, group: str, at: t.Any, every_status: bo
         if at is not None and fmt == "table":
             _note(f"as of run {run.id} ({run.status}, started {run.started_at})")
         _visibility_note(db, found, run, "only your own membership is recorded", every_status)
-    _emit(rows, queries.MEMBER_FIELDS, fmt, "no members")
+    _emit(rows, queries.MEMBER_FIELDS, fmt, "no members", output.MEMBERS_LAYOUT)
 
 
 @cli.command("changes")
@@ -492,8 +492,7 @@ def changes_command(
     settings: _Settings, since: t.Any, until: t.Any, group: str | None, user: str | None, observations: bool, fmt: str,
 ) -> None:
     """Membership events in a period (default: the last 7 days), oldest first."""
-    from syncer import queries
-    from syncer.output import CHANGES_LAYOUT
+    from syncer import output, queries
     from syncer.when import When, parse_when
 
     with _reading(settings) as db:
@@ -510,7 +509,7 @@ def changes_command(
             with contextlib.suppress(queries.NotFound):
                 last = queries.as_of(db, When(until.text, run_id=runs[1]) if until else None)
                 _visibility_note(db, found, last, "changes of other members are not known")
-    _emit(rows, queries.CHANGE_FIELDS, fmt, "no changes in that period", CHANGES_LAYOUT)
+    _emit(rows, queries.CHANGE_FIELDS, fmt, "no changes in that period", output.CHANGES_LAYOUT)
 
 
 @cli.command("groups")
@@ -519,7 +518,7 @@ def changes_command(
 @click.pass_obj
 def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
     """Your groups now or as of WHEN: role, status, whether you see the members, active members."""
-    from syncer import queries
+    from syncer import output, queries
 
     with _reading(settings) as db:
         run = queries.as_of(db, at)
@@ -529,7 +528,7 @@ def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
     hidden = sum(1 for row in rows if not row.members_visible)
     if hidden and fmt == "table":
         _note(f"{hidden} of these groups do not show your identity their members: their active_members is empty")
-    _emit(rows, queries.GROUP_FIELDS, fmt, "no groups")
+    _emit(rows, queries.GROUP_FIELDS, fmt, "no groups", output.GROUPS_LAYOUT)
 
 
 @cli.command("identity")
@@ -538,7 +537,7 @@ def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
 @click.pass_obj
 def identity_command(settings: _Settings, user: str, fmt: str) -> None:
     """One person's memberships over time. USER: a username or an identity id."""
-    from syncer import queries
+    from syncer import output, queries
 
     with _reading(settings) as db:
         queries.latest_run(db)
@@ -547,7 +546,7 @@ def identity_command(settings: _Settings, user: str, fmt: str) -> None:
         hidden = queries.hidden_groups(db)
     if hidden:
         _note(f"{hidden} of your groups do not show your identity their members: {user}'s memberships there are not known")
-    _emit(rows, queries.IDENTITY_FIELDS, fmt, "no memberships")
+    _emit(rows, queries.IDENTITY_FIELDS, fmt, "no memberships", output.IDENTITY_LAYOUT)
 
 
 @cli.command()

@@ -42,6 +42,8 @@ KINDS: dict[str, str] = {
 # roomy (a name still reads), then tight
 ROOMY_FLOORS = {ID: 8, NAME: 24, TIME: 16, USER: 20, REASON: 10}
 FLOORS = {ID: 8, NAME: 14, TIME: 16, USER: 12, REASON: 10}
+NARROW_FLOORS = {ID: 4, NAME: 8, TIME: 10, USER: 8, REASON: 6}
+NARROW_ORDER = (TIME, ID, NAME, USER, REASON)
 _LAST_RESORT_WIDTH = 3
 _TIME_LENGTHS = (19, 16, 10)  # a time to the second, to the minute, the date
 
@@ -208,7 +210,10 @@ def fit_table(columns: list[_Column], width: int, layout: Layout) -> Table:
         if fitted:
             break
     else:
-        _cut_alike(columns, width)
+        # narrow: times down to their date first (the date still reads), then the rest
+        # below their headers' width, and only then everything alike
+        if not _shrink(columns, width, NARROW_FLOORS, NARROW_ORDER, headers=False):
+            _cut_alike(columns, width)
     shown = {source for c in columns for source in c.sources} | set(constants)
     notes = [f"left out to fit {width} columns: {', '.join(f for f in fields if f not in shown)}"] if shown < set(fields) else []
     notes += [f"column {c.name!r} shows {', '.join(c.sources)}" for c in columns if len(c.sources) > 1]
@@ -217,17 +222,20 @@ def fit_table(columns: list[_Column], width: int, layout: Layout) -> Table:
     return Table(_heading(constants, width) + _lines(columns, width), tuple(notes))
 
 
-def _shrink(columns: list[_Column], width: int, floors: dict[str, int]) -> bool:
+def _shrink(
+    columns: list[_Column], width: int, floors: dict[str, int], order: tuple[str, ...] = SHRINK_ORDER, headers: bool = True,
+) -> bool:
     """Set the columns' widths to fit ``width``, shortening kind after kind, each to its
-    floor; False (widths at their floors) when they cannot."""
+    floor (and not below its header's width if ``headers``); False (widths at their
+    floors) when they cannot."""
     room = width - len(GAP) * (len(columns) - 1)
     for column in columns:
         column.width = column.natural
-    for kind in SHRINK_ORDER:
+    for kind in order:
         if sum(c.width for c in columns) <= room:
             return True
         of_kind = [c for c in columns if c.kind == kind]
-        floor = {id(c): max(len(c.name), floors[kind]) for c in of_kind}
+        floor = {id(c): max(len(c.name) if headers else 0, floors[kind]) for c in of_kind}
         while of_kind and sum(c.width for c in columns) > room:
             widest = max(of_kind, key=lambda c: c.width - floor[id(c)])
             if widest.width <= floor[id(widest)]:
@@ -343,3 +351,23 @@ CHANGES_LAYOUT = Layout((
     Merge("status", ("old_status", "new_status"), arrow),
     Merge("what", ("change", "reason", "old_role", "new_role", "old_status", "new_status"), describe_change),
 ))
+
+
+def role_status(values: t.Sequence[str]) -> str:
+    """A role and a status as one: ``member``, or ``member, invited`` when not active."""
+    role, status = values
+    return role if status in ("active", "") else f"{role}, {status}"
+
+
+def visible_count(values: t.Sequence[str]) -> str:
+    """``members_visible`` and ``active_members`` as one: the count, or ``hidden``."""
+    visible, count = values
+    return count if visible == "1" else "hidden"
+
+
+MEMBERS_LAYOUT = Layout((Merge("role", ("role", "status"), role_status),))
+GROUPS_LAYOUT = Layout((
+    Merge("members", ("members_visible", "active_members"), visible_count),
+    Merge("my_role", ("my_role", "my_status"), role_status),
+))
+IDENTITY_LAYOUT = Layout((Merge("role", ("role", "status"), role_status),))
