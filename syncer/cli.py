@@ -496,11 +496,12 @@ def changes_command(
     from syncer.when import When, parse_when
 
     with _reading(settings) as db:
+        since = since or parse_when("7d")._replace(text="7d, the default")
         queries.check_period(db, since, until)  # a bad period is a usage error before anything else
         queries.latest_run(db)  # no successful run yet: nothing to answer from (exit 1)
         found = queries.resolve_group(db, group) if group is not None else None
         people = queries.resolve_user(db, user) if user is not None else ()
-        runs = queries.run_span(db, since or parse_when("7d"), until)
+        runs = queries.run_span(db, since, until)
         rows = queries.changes(
             db, runs, group_id=found and found.id, identity_ids=people, observations=observations
         ) if runs else []
