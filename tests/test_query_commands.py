@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Env, Result, record
-from helpers import admin_groups, has_running_run, wait_for
+from helpers import admin_groups, has_running_run, others, wait_for
 from history_scenario import LONG_NAME, Scenario, expected_changes, versions
 from terminal import run_in_terminal
 
@@ -527,3 +528,39 @@ def test_queries_answer_while_a_sync_holds_the_lock(logged_in: Env) -> None:
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out + err
     assert newcomer in env.run("members", gid, "--format", "json").stdout
+
+
+# ------------------------------------------------------------------- reasons, as auditors read them
+
+
+def test_an_invitation_is_joined_with_status_invited_and_an_admins_removal_is_left(logged_in: Env) -> None:
+    """In a group whose members the identity manages (members_view 'all') an invitation
+    is `joined` with status `invited`; in one where it sees the active members only
+    (members_view 'active') an admin's removal (status `removed`) is `left`, which is
+    also how `identity` ends that membership."""
+    env, world = logged_in, logged_in.world
+    managed, watched = admin_groups(world)[:2]
+    world.set_policy(watched, members_visibility="members")
+    world.set_role(watched, world.me, "member")
+    assert env.run("sync").returncode == 0
+    invitee = world.add_member(managed, status="invited")
+    removed = next(i for i in others(world, watched) if world.groups[watched]["memberships"][i].status == "active")
+    world.set_status(watched, removed, "removed")
+    assert env.run("sync").returncode == 0
+
+    result = env.run("changes", "--since", "run:2", "--format", "json")
+    assert result.returncode == 0, result.output
+    rows = {(r["group_id"], r["identity_id"]): r for r in json.loads(result.stdout)}
+    invited = rows[(managed, invitee)]
+    assert (invited["change"], invited["reason"], invited["new_status"]) == ("added", "joined", "invited")
+    gone = rows[(watched, removed)]
+    assert (gone["change"], gone["reason"], gone["old_status"], gone["new_status"]) == ("removed", "left", "active", None)
+    history = json.loads(env.run("identity", removed, "--format", "json").stdout)
+    assert [(r["status"], r["began"], r["ended"]) for r in history if r["group_id"] == watched] == [
+        ("active", "first_seen", "left")]
+    # and a person reads it so in the table at 80 columns
+    table = run_in_terminal(env.vars, env.tmp, ("changes", "--since", "run:2"), 80).stdout.splitlines()
+    line_of = {iid: next(line for line in table if world.identities[iid]["username"][:15] in line)
+               for iid in (invitee, removed)}
+    assert re.search(r"\badded +joined .*\binvited\b", line_of[invitee]), table
+    assert re.search(r"\bremoved +left\b", line_of[removed]), table
