@@ -373,14 +373,13 @@ def _format_option(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
 
 
 def _existing_database(settings: _Settings) -> Config:
-    from syncer.errors import StorageError, os_problem
+    from syncer.errors import StorageError, file_in_the_way
     from syncer.queries import NotFound
 
     config = settings.config()
     if not config.database.exists():
-        problem = os_problem(config.database, FileNotFoundError(2, "no such file"))
-        if "not a folder" in problem:  # `database` under a path that is a file
-            raise StorageError(f"{config.database}: cannot open database: {problem}")
+        if blocker := file_in_the_way(config.database):
+            raise StorageError(f"{config.database}: cannot open database: {blocker} is a file, not a folder")
         raise NotFound(f"no database at {config.database} yet; run `syncer sync` first")
     return config
 

@@ -51,12 +51,16 @@ class StorageError(SyncerError):
     exit_code = EXIT_FAILED
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that stands where one of ``path``'s folders should be, if any."""
+    for folder in path.parents:
+        if folder.exists():
+            return None if folder.is_dir() else folder
+    return None
+
+
 def os_problem(path: Path, err: OSError) -> str:
     """Why ``path`` could not be made or opened, in words: "File exists" from mkdir
     means a file stands where a folder is needed, which the message then names."""
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if folder != path and not folder.is_dir():
-                return f"{folder} is a file, not a folder"
-            break
-    return err.strerror or str(err)
+    blocker = file_in_the_way(path)
+    return f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
