@@ -84,7 +84,9 @@ def _usage_message(err: click.ClickException) -> str:
     """A click error as one line, naming where to read the usage."""
     message = _one_line(err.format_message())
     ctx = getattr(err, "ctx", None)
-    if isinstance(err, click.UsageError) and ctx is not None:
+    # a bad value names its option already; an unknown option or a missing one needs the usage
+    names_the_option = isinstance(err, click.BadParameter) and not isinstance(err, click.MissingParameter)
+    if isinstance(err, click.UsageError) and ctx is not None and not names_the_option:
         message += f" (see `{ctx.command_path} --help`)"
     return message
 
