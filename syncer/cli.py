@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sqlite3
@@ -71,6 +72,12 @@ class SyncerGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("syncer: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # the reader went away (`syncer changes | head`): nothing to say, and stdout
+            # pointed at /dev/null so that flushing it at exit does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(EXIT_FAILED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as err:  # last resort: one line, not a traceback

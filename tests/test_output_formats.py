@@ -247,3 +247,19 @@ def test_a_table_into_a_pipe_cuts_nothing_whatever_columns_says(history: Scenari
     for row, line in zip(rows, lines[1:], strict=True):  # `| grep someone` finds whole rows
         assert line.split()[:3] == [row["at"], str(row["run_id"]), row["group_id"]]
         assert row["group_name"] in line and row["identity_id"] in line and row["username"] in line
+
+
+def test_a_reader_that_goes_away_is_no_error(history: Scenario) -> None:
+    """`syncer changes | head -1`: once the reader has closed the pipe, syncer stops quietly."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        for fmt in ("table", "csv", "json"):
+            proc = subprocess.run([sys.executable, "-m", "syncer", "changes", "--all", "--format", fmt],
+                                  env=history.env.vars, cwd=history.env.tmp, stdout=write_end, stderr=subprocess.PIPE,
+                                  text=True, timeout=120)
+            assert (proc.returncode, proc.stderr) == (1, ""), fmt
+    finally:
+        os.close(write_end)
