@@ -453,6 +453,8 @@ def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TI
     SQLite file: a missing folder that cannot be made, a file of another kind, no
     permission.
     """
+    if path.is_dir():  # SQLite would say only "disk I/O error"
+        raise StorageError(f"{path}: cannot open database: it is a folder, not a file")
     try:
         if readonly:
             conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=busy_timeout)

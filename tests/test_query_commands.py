@@ -288,6 +288,9 @@ def test_empty_results_exit_0(history: Scenario) -> None:
         (("changes", "--since", "run:5", "--until", "2000-01-01"), 2, "--until is before --since"),
         (("changes", "--since", "2999-01-01", "--until", "run:2"), 2, "--until is before --since"),
         (("changes", "--until", "run:77"), 2, "there is no run 77"),
+        (("members", "x", "--at", "run:77"), 2, "there is no run 77 (runs 1-5)"),
+        (("groups", "--at", "run:77"), 2, "there is no run 77 (runs 1-5)"),
+        (("members", "x\x1b[2J"), 1, "unknown group 'x\\x1b[2J'"),  # what was typed, shown escaped
     ],
 )
 def test_errors_are_one_line_with_the_documented_code(history: Scenario, args: tuple[str, ...], code: int, says: str) -> None:
@@ -445,6 +448,14 @@ def test_a_file_that_is_not_a_syncer_database_is_one_clear_line(env: Env, make: 
         assert result.stderr.startswith(f"syncer: error: {env.database}: ") and says in result.stderr, args
         assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr
     assert env.database.read_bytes() == before  # reading changed nothing
+
+
+def test_a_folder_where_the_database_is_expected_is_named(env: Env) -> None:
+    env.database.mkdir()
+    for args in QUERY_COMMANDS:
+        result = env.run(*args)
+        assert result.returncode == 1, (args, result.output)
+        assert result.stderr == f"syncer: error: {env.database}: cannot open database: it is a folder, not a file\n"
 
 
 def test_a_file_where_a_folder_is_expected_is_named(env: Env) -> None:
