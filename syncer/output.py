@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
+import re
 import sys
 import typing as t
 
@@ -62,12 +64,15 @@ def _escape_map() -> dict[int, str]:
 
 
 _ESCAPES = _escape_map()
+_CONTROLS = re.compile("[" + "".join(re.escape(chr(code)) for code in _ESCAPES) + "]")
 
 
 def escape_controls(text: str, keep: str = "") -> str:
     """``text`` with every control character (C0 but those in ``keep``, DEL, C1, line
     and paragraph separators, bidi controls) written visibly as ``\\xNN``, ``\\uNNNN``,
     ``\\t``, ``\\n`` or ``\\r``: safe to show on a terminal."""
+    if not _CONTROLS.search(text):  # the usual case, and much cheaper than translate()
+        return text
     if keep:
         return text.translate({code: esc for code, esc in _ESCAPES.items() if chr(code) not in keep})
     return text.translate(_ESCAPES)
@@ -114,8 +119,9 @@ class _Column:
         if not self.originals:
             self.originals = {self.sources[0]: self.cells}
 
-    @property
+    @functools.cached_property
     def natural(self) -> int:
+        """The width that shows every cell and the header in full (asked for often: kept)."""
         return max([len(self.name), *(len(c) for c in self.cells)])
 
 
@@ -292,13 +298,14 @@ def _cell(value: t.Any) -> str:
 
 
 def _lines(columns: list[_Column], width: int | None = None) -> str:
-    header = [c.name for c in columns]
-    rows = zip(*(c.cells for c in columns), strict=True) if columns else iter(())
-    out = []
-    for line in (header, *rows):
-        text = GAP.join(_fit_cell(v, c) for v, c in zip(line, columns, strict=True)).rstrip()
-        out.append((_clip(text, width) if width is not None else text) + "\n")
-    return "".join(out)
+    # column by column: most columns fit whole, and padding a list is cheap
+    padded = [
+        [(v.ljust(c.width) if c.natural <= c.width else _fit_cell(v, c)) for v in (c.name, *c.cells)] for c in columns
+    ]
+    lines = (GAP.join(cells).rstrip() for cells in zip(*padded, strict=True))
+    if width is not None:
+        lines = (_clip(line, width) for line in lines)
+    return "".join(line + "\n" for line in lines)
 
 
 def _fit_cell(text: str, column: _Column) -> str:
