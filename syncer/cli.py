@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -40,7 +42,26 @@ class _Settings(t.NamedTuple):
 
 
 class SyncerGroup(click.Group):
-    """Turns SyncerError into one line and its exit code; anything else too, but as a bug."""
+    """Turns SyncerError into one line and its exit code; anything else too, but as a bug.
+
+    Usage errors too: click's own (an unknown option, a missing argument, a value not
+    among the choices) are one ``syncer: error:`` line with exit 2, as ours are, not
+    click's three-line block.
+    """
+
+    def main(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        standalone = kwargs.pop("standalone_mode", True)
+        if not standalone:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as err:
+            click.echo(f"syncer: error: {_usage_message(err)}", err=True)
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:  # end of input or ^C while click prompted
+            click.echo("syncer: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
 
     def invoke(self, ctx: click.Context) -> t.Any:
         try:
@@ -51,6 +72,12 @@ class SyncerGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("syncer: interrupted", err=True)
             ctx.exit(130)
+        except BrokenPipeError:
+            # the reader went away (`syncer changes | head`): nothing to say, and stdout
+            # pointed at /dev/null so that flushing it at exit does not fail again
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(EXIT_FAILED)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
         except Exception as err:  # last resort: one line, not a traceback
@@ -58,6 +85,17 @@ class SyncerGroup(click.Group):
             reason = f"{type(err).__name__}: {_one_line(str(err))}"
             click.echo(f"syncer: internal error: {reason} (run with -vv for details)", err=True)
             ctx.exit(EXIT_FAILED)
+
+
+def _usage_message(err: click.ClickException) -> str:
+    """A click error as one line, naming where to read the usage."""
+    message = _one_line(err.format_message())
+    ctx = getattr(err, "ctx", None)
+    # a bad value names its option already; an unknown option or a missing one needs the usage
+    names_the_option = isinstance(err, click.BadParameter) and not isinstance(err, click.MissingParameter)
+    if isinstance(err, click.UsageError) and ctx is not None and not names_the_option:
+        message += f" (see `{ctx.command_path} --help`)"
+    return message
 
 
 def _one_line(message: str) -> str:
@@ -232,6 +270,7 @@ def replay(ctx: click.Context, name: str, since: str) -> None:
     """Send hook NAME the runs since WHEN again (or for the first time: a hook starts with the run after it was added)."""
     from syncer.hooks import find_hook
     from syncer.hooks import replay as replay_hook
+    from syncer.queries import check_period
     from syncer.when import parse_when
 
     config = ctx.obj.config()
@@ -239,7 +278,10 @@ def replay(ctx: click.Context, name: str, since: str) -> None:
     if hook is None:
         known = ", ".join(h.name for h in config.hooks) or "none configured"
         raise _BadValue(f"no hook named {name!r} (hooks: {known})")
-    first, deliveries = replay_hook(config, hook, parse_when(since))
+    when = parse_when(since)
+    with _reading(ctx.obj) as db:  # a run:N that does not exist is a usage error, as in the query commands
+        check_period(db, when, None)
+    first, deliveries = replay_hook(config, hook, when)
     if first is None:
         click.echo(f"no run since {since}: nothing to replay")
         return
@@ -347,17 +389,22 @@ def _format_option(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
 
 
 def _existing_database(settings: _Settings) -> Config:
+    from syncer.errors import StorageError, file_in_the_way
     from syncer.queries import NotFound
 
     config = settings.config()
     if not config.database.exists():
+        if blocker := file_in_the_way(config.database):
+            raise StorageError(f"{config.database}: cannot open database: {blocker} is a file, not a folder")
         raise NotFound(f"no database at {config.database} yet; run `syncer sync` first")
     return config
 
 
 @contextlib.contextmanager
 def _reading(settings: _Settings) -> t.Iterator[t.Any]:
-    """The output database, open read-only; a missing or pre-history-rework schema is one line, exit 1."""
+    """The output database, open read-only. Whatever the file holds, a failure is one
+    line (exit 1): not SQLite, SQLite but not syncer's, syncer's before this release's
+    views, damaged."""
     from syncer.errors import StorageError
     from syncer.queries import missing_interface
     from syncer.schema import connect
@@ -365,17 +412,23 @@ def _reading(settings: _Settings) -> t.Iterator[t.Any]:
     config = _existing_database(settings)
     path = config.database
     db = connect(path, readonly=True, busy_timeout=config.busy_timeout)
-    # a command reads much of a large file once: mapped pages are not copied into
-    # SQLite's cache one read() at a time (`groups` at 1M memberships: half the CPU)
-    db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
     try:
+        # a command reads much of a large file once: mapped pages are not copied into
+        # SQLite's cache one read() at a time (`groups` at 1M memberships: half the CPU)
+        db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sync_runs'").fetchall():
+            raise StorageError(
+                f"{path}: not a syncer database (an SQLite file without syncer's tables); check `database` in the configuration"
+            )
         yield db
     except sqlite3.OperationalError as err:
         if missing_interface(err):
             raise StorageError(
                 f"{path}: no snapshot in this release's format yet ({err}); run `syncer sync` to create or upgrade it"
             ) from None
-        raise StorageError(f"{path}: {err}") from None
+        raise StorageError(f"{path}: cannot read database: {err}") from None
+    except sqlite3.Error as err:  # damaged: "database disk image is malformed", "file is not a database"
+        raise StorageError(f"{path}: cannot read database: {err}") from None
     finally:
         db.close()
 
@@ -384,13 +437,24 @@ def _note(text: str) -> None:
     click.echo(f"syncer: note: {text}", err=True)
 
 
-def _emit(rows: t.Sequence[t.Sequence[t.Any]], fields: t.Sequence[str], fmt: str, nothing: str) -> None:
-    from syncer.output import render
+def _emit(
+    rows: t.Sequence[t.Sequence[t.Any]], fields: t.Sequence[str], fmt: str, nothing: str, layout: t.Any = None,
+) -> None:
+    """The rows on stdout: a table (fitted to a terminal, full to a pipe or a file, its
+    notes on stderr) or a machine format, written as bytes, exactly."""
+    from syncer.output import render, table, write_stdout
 
-    if not rows and fmt == "table":
+    if fmt != "table":
+        write_stdout(render(rows, fields, fmt))
+        return
+    if not rows:
         _note(nothing)
         return
-    click.echo(render(rows, fields, fmt), nl=False)
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    shown = table(rows, fields, width, layout)
+    write_stdout(shown.text)
+    for note in shown.notes:
+        _note(note)
 
 
 def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str | None, every_status: bool = False) -> None:
@@ -430,7 +494,7 @@ def _groups_count(count: int, what: str) -> str:
 @click.pass_obj
 def members_command(settings: _Settings, group: str, at: t.Any, every_status: bool, fmt: str) -> None:
     """A group's members now or as of WHEN. GROUP: its id or any name it has had."""
-    from syncer import queries
+    from syncer import output, queries
 
     with _reading(settings) as db:
         run = queries.as_of(db, at)
@@ -439,7 +503,7 @@ def members_command(settings: _Settings, group: str, at: t.Any, every_status: bo
         if at is not None and fmt == "table":
             _note(f"as of run {run.id} ({run.status}, started {run.started_at})")
         _visibility_note(db, found, run, None, every_status)
-    _emit(rows, queries.MEMBER_FIELDS, fmt, "no members")
+    _emit(rows, queries.MEMBER_FIELDS, fmt, "no members", output.MEMBERS_LAYOUT)
 
 
 @cli.command("changes")
@@ -454,13 +518,16 @@ def changes_command(
     settings: _Settings, since: t.Any, until: t.Any, group: str | None, user: str | None, observations: bool, fmt: str,
 ) -> None:
     """Membership events in a period (default: the last 7 days), oldest first."""
-    from syncer import queries
+    from syncer import output, queries
     from syncer.when import When, parse_when
 
     with _reading(settings) as db:
+        since = since or parse_when("7d")._replace(text="7d, the default")
+        queries.check_period(db, since, until)  # a bad period is a usage error before anything else
+        queries.latest_run(db)  # no successful run yet: nothing to answer from (exit 1)
         found = queries.resolve_group(db, group) if group is not None else None
         people = queries.resolve_user(db, user) if user is not None else ()
-        runs = queries.run_span(db, since or parse_when("7d"), until)
+        runs = queries.run_span(db, since, until)
         rows = queries.changes(
             db, runs, group_id=found and found.id, identity_ids=people, observations=observations
         ) if runs else []
@@ -469,7 +536,7 @@ def changes_command(
             with contextlib.suppress(queries.NotFound):
                 last = queries.as_of(db, When(until.text, run_id=runs[1]) if until else None)
                 _visibility_note(db, found, last, "changes of other members are not known")
-    _emit(rows, queries.CHANGE_FIELDS, fmt, "no changes in that period")
+    _emit(rows, queries.CHANGE_FIELDS, fmt, "no changes in that period", output.CHANGES_LAYOUT)
 
 
 @cli.command("groups")
@@ -478,7 +545,7 @@ def changes_command(
 @click.pass_obj
 def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
     """Your groups now or as of WHEN: role, status, whether you see the members, active members."""
-    from syncer import queries
+    from syncer import output, queries
 
     with _reading(settings) as db:
         run = queries.as_of(db, at)
@@ -488,7 +555,7 @@ def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
     hidden = sum(1 for row in rows if not row.members_visible)
     if hidden and fmt == "table":
         _note(f"{_groups_count(hidden, 'these groups')} not show your identity their members: their active_members is empty")
-    _emit(rows, queries.GROUP_FIELDS, fmt, "no groups")
+    _emit(rows, queries.GROUP_FIELDS, fmt, "no groups", output.GROUPS_LAYOUT)
 
 
 @cli.command("identity")
@@ -497,9 +564,10 @@ def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
 @click.pass_obj
 def identity_command(settings: _Settings, user: str, fmt: str) -> None:
     """One person's memberships over time. USER: a username or an identity id."""
-    from syncer import queries
+    from syncer import output, queries
 
     with _reading(settings) as db:
+        queries.latest_run(db)
         people = queries.resolve_user(db, user)
         rows = queries.identity_history(db, people)
         hidden = queries.hidden_groups(db)
@@ -508,7 +576,7 @@ def identity_command(settings: _Settings, user: str, fmt: str) -> None:
             f"{_groups_count(hidden, 'your groups')} not show your identity their members:"
             f" {user}'s memberships there are not known"
         )
-    _emit(rows, queries.IDENTITY_FIELDS, fmt, "no memberships")
+    _emit(rows, queries.IDENTITY_FIELDS, fmt, "no memberships", output.IDENTITY_LAYOUT)
 
 
 @cli.command()

@@ -6,6 +6,8 @@ else escaping a command is a bug.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # Exit codes (see README "Exit codes"); values follow sysexits.h where one fits.
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -47,3 +49,18 @@ class StorageError(SyncerError):
     """The database or token store cannot be opened or written."""
 
     exit_code = EXIT_FAILED
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that stands where one of ``path``'s folders should be, if any."""
+    for folder in path.parents:
+        if folder.exists():
+            return None if folder.is_dir() else folder
+    return None
+
+
+def os_problem(path: Path, err: OSError) -> str:
+    """Why ``path`` could not be made or opened, in words: "File exists" from mkdir
+    means a file stands where a folder is needed, which the message then names."""
+    blocker = file_in_the_way(path)
+    return f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)

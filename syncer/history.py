@@ -11,10 +11,13 @@ of it is one transaction, opened when the run starts staging and committed by
 none of it.
 
 Each version of a membership records why it began and ended (SPEC's reasons): a
-member new in a group whose members were visible at its previous read 'joined', any
-other new member was 'first_seen'; a member no longer listed 'left', or is 'hidden'
-when the identity can no longer see the group's members; a role or status that
-differs 'changed'; a group no longer among the identity's groups is 'group_gone'.
+member new in a group whose members were visible at its previous read 'joined' (an
+invitation too: it joins with status 'invited'), any other new member was
+'first_seen'; a member no longer listed 'left' where the identity would still see it,
+which where it sees only the active members (members_view 'active') includes an
+active member who stops being active (an admin's removal, say); it is 'hidden' when
+the identity can no longer see it (its view narrowed); a role or status that differs
+'changed'; a group no longer among the identity's groups is 'group_gone'.
 
 Batches write only what changed: current state lives in ``membership_state`` and
 ``identity_state``, and the views derive times from run ids, so an unchanged run

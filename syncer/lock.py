@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from syncer.errors import LockBusy, StorageError
+from syncer.errors import LockBusy, StorageError, os_problem
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class SyncLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as err:
-            raise StorageError(f"{self.path}: cannot create lock file: {err.strerror}") from None
+            raise StorageError(f"{self.path}: cannot create lock file: {os_problem(self.path, err)}") from None
         _restrict(fd, self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

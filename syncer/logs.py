@@ -19,6 +19,8 @@ import sys
 import threading
 import time
 
+from syncer.output import escape_controls
+
 _SECRETS: set[str] = set()
 _SECRETS_LOCK = threading.Lock()
 
@@ -66,10 +68,12 @@ class _RedactingFormatter(logging.Formatter):
 
 class TextFormatter(_RedactingFormatter):
     """Continuation lines (a traceback, a line break in a message) are indented, so only
-    a record's first line starts at the margin with its timestamp."""
+    a record's first line starts at the margin with its timestamp. Control characters
+    (ESC, BEL, C1, bidi overrides, a carriage return: a group's name may hold any) are
+    shown escaped, never sent raw to the terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return "\n  ".join(super().format(record).splitlines())
+        return "\n  ".join(escape_controls(super().format(record), keep="\n").split("\n"))
 
 
 class JournalFormatter(_RedactingFormatter):

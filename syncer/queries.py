@@ -14,6 +14,7 @@ versions, so history as of that run is its state then.
 from __future__ import annotations
 
 import difflib
+import re
 import sqlite3
 import typing as t
 
@@ -91,14 +92,17 @@ class IdentityRow(t.NamedTuple):
     status: str | None
     valid_from: str
     valid_to: str | None
+    began: str  # why the version began, as `reason` in membership_changes (joined, first_seen, changed)
+    ended: str | None  # why it ended (left, hidden, group_gone, changed); None while current
 
 
-# Output field names (SPEC); IdentityRow's last two are Python keywords.
+# Output field names (SPEC); IdentityRow's valid_from/valid_to are "from"/"to", Python keywords.
 MEMBER_FIELDS = MemberRow._fields
 CHANGE_FIELDS = ChangeRow._fields
 GROUP_FIELDS = GroupRow._fields
-IDENTITY_FIELDS = ("group_id", "group_name", "role", "status", "from", "to")
+IDENTITY_FIELDS = ("group_id", "group_name", "role", "status", "from", "to", "began", "ended")
 
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _AS_OF = "h.from_run <= :run AND (h.to_run IS NULL OR h.to_run > :run)"
 
 
@@ -117,7 +121,7 @@ def as_of(db: sqlite_utils.Database, when: When | None) -> Run:
     """
     committed = "status IN ('ok', 'partial')"
     if when is not None and when.run_id is not None:
-        _check_run(db, when)
+        check_period(db, when, None)
         found = _rows(db, f"SELECT id, started_at, status FROM sync_runs WHERE {committed} AND id <= ?"
                           " ORDER BY id DESC LIMIT 1", [when.run_id])
     elif when is not None:
@@ -135,26 +139,48 @@ def as_of(db: sqlite_utils.Database, when: When | None) -> Run:
     raise NotFound(f"nothing recorded as of {when.text}: the first successful run (run {run_id}) started {started}")
 
 
-def _check_run(db: sqlite_utils.Database, when: When) -> None:
-    if not _rows(db, "SELECT 1 FROM sync_runs WHERE id = ?", [when.run_id]):
+def _check_run(db: sqlite_utils.Database, when: When) -> str:
+    """The start time of the run a ``run:N`` names; BadWhen (exit 2) when there is none."""
+    found = _rows(db, "SELECT started_at FROM sync_runs WHERE id = ?", [when.run_id])
+    if not found:
         low, high = _rows(db, "SELECT min(id), max(id) FROM sync_runs")[0]
         known = f"runs {low}-{high}" if low is not None else "no runs yet"
         raise BadWhen(when.text, f"there is no run {when.run_id} ({known})")
+    return found[0][0]
+
+
+def check_period(db: sqlite_utils.Database, since: When | None, until: When | None) -> None:
+    """Raise BadWhen (exit 2) for a period a command cannot mean: a ``run:N`` that does
+    not exist, or ``until`` before ``since``. Every command that takes a WHEN calls it
+    (``--at`` as ``since``), so they agree on what is a usage error."""
+    starts = [None if w is None else _check_run(db, w) if w.run_id is not None else w.moment for w in (since, until)]
+    if since is None or until is None:
+        return
+    if since.run_id is not None and until.run_id is not None:
+        backwards = until.run_id < since.run_id
+    else:
+        backwards = t.cast(str, starts[1]) < t.cast(str, starts[0])
+    if backwards:
+        raise BadWhen(until.text, f"--until is before --since {since.text!r}")
+
+
+def latest_run(db: sqlite_utils.Database) -> Run:
+    """The latest ``ok`` or ``partial`` run; NotFound (exit 1) when there is none yet."""
+    return as_of(db, None)
 
 
 def run_span(db: sqlite_utils.Database, since: When, until: When | None) -> tuple[int, int] | None:
     """The ids of the runs that started from ``since`` through ``until`` (both included),
-    or None when there are none. A ``run:N`` bound is that run."""
+    or None when there are none. A ``run:N`` bound is that run; a bad period is BadWhen."""
+    check_period(db, since, until)
     low = high = None
     if since.run_id is not None:
-        _check_run(db, since)
         low = since.run_id
     else:
         low = _rows(db, "SELECT min(id) FROM sync_runs WHERE started_at >= ?", [since.moment])[0][0]
     if until is None:
         high = _rows(db, "SELECT max(id) FROM sync_runs")[0][0]
     elif until.run_id is not None:
-        _check_run(db, until)
         high = until.run_id
     else:
         high = _rows(db, "SELECT max(id) FROM sync_runs WHERE started_at <= ?", [until.moment])[0][0]
@@ -167,8 +193,9 @@ def run_span(db: sqlite_utils.Database, since: When, until: When | None) -> tupl
 
 
 def resolve_group(db: sqlite_utils.Database, text: str) -> Group:
-    """GROUP: an id, or a name the group has or had (exactly, else ignoring case)."""
-    by_id = _rows(db, "SELECT id, name FROM groups WHERE id = ?", [text])
+    """GROUP: an id (in any case), or a name the group has or had (exactly, else
+    ignoring case). An unknown one is NotFound with the close matches."""
+    by_id = _rows(db, "SELECT id, name FROM groups WHERE id = ?", [_id_case(text)])
     if by_id:
         return Group(*by_id[0])
     named = "SELECT group_id FROM group_history WHERE {0} UNION SELECT id FROM groups WHERE {1}"
@@ -184,6 +211,12 @@ def resolve_group(db: sqlite_utils.Database, text: str) -> Group:
     raise NotFound(f"unknown group {text!r}{_did_you_mean(text, names)}")
 
 
+def _id_case(text: str) -> str:
+    """An id as Globus writes it: UUIDs in lower case (one copied from elsewhere may
+    be in upper case); anything else as it is."""
+    return text.lower() if _UUID.fullmatch(text) else text
+
+
 def _latest_name(db: sqlite_utils.Database, group_id: str) -> str | None:
     found = _rows(db, "SELECT name FROM groups WHERE id = ?", [group_id])
     return found[0][0] if found else None
@@ -191,7 +224,8 @@ def _latest_name(db: sqlite_utils.Database, group_id: str) -> str | None:
 
 def resolve_user(db: sqlite_utils.Database, text: str) -> list[str]:
     """USER: a username or an identity id; the identity ids it names (usually one)."""
-    ids = [r[0] for r in _rows(db, "SELECT id FROM identities WHERE id = :u OR username = :u", {"u": text})]
+    ids = [r[0] for r in _rows(db, "SELECT id FROM identities WHERE id = :i OR username = :u",
+                               {"u": text, "i": _id_case(text)})]
     if not ids:
         ids = [r[0] for r in _rows(db, "SELECT id FROM identities WHERE lower(username) = lower(?)", [text])]
     if ids:
@@ -200,8 +234,20 @@ def resolve_user(db: sqlite_utils.Database, text: str) -> list[str]:
     raise NotFound(f"unknown user {text!r}{_did_you_mean(text, names)}")
 
 
+def close_matches(text: str, candidates: t.Iterable[str], n: int = 5) -> list[str]:
+    """Up to ``n`` candidates a person may have meant by ``text``: those containing it
+    (ignoring case; "Bioinf" for "Bioinformatics Core"), shortest first, then those
+    difflib finds alike (ignoring case: a typo, a letter's case)."""
+    unique = sorted(set(candidates))
+    needle = text.casefold().strip()
+    containing = sorted((c for c in unique if needle and needle in c.casefold()), key=lambda c: (len(c), c))
+    folded = {c.casefold(): c for c in unique}
+    alike = [folded[c] for c in difflib.get_close_matches(needle, list(folded), n=n, cutoff=0.6)]
+    return list(dict.fromkeys([*containing, *alike]))[:n]
+
+
 def _did_you_mean(text: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(text, candidates, n=5, cutoff=0.6)
+    close = close_matches(text, candidates)
     return f"; did you mean: {', '.join(repr(c) for c in close)}?" if close else ""
 
 
@@ -287,7 +333,7 @@ def identity_history(db: sqlite_utils.Database, identity_ids: t.Sequence[str]) -
     latest known name (so one group reads as one name across a rename)."""
     marks = ", ".join("?" for _ in identity_ids)
     sql = f"""
-        SELECT h.group_id, g.name, h.role, h.status, h.valid_from, h.valid_to
+        SELECT h.group_id, g.name, h.role, h.status, h.valid_from, h.valid_to, h.began, h.ended
         FROM membership_history h
         LEFT JOIN groups g ON g.id = h.group_id
         WHERE h.identity_id IN ({marks})

@@ -33,7 +33,7 @@ from pathlib import Path
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from syncer.errors import StorageError
+from syncer.errors import StorageError, os_problem
 
 # How long a writer waits for readers (or another writer) before giving up.
 BUSY_TIMEOUT_S = 30.0
@@ -509,7 +509,8 @@ def utc_now() -> str:
 
 
 def format_time(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat, not strftime: %Y does not pad years before 1000 (a WHEN may be one)
+    return moment.astimezone(dt.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str) -> dt.datetime:
@@ -564,6 +565,8 @@ def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TI
     SQLite file: a missing folder that cannot be made, a file of another kind, no
     permission.
     """
+    if path.is_dir():  # SQLite would say only "disk I/O error"
+        raise StorageError(f"{path}: cannot open database: it is a folder, not a file")
     try:
         if readonly:
             # a WAL database without its log holds everything in the file: read it as it
@@ -592,7 +595,9 @@ def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TI
             conn.execute("PRAGMA cache_size=-32768")
             conn.execute("PRAGMA foreign_keys=ON")
             share_wal_files(path)
-    except (sqlite3.Error, OSError) as err:
+    except OSError as err:
+        raise StorageError(f"{path}: cannot open database: {os_problem(path, err)}") from None
+    except sqlite3.Error as err:
         raise StorageError(f"{path}: cannot open database: {err}") from None
     return sqlite_utils.Database(conn, execute_plugins=False)
 

@@ -30,7 +30,7 @@ import globus_sdk
 from globus_sdk.token_storage import SQLiteTokenStorage, TokenStorageData
 
 from syncer.client_secret import ClientSecret, secret_digest
-from syncer.errors import StorageError
+from syncer.errors import StorageError, os_problem
 from syncer.logs import register_secret
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ class TokenStore:
             )
             # touch the table so a file that is not a token store fails here, clearly
             self._storage.get_token_data_by_resource_server()
-        except (sqlite3.DatabaseError, OSError) as err:
+        except OSError as err:
+            raise StorageError(f"{path}: cannot open token store: {os_problem(path, err)}") from None
+        except sqlite3.DatabaseError as err:
             raise StorageError(f"{path}: cannot open token store: {err}") from None
 
     def _warn_if_exposed(self) -> None:

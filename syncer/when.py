@@ -22,6 +22,8 @@ EXAMPLES = "2026-06-01, 2026-06-01T09:30:00Z, 2026-06-01T09:30+02:00, 90m, 12h, 
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _SPAN = re.compile(r"(\d+(\.\d+)?[smhd])+")
 _RUN = re.compile(r"run:(\d+)")
+# run ids are SQLite integers: a larger one cannot exist (and cannot even be asked for)
+MAX_RUN_ID = 2**63 - 1
 
 
 class BadWhen(SyncerError):
@@ -49,24 +51,33 @@ def parse_when(text: str, now: dt.datetime | None = None) -> When:
     """
     raw = text.strip()
     if match := _RUN.fullmatch(raw):
-        return When(text, run_id=int(match.group(1)))
+        run_id = int(match.group(1))
+        if not 1 <= run_id <= MAX_RUN_ID:
+            raise BadWhen(text, f"out of range: run ids go from 1 to {MAX_RUN_ID}")
+        return When(text, run_id=run_id)
+    try:
+        return When(text, moment=format_time(_moment(text, raw, now)))
+    except (OverflowError, ValueError) as err:  # a time before year 1 or after 9999 in UTC
+        raise BadWhen(text, f"out of range ({err})") from None
+
+
+def _moment(text: str, raw: str, now: dt.datetime | None) -> dt.datetime:
     if _SPAN.fullmatch(raw.lower()):
         try:
             seconds = parse_duration(raw)
         except ValueError as err:
             raise BadWhen(text, str(err)) from None
-        moment = (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=seconds)
-        return When(text, moment=format_time(moment))
+        return (now or dt.datetime.now(dt.UTC)) - dt.timedelta(seconds=seconds)
     if _DATE.fullmatch(raw):
         try:
             day = dt.date.fromisoformat(raw)
         except ValueError as err:
             raise BadWhen(text, str(err)) from None
-        return When(text, moment=format_time(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)))
+        return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
     try:
         moment = dt.datetime.fromisoformat(raw)
     except ValueError:
         raise BadWhen(text) from None
     if moment.tzinfo is None:
         raise BadWhen(text, "a date-time needs Z or an offset such as +02:00")
-    return When(text, moment=format_time(moment))
+    return moment.astimezone(dt.UTC)

@@ -274,9 +274,10 @@ def test_a_hook_added_later_starts_with_the_next_run_and_replay_sends_older_ones
     with SyncLock(env.database.with_name("groups.db.hooks.lock")):  # another process delivering hooks
         busy = env.run("hooks", "replay", "late", "--since", "run:2")
     assert busy.returncode == 75 and "another process is delivering hooks" in busy.stderr
-    nothing = env.run("hooks", "replay", "late", "--since", "run:99")
-    assert (nothing.returncode, nothing.stdout.strip()) == (0, "no run since run:99: nothing to replay")
+    nothing = env.run("hooks", "replay", "late", "--since", "2999-01-01")  # a moment after every run
+    assert (nothing.returncode, nothing.stdout.strip()) == (0, "no run since 2999-01-01: nothing to replay")
     for args, message in [
+        (("hooks", "replay", "late", "--since", "run:99"), "there is no run 99 (runs 1-4)"),  # as the query commands
         (("hooks", "replay", "nope", "--since", "7d"), "no hook named 'nope' (hooks: late)"),
         (("hooks", "replay", "late", "--since", "last tuesday"), "bad WHEN 'last tuesday'"),
         (("hooks", "replay", "late", "--since", "2026-01-01T10:00"), "a date-time needs Z or an offset"),

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Env, Result, record
-from helpers import admin_groups, has_running_run, wait_for
+from helpers import admin_groups, has_running_run, others, wait_for
 from history_scenario import LONG_NAME, Scenario, expected_changes, versions
+from terminal import run_in_terminal
 
 from syncer.when import EXAMPLES
 
@@ -205,12 +207,21 @@ def test_changes_filtered_by_group_user_and_time(history: Scenario) -> None:
 def test_identity_history_is_every_version(history: Scenario) -> None:
     for person in (history.p, history.joiner):
         rows = as_json(history, "identity", history.username(person))
-        assert list(rows[0]) == ["group_id", "group_name", "role", "status", "from", "to"]
+        assert list(rows[0]) == ["group_id", "group_name", "role", "status", "from", "to", "began", "ended"]
         assert {(r["group_id"], r["role"], r["status"], r["from"], r["to"]) for r in rows} == versions(
             history.truths, person)
         assert [r["from"] for r in rows] == sorted(r["from"] for r in rows)
         names = {gid: g.name for gid, g in history.truths[5].groups.items()}
         assert all(r["group_name"] == names[r["group_id"]] for r in rows)
+        # began/ended are the reasons `changes` gives for the runs that began and ended each version
+        reasons = {(r["group_id"], r["at"], r["change"]): r["reason"] for r in as_json(history, "changes", "--since",
+                   "run:1", "--all", "--user", person)}
+        for row in rows:
+            began = reasons.get((row["group_id"], row["from"], "added")) or reasons[(row["group_id"], row["from"], "changed")]
+            assert row["began"] == began
+            ended = None if row["to"] is None else (reasons.get((row["group_id"], row["to"], "removed"))
+                                                    or reasons[(row["group_id"], row["to"], "changed")])
+            assert row["ended"] == ended
 
 
 # ------------------------------------------------------------------- formats
@@ -231,15 +242,20 @@ def test_every_format_holds_the_same_rows(history: Scenario) -> None:
 
 @pytest.mark.parametrize("width", [72, 100])
 def test_tables_fit_the_terminal_with_ellipses(history: Scenario, width: int) -> None:
-    result = query(history, "members", history.a, "--at", "run:3", env={"COLUMNS": str(width)})
+    result = run_in_terminal(history.env.vars, history.env.tmp, ("members", history.a, "--at", "run:3"), width)
     assert result.returncode == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["group_id", "group_name", "identity_id", "username", "role", "status"]
-    assert len(lines) == 1 + len(history.truths[3].members(history.a))
+    assert lines[0] == f"group_id: {history.a}" and lines[1].startswith("group_name: Alpha Laboratory")
+    header = lines.index("") + 1
+    assert lines[header].split()[:2] == ["identity_id", "username"]
+    assert len(lines) == header + 1 + len(history.truths[3].members(history.a))
     assert all(len(line) <= width for line in lines)
-    assert all("…" in line for line in lines[1:])  # the long name is shortened, not wrapped
-    wide = query(history, "members", history.a, "--at", "run:3", env={"COLUMNS": "400"})
-    assert LONG_NAME in wide.stdout and "…" not in wide.stdout
+    if len(f"group_name: {LONG_NAME}") > width:
+        assert lines[1].endswith("…")  # the long name is shortened, not wrapped
+    else:
+        assert lines[1] == f"group_name: {LONG_NAME}"
+    wide = run_in_terminal(history.env.vars, history.env.tmp, ("members", history.a, "--at", "run:3"), 400)
+    assert f"group_name: {LONG_NAME}" in wide.stdout and "…" not in wide.stdout
 
 
 def test_empty_results_exit_0(history: Scenario) -> None:
@@ -264,6 +280,19 @@ def test_empty_results_exit_0(history: Scenario) -> None:
         (("changes", "--since", "run:99"), 2, "there is no run 99 (runs 1-5)"),
         (("groups", "--at", "2026-02-30"), 2, "bad WHEN"),
         (("groups", "--format", "xml"), 2, "xml"),
+        (("changes", "--since", "run:99999999999999999999"), 2, "out of range"),
+        (("members", "x", "--at", "run:0"), 2, "out of range"),
+        (("groups", "--at", "9999-12-31T23:00-05:00"), 2, "out of range"),
+        (("changes", "--since", "0001-01-01T00:00+01:00"), 2, "out of range"),
+        (("changes", "--since", "99999999999999999999999d"), 2, "bad WHEN"),
+        (("changes", "--since", "run:4", "--until", "run:3"), 2, "--until is before --since 'run:4'"),
+        (("changes", "--since", "2026-06-02", "--until", "2026-06-01"), 2, "--until is before --since"),
+        (("changes", "--since", "run:5", "--until", "2000-01-01"), 2, "--until is before --since"),
+        (("changes", "--since", "2999-01-01", "--until", "run:2"), 2, "--until is before --since"),
+        (("changes", "--until", "run:77"), 2, "there is no run 77"),
+        (("members", "x", "--at", "run:77"), 2, "there is no run 77 (runs 1-5)"),
+        (("groups", "--at", "run:77"), 2, "there is no run 77 (runs 1-5)"),
+        (("members", "x\x1b[2J"), 1, "unknown group 'x\\x1b[2J'"),  # what was typed, shown escaped
     ],
 )
 def test_errors_are_one_line_with_the_documented_code(history: Scenario, args: tuple[str, ...], code: int, says: str) -> None:
@@ -271,8 +300,27 @@ def test_errors_are_one_line_with_the_documented_code(history: Scenario, args: t
     assert result.returncode == code, result.output
     assert says in result.stderr
     assert "Traceback" not in result.output and result.stdout == ""
+    assert result.stderr.startswith("syncer: error: ") and result.stderr.count("\n") == 1
     if code == 2 and "WHEN" in says:
         assert EXAMPLES in result.stderr
+
+
+def test_a_period_ending_where_it_starts_is_fine(history: Scenario) -> None:
+    at = history.truths[3].started_at
+    assert {r["run_id"] for r in as_json(history, "changes", "--since", at, "--until", "run:3", "--all")} == {3}
+    assert {r["run_id"] for r in as_json(history, "changes", "--since", "run:3", "--until", at, "--all")} == {3}
+
+
+def test_close_matches_and_ids_in_any_case(history: Scenario) -> None:
+    name = history.truths[5].groups[history.b].name
+    part = name.split()[0][:-2].lower()  # "Bioinformatics Beamtime 0003" -> "bioinformati"
+    result = query(history, "members", part)
+    assert result.returncode == 1, result.output
+    assert f"unknown group {part!r}; did you mean: " in result.stderr and repr(name) in result.stderr
+    assert as_json(history, "members", history.a.upper()) == as_json(history, "members", history.a)
+    assert as_json(history, "changes", "--group", history.a.upper()) == as_json(history, "changes", "--group", history.a)
+    assert as_json(history, "identity", history.p.upper()) == as_json(history, "identity", history.p)
+    assert as_json(history, "changes", "--user", history.p.upper()) == as_json(history, "changes", "--user", history.p)
 
 
 def test_a_close_username_is_suggested(history: Scenario) -> None:
@@ -294,8 +342,135 @@ def test_a_database_without_a_successful_run_says_to_sync(env: Env) -> None:
     for gid in env.world.groups:
         env.sim.faults.set_group_error(gid, 403)
     assert env.run("sync").returncode == 1
-    result = env.run("groups")
-    assert result.returncode == 1 and "no successful run recorded yet; run `syncer sync`" in result.stderr
+    for args in (("groups",), ("changes",), ("changes", "--all", "--since", "run:1"), ("members", "x"), ("identity", "x")):
+        result = env.run(*args)
+        assert result.returncode == 1, (args, result.output)
+        assert result.stderr == "syncer: error: no successful run recorded yet; run `syncer sync` first\n", args
+
+
+# every command and group, as click knows them: a usage error in any is one line, exit 2
+def _commands() -> list[tuple[str, ...]]:
+    from syncer.cli import cli
+
+    found: list[tuple[str, ...]] = [()]
+    for name, command in cli.commands.items():
+        found.append((name,))
+        found.extend((name, sub) for sub in getattr(command, "commands", {}))
+    return found
+
+
+@pytest.mark.parametrize("path", _commands(), ids=lambda p: " ".join(p) or "syncer")
+def test_usage_errors_are_one_line_and_exit_2_for_every_command(env: Env, path: tuple[str, ...]) -> None:
+    result = env.run(*path, "--no-such-option")
+    assert result.returncode == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith("syncer: error: No such option") and result.stderr.count("\n") == 1
+    assert f"see `{' '.join(('syncer', *path))} --help`" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (("members",), "Missing argument 'GROUP'"),
+        (("identity",), "Missing argument 'USER'"),
+        (("hooks", "replay", "x"), "Missing option '--since'"),
+        (("changes", "--since"), "Option '--since' requires an argument"),
+        (("status", "--format", "yaml"), "'yaml' is not one of"),
+        (("--log-format", "xml", "groups"), "'xml' is not one of"),
+        (("run", "--interval", "soon"), "not a duration"),
+        (("simulate", "--port", "70000"), "70000 is out of range"),
+        (("serve", "--port", "-1"), "--port"),
+        (("no-such-command",), "No such command 'no-such-command'"),
+    ],
+)
+def test_click_and_syncer_usage_errors_look_alike(env: Env, args: tuple[str, ...], says: str) -> None:
+    result = env.run(*args)
+    assert result.returncode == 2, result.output
+    assert result.stderr.startswith("syncer: error: ") and says in result.stderr and result.stderr.count("\n") == 1
+    assert "Usage:" not in result.output and "Traceback" not in result.output
+
+
+def test_hooks_replay_takes_when_as_the_queries_do(history: Scenario, tmp_path: Path) -> None:
+    """A run:N that does not exist, a WHEN out of range: exit 2, nothing delivered."""
+    marker = tmp_path / "delivered"
+    config = tmp_path / "syncer.toml"
+    config.write_text(f'database = "{history.env.database}"\ntoken_storage = "{tmp_path / "tokens.db"}"\n'
+                      f'[[hooks]]\nname = "audit"\ncommand = ["sh", "-c", "cat > {marker}"]\n')
+    variables = {"SYNCER_CONFIG": str(config)}
+    for since, says in (("run:999", "there is no run 999 (runs 1-5)"), ("run:99999999999999999999", "out of range"),
+                        ("9999-12-31T23:59-01:00", "out of range"), ("tomorrow", "bad WHEN")):
+        result = run_with(history.env, ("hooks", "replay", "audit", "--since", since), variables)
+        assert result.returncode == 2, result.output
+        assert result.stderr.startswith("syncer: error: bad WHEN") and says in result.stderr
+        assert result.stderr.count("\n") == 1
+    assert not marker.exists()
+
+
+QUERY_COMMANDS = (("members", "x"), ("changes",), ("groups",), ("identity", "x"))
+
+
+def _foreign_sqlite(path: Path) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, title TEXT)")
+    conn.commit()
+    conn.close()
+
+
+def _damaged(path: Path) -> None:
+    """The first pages of a real syncer database: SQLite opens it, then finds it malformed."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    for n in range(40):
+        conn.execute(f"CREATE TABLE t{n} (x TEXT)")
+    conn.execute("CREATE TABLE sync_runs (id INTEGER)")
+    conn.commit()
+    conn.close()
+    path.write_bytes(path.read_bytes()[:6000])
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda p: p.write_text("not a database at all\n" * 100), "file is not a database"),
+        (lambda p: p.write_bytes(b"\x00\xff" * 3000), "file is not a database"),
+        (_foreign_sqlite, "not a syncer database"),
+        (_damaged, "malformed"),
+    ],
+    ids=["text", "binary", "foreign-sqlite", "damaged"],
+)
+def test_a_file_that_is_not_a_syncer_database_is_one_clear_line(env: Env, make: t.Any, says: str) -> None:
+    make(env.database)
+    before = env.database.read_bytes()
+    for args in QUERY_COMMANDS:
+        result = env.run(*args)
+        assert result.returncode == 1, (args, result.output)
+        assert result.stderr.startswith(f"syncer: error: {env.database}: ") and says in result.stderr, args
+        assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr
+    assert env.database.read_bytes() == before  # reading changed nothing
+
+
+def test_a_folder_where_the_database_is_expected_is_named(env: Env) -> None:
+    env.database.mkdir()
+    for args in QUERY_COMMANDS:
+        result = env.run(*args)
+        assert result.returncode == 1, (args, result.output)
+        assert result.stderr == f"syncer: error: {env.database}: cannot open database: it is a folder, not a file\n"
+
+
+def test_a_file_where_a_folder_is_expected_is_named(env: Env) -> None:
+    blocker = env.tmp / "state"
+    blocker.write_text("a file, not a folder\n")
+    env.write_config(database="state/groups.db", token_storage="state/tokens.db")
+    for args in (*QUERY_COMMANDS, ("sync",), ("login", "--no-browser")):
+        result = env.run(*args, input="")
+        assert result.returncode == 1, (args, result.output)
+        error = [line for line in result.stderr.splitlines() if line.startswith("syncer: error:")]
+        assert error and error[0].endswith(f"{blocker} is a file, not a folder"), (args, result.stderr)
+        assert "File exists" not in result.stderr
+    assert blocker.read_text() == "a file, not a folder\n"
 
 
 # ------------------------------------------------------------------- read-only use
@@ -369,3 +544,39 @@ def test_queries_answer_while_a_sync_holds_the_lock(logged_in: Env) -> None:
         out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out + err
     assert newcomer in env.run("members", gid, "--format", "json").stdout
+
+
+# ------------------------------------------------------------------- reasons, as auditors read them
+
+
+def test_an_invitation_is_joined_with_status_invited_and_an_admins_removal_is_left(logged_in: Env) -> None:
+    """In a group whose members the identity manages (members_view 'all') an invitation
+    is `joined` with status `invited`; in one where it sees the active members only
+    (members_view 'active') an admin's removal (status `removed`) is `left`, which is
+    also how `identity` ends that membership."""
+    env, world = logged_in, logged_in.world
+    managed, watched = admin_groups(world)[:2]
+    world.set_policy(watched, members_visibility="members")
+    world.set_role(watched, world.me, "member")
+    assert env.run("sync").returncode == 0
+    invitee = world.add_member(managed, status="invited")
+    removed = next(i for i in others(world, watched) if world.groups[watched]["memberships"][i].status == "active")
+    world.set_status(watched, removed, "removed")
+    assert env.run("sync").returncode == 0
+
+    result = env.run("changes", "--since", "run:2", "--format", "json")
+    assert result.returncode == 0, result.output
+    rows = {(r["group_id"], r["identity_id"]): r for r in json.loads(result.stdout)}
+    invited = rows[(managed, invitee)]
+    assert (invited["change"], invited["reason"], invited["new_status"]) == ("added", "joined", "invited")
+    gone = rows[(watched, removed)]
+    assert (gone["change"], gone["reason"], gone["old_status"], gone["new_status"]) == ("removed", "left", "active", None)
+    history = json.loads(env.run("identity", removed, "--format", "json").stdout)
+    assert [(r["status"], r["began"], r["ended"]) for r in history if r["group_id"] == watched] == [
+        ("active", "first_seen", "left")]
+    # and a person reads it so in the table at 80 columns
+    table = run_in_terminal(env.vars, env.tmp, ("changes", "--since", "run:2"), 80).stdout.splitlines()
+    line_of = {iid: next(line for line in table if world.identities[iid]["username"][:15] in line)
+               for iid in (invitee, removed)}
+    assert re.search(r"\badded +joined .*\binvited\b", line_of[invitee]), table
+    assert re.search(r"\bremoved +left\b", line_of[removed]), table
