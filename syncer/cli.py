@@ -121,7 +121,10 @@ def login(settings: _Settings, no_browser: bool, force: bool) -> None:
         return
     with TokenStore(config.token_storage) as store:
         existing = store.groups_tokens()
-        usable = existing is not None and existing.refresh_token and not store.is_rejected(existing.refresh_token)
+        usable = (
+            existing is not None and existing.refresh_token and not store.is_rejected(existing.refresh_token)
+            and store.issued_here()  # another Auth's tokens (the simulator's) are no login here
+        )
         if usable and not force:
             click.echo(f"Already logged in (tokens in {store.path}); use --force to log in again.")
             return
