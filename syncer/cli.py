@@ -14,6 +14,7 @@ import sqlite3
 import sys
 import threading
 import typing as t
+from pathlib import Path
 
 import click
 
@@ -289,30 +290,43 @@ def _in_range(low: float, high: float) -> t.Callable[[click.Context, click.Param
               help="Added to every response.")
 @click.option("--token-lifetime", default=3600, show_default=True, callback=_in_range(1, 365 * 86400),
               help="Access token lifetime (s).")
-@click.option("--world", "world_file", metavar="FILE", help="Load the world from a world file (JSON; see README).")
+@click.option("--world", "world_file", metavar="FILE",
+              help="Load the world from a world file (JSON; see docs/simulator.md).")
 @click.option("--state", "state_file", metavar="FILE",
               help="Keep the world and issued tokens in FILE across restarts (restored when it exists).")
 @click.option("--seed", default=1, show_default=True, help="Seed for the generated world.")
 @click.option("--fault-rate", default=0.0, show_default=True, callback=_in_range(0, 1),
               help="Share of group reads that fail at random (0 to 1).")
+@click.option("--dir", "syncer_dir", metavar="DIR",
+              help="Folder for syncer's database and token store while it talks to this simulator"
+              " (default: STATE.syncer beside --state, else a temporary folder removed at exit).")
 def simulate(
     port: int, groups: int, members: int, latency_ms: int, token_lifetime: int,
-    world_file: str | None, state_file: str | None, seed: int, fault_rate: float,
+    world_file: str | None, state_file: str | None, seed: int, fault_rate: float, syncer_dir: str | None,
 ) -> None:
     """Serve a simulated Globus Auth + Groups on 127.0.0.1 until interrupted.
 
     Opening its login URL approves at once. Change its world while it runs with
     POST /admin/ACTION (add-member, remove-member, set-role, set-status, leave,
-    rename-group, add-client); GET /admin/world shows it. See README: The simulator.
+    rename-group, add-client); GET /admin/world shows it. See docs/simulator.md.
+
+    Besides the SDK's variables it prints SYNCER_DATABASE and SYNCER_TOKEN_STORAGE
+    for a folder of its own: export all four, and the simulator's tokens and
+    history stay out of your real store.
     """
     from syncer.errors import ConfigError
     from syncer.simulator import SimulatorSetupError, serve_cli
 
+    if world_file and state_file and Path(state_file).exists():
+        raise _BadValue(
+            f"the state file {state_file} exists and holds its own world; give --world or an existing --state,"
+            " not both (delete the state file to start again from the world file)", param_hint="'--world'",
+        )
     try:
         serve_cli(
             port=port, groups=groups, members=members, latency_ms=latency_ms,
             token_lifetime=token_lifetime, world_file=world_file, state_file=state_file,
-            seed=seed, fault_rate=fault_rate, say=click.echo,
+            seed=seed, fault_rate=fault_rate, syncer_dir=syncer_dir, say=click.echo,
         )
     except SimulatorSetupError as err:
         raise (ConfigError(str(err)) if err.config else SyncerError(str(err))) from None
