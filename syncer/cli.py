@@ -176,20 +176,53 @@ def sync(ctx: click.Context) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    progress = _terminal_progress() if sys.stderr.isatty() else None
-    run = sync_and_report(config, cancelled=cancelled, progress=progress)
-    if progress:
-        click.echo("", err=True)
+    with _TerminalProgress.on_stderr() as progress:
+        run = sync_and_report(config, cancelled=cancelled, progress=progress.show if progress else None)
     # the run's summary is run_sync's log line: printed here too, it reached the journal
     # (and cron's mail) twice
     ctx.exit(EXIT_PARTIAL if run.status == "partial" else EXIT_OK)
 
 
-def _terminal_progress() -> t.Callable[[int, int], None]:
-    def show(done: int, total: int) -> None:
-        click.echo(f"\rreading groups: {done}/{total}", nl=False, err=True)
+class _TerminalProgress(logging.Filter):
+    """"reading groups: N/M" on one terminal line, erased before any log line (the
+    summary among them) is written and at the end, so no line starts mid-progress."""
 
-    return show
+    _ERASE = "\r\x1b[K"  # to the line's start, then clear it
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_stderr(cls) -> t.Iterator[_TerminalProgress | None]:
+        """A progress line while stderr is a terminal (None otherwise), hooked to the log handlers."""
+        if not sys.stderr.isatty():
+            yield None
+            return
+        progress = cls()
+        handlers = list(logging.getLogger().handlers)
+        for handler in handlers:
+            handler.addFilter(progress)
+        try:
+            yield progress
+        finally:
+            for handler in handlers:
+                handler.removeFilter(progress)
+            progress.clear()
+
+    def show(self, done: int, total: int) -> None:
+        click.echo(f"{self._ERASE}reading groups: {done}/{total}", nl=False, err=True)
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            click.echo(self._ERASE, nl=False, err=True)
+            self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.clear()  # a log line is about to be written: take the progress off its line first
+        return True
 
 
 @cli.command()
