@@ -292,7 +292,8 @@ def replay(ctx: click.Context, name: str, since: str) -> None:
 @cli.command()
 @click.option("--groups", default=6, show_default=True, help="Groups in the simulated world.")
 @click.option("--members", default=8, show_default=True, help="Members per group.")
-@click.option("--dir", "folder", metavar="DIR", help="Where to put the demo's database (default: a new temporary folder).")
+@click.option("--dir", "folder", metavar="DIR", help="Where to put the demo's database (default: a folder of its own in your"
+              " user data folder, replaced at every demo; never your real database).")
 @click.pass_context
 def demo(ctx: click.Context, groups: int, members: int, folder: str | None) -> None:
     """The whole flow on this machine, offline, against the built-in simulator."""
