@@ -13,7 +13,7 @@ key; times are run ids, shown as their run's ``started_at``.
 
 The database uses SQLite's rollback journal, not WAL: a WAL database cannot be read
 by a user who may not write its folder unless the ``-wal`` and ``-shm`` files happen
-to exist, and syncer's readers are often exactly such users (see README, "Reading
+to exist, and syncer's readers are often exactly such users (see docs/operations.md, "Reading
 the database as another user"). A run writes in one transaction, open while it reads
 its groups and committed at its end; readers meanwhile see the previous run.
 """

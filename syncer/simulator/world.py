@@ -1203,7 +1203,7 @@ def _known_keys(doc: dict[str, Any], known: Iterable[str], path: str) -> None:
 
 
 def validate_world_doc(data: Any) -> None:
-    """Check a world-file document against the format README.md documents;
+    """Check a world-file document against the format docs/simulator.md documents;
     raise ``ValueError`` naming the first problem's place."""
     if not isinstance(data, dict):
         raise ValueError("must be a JSON object")
