@@ -254,7 +254,21 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
         if env_name in os.environ:
             where = f"environment variable {env_name}"
             values[key] = _checked(spec, os.environ[env_name], Path.cwd(), where, from_text=True)
-    return Config(source=path, **values)
+    config = Config(source=path, **values)
+    _check_separate_files(config)
+    return config
+
+
+def _check_separate_files(config: Config) -> None:
+    """The token store is never the database (nor a link to it): readers of the database
+    would read the tokens, and each file's writes would trample the other's."""
+    same = config.token_storage.resolve() == config.database.resolve()
+    if not same and config.token_storage.exists() and config.database.exists():
+        same = os.path.samefile(config.token_storage, config.database)  # also a hard link
+    if same:
+        where = f"{config.source}: key 'token_storage'" if config.source else "token_storage"
+        raise ConfigError(f"{where}: {config.token_storage} is the database's file ({config.database});"
+                          " the token store needs a file of its own")
 
 
 def _checked(spec: _Key, raw: t.Any, base: Path, where: str, *, from_text: bool) -> t.Any:

@@ -373,3 +373,24 @@ def test_run_interval_without_a_unit_is_a_usage_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "'--interval'" in result.stderr and "'15' has no unit" in result.stderr
+
+
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink"])
+def test_the_token_store_cannot_be_the_database(tmp_path: Path, link: str) -> None:
+    """`syncer sync` refuses a token store that is the database's file, also through a link (78)."""
+    (tmp_path / "groups.db").write_bytes(b"")
+    if link == "symlink":
+        (tmp_path / "tokens.db").symlink_to(tmp_path / "groups.db")
+    elif link == "hardlink":
+        (tmp_path / "tokens.db").hardlink_to(tmp_path / "groups.db")
+    conf = tmp_path / "syncer.toml"
+    conf.write_text(f'database = "groups.db"\ntoken_storage = "{"groups.db" if link == "same" else "tokens.db"}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCER_", "GLOBUS_"))}
+    env["SYNCER_CONFIG"] = str(conf)
+    result = subprocess.run(
+        [sys.executable, "-m", "syncer", "sync"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"syncer: error: {conf}: key 'token_storage': ") and "file of its own" in line
+    assert (tmp_path / "groups.db").read_bytes() == b""  # nothing written
