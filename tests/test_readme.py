@@ -61,17 +61,45 @@ def test_the_install_lines_name_this_distribution_and_its_extra() -> None:
     assert f"{project['name']}[datasette]" in project["optional-dependencies"]["test"]
 
 
+def fresh_copy(where: Path) -> Path:
+    """A copy of the checkout's tracked files, as a fresh clone has them."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    for name in filter(None, tracked.stdout.split("\0")):
+        if (ROOT / name).is_file():
+            (where / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, where / name)
+    return where
+
+
+@pytest.mark.slow
+def test_the_install_lines_work_with_pipx(tmp_path: Path) -> None:
+    """`pipx install .` in a fresh copy, then Datasette injected into the same venv,
+    the one `pipx inject` finds by the distribution's name."""
+    if not shutil.which("pipx"):
+        pytest.skip("pipx is not installed here (Debian: apt-get install pipx)")
+    clone = fresh_copy(tmp_path / "clone")
+    env = user_env(tmp_path / "home")
+    env["PATH"] = env["PATH"].split(os.pathsep, 1)[1]
+    env.update(PIPX_HOME=str(tmp_path / "pipx"), PIPX_BIN_DIR=str(tmp_path / "bin"))
+    for line in block("install"):
+        ran = shell(line, env, clone, timeout=900)
+        assert ran.returncode == 0, (line, ran.stderr[-3000:])
+    syncer = tmp_path / "bin" / "syncer"
+    served = subprocess.run([str(syncer), "serve", "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert served.returncode == 0 and "--port" in served.stdout, served.stderr  # the command is there
+    probe = subprocess.run(
+        [str(tmp_path / "pipx" / "venvs" / "globus-group-syncer" / "bin" / "python"), "-c", "import datasette, syncer"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert probe.returncode == 0, probe.stderr
+
+
 @pytest.mark.slow
 def test_the_demo_line_works_in_a_fresh_copy_of_the_checkout(tmp_path: Path) -> None:
     """The quick start's first command, as printed, in a copy of the tracked files:
     its own venv, an install from the index, the demo."""
     [command] = block("demo")
-    clone = tmp_path / "clone"
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
-    for name in filter(None, tracked.stdout.split("\0")):
-        if (ROOT / name).is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, clone / name)
+    clone = fresh_copy(tmp_path / "clone")
     env = user_env(tmp_path / "home")
     env["PATH"] = env["PATH"].split(os.pathsep, 1)[1]  # not this venv: the one the line makes
     ran = shell(command, env, clone, timeout=900)
