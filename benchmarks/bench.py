@@ -494,8 +494,8 @@ def history_bytes_per_version(path: Path) -> float:
 
 
 def readme_queries() -> dict[str, str]:
-    """The README's example queries, by the paragraph that introduces each."""
-    text = (HERE.parent / "README.md").read_text()
+    """The example queries of docs/database.md, by the paragraph that introduces each."""
+    text = (HERE.parent / "docs" / "database.md").read_text()
     section = text[text.index("### Example queries"):]
     return {" ".join(title.split()): sql for title, sql in re.findall(r"\n\n((?:[^\n]+\n)+?)\n```sql\n(.*?)```", section, re.S)}
 

@@ -293,6 +293,7 @@ def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTok
     tokens = store.groups_tokens()
     if tokens is None:
         raise LoginRequired(f"not logged in (no tokens in {store.path})")
+    store.check_issuer()
     if not tokens.refresh_token:
         raise LoginRequired(f"the stored tokens in {store.path} have no refresh token")
     write_back = _WriteBack(store, tokens.refresh_token)
@@ -336,7 +337,10 @@ def client_credentials_authorizer(
     """
     scopes = sorted(scope for scope in config.scopes if is_groups_scope(scope))  # one resource server
     cached = store.groups_tokens() if cached_token else None
-    usable = cached is not None and sorted(cached.scope.split()) == scopes and store.issued_for(secret)
+    usable = (
+        cached is not None and sorted(cached.scope.split()) == scopes and store.issued_for(secret)
+        and store.issued_here()
+    )
     client = globus_sdk.ConfidentialAppAuthClient(config.client_id, secret.value, **client_options(config))
     authorizer = SharedClientCredentialsAuthorizer(
         client,
@@ -379,6 +383,7 @@ def logout(
     if not tokens:
         say(f"Not logged in (no tokens in {store.path}).")
         return False
+    store.check_issuer(f"Log out where they came from, or delete {store.path}.")
     client: globus_sdk.AuthLoginClient = (
         globus_sdk.ConfidentialAppAuthClient(config.client_id, secret.value, **client_options(config))
         if secret else auth_client(config)

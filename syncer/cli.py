@@ -16,6 +16,7 @@ import sqlite3
 import sys
 import threading
 import typing as t
+from pathlib import Path
 
 import click
 
@@ -159,7 +160,10 @@ def login(settings: _Settings, no_browser: bool, force: bool) -> None:
         return
     with TokenStore(config.token_storage) as store:
         existing = store.groups_tokens()
-        usable = existing is not None and existing.refresh_token and not store.is_rejected(existing.refresh_token)
+        usable = (
+            existing is not None and existing.refresh_token and not store.is_rejected(existing.refresh_token)
+            and store.issued_here()  # another Auth's tokens (the simulator's) are no login here
+        )
         if usable and not force:
             click.echo(f"Already logged in (tokens in {store.path}); use --force to log in again.")
             return
@@ -210,20 +214,53 @@ def sync(ctx: click.Context) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    progress = _terminal_progress() if sys.stderr.isatty() else None
-    run = sync_and_report(config, cancelled=cancelled, progress=progress)
-    if progress:
-        click.echo("", err=True)
+    with _TerminalProgress.on_stderr() as progress:
+        run = sync_and_report(config, cancelled=cancelled, progress=progress.show if progress else None)
     # the run's summary is run_sync's log line: printed here too, it reached the journal
     # (and cron's mail) twice
     ctx.exit(EXIT_PARTIAL if run.status == "partial" else EXIT_OK)
 
 
-def _terminal_progress() -> t.Callable[[int, int], None]:
-    def show(done: int, total: int) -> None:
-        click.echo(f"\rreading groups: {done}/{total}", nl=False, err=True)
+class _TerminalProgress(logging.Filter):
+    """"reading groups: N/M" on one terminal line, erased before any log line (the
+    summary among them) is written and at the end, so no line starts mid-progress."""
 
-    return show
+    _ERASE = "\r\x1b[K"  # to the line's start, then clear it
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shown = False
+
+    @classmethod
+    @contextlib.contextmanager
+    def on_stderr(cls) -> t.Iterator[_TerminalProgress | None]:
+        """A progress line while stderr is a terminal (None otherwise), hooked to the log handlers."""
+        if not sys.stderr.isatty():
+            yield None
+            return
+        progress = cls()
+        handlers = list(logging.getLogger().handlers)
+        for handler in handlers:
+            handler.addFilter(progress)
+        try:
+            yield progress
+        finally:
+            for handler in handlers:
+                handler.removeFilter(progress)
+            progress.clear()
+
+    def show(self, done: int, total: int) -> None:
+        click.echo(f"{self._ERASE}reading groups: {done}/{total}", nl=False, err=True)
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            click.echo(self._ERASE, nl=False, err=True)
+            self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.clear()  # a log line is about to be written: take the progress off its line first
+        return True
 
 
 @cli.command()
@@ -297,7 +334,8 @@ def replay(ctx: click.Context, name: str, since: str) -> None:
 @cli.command()
 @click.option("--groups", default=6, show_default=True, help="Groups in the simulated world.")
 @click.option("--members", default=8, show_default=True, help="Members per group.")
-@click.option("--dir", "folder", metavar="DIR", help="Where to put the demo's database (default: a new temporary folder).")
+@click.option("--dir", "folder", metavar="DIR", help="Where to put the demo's database (default: a folder of its own in your"
+              " user data folder, replaced at every demo; never your real database).")
 @click.pass_context
 def demo(ctx: click.Context, groups: int, members: int, folder: str | None) -> None:
     """The whole flow on this machine, offline, against the built-in simulator."""
@@ -328,7 +366,8 @@ def _in_range(low: float, high: float) -> t.Callable[[click.Context, click.Param
               help="Added to every response.")
 @click.option("--token-lifetime", default=3600, show_default=True, callback=_in_range(1, 365 * 86400),
               help="Access token lifetime (s).")
-@click.option("--world", "world_file", metavar="FILE", help="Load the world from a world file (JSON; see README).")
+@click.option("--world", "world_file", metavar="FILE",
+              help="Load the world from a world file (JSON; see docs/simulator.md).")
 @click.option("--state", "state_file", metavar="FILE",
               help="Keep the world and issued tokens in FILE across restarts (restored when it exists).")
 @click.option("--seed", default=1, show_default=True, help="Seed for the generated world.")
@@ -337,27 +376,39 @@ def _in_range(low: float, high: float) -> t.Callable[[click.Context, click.Param
 @click.option("--tls-cert", metavar="FILE", type=click.Path(dir_okay=False),
               help="Serve HTTPS with this PEM certificate (chain); needs --tls-key.")
 @click.option("--tls-key", metavar="FILE", type=click.Path(dir_okay=False), help="The certificate's private key (PEM).")
+@click.option("--dir", "syncer_dir", metavar="DIR",
+              help="Folder for syncer's database and token store while it talks to this simulator"
+              " (default: STATE.syncer beside --state, else a temporary folder removed at exit).")
 def simulate(
     port: int, groups: int, members: int, latency_ms: int, token_lifetime: int,
     world_file: str | None, state_file: str | None, seed: int, fault_rate: float,
-    tls_cert: str | None, tls_key: str | None,
+    tls_cert: str | None, tls_key: str | None, syncer_dir: str | None,
 ) -> None:
     """Serve a simulated Globus Auth + Groups on 127.0.0.1 until interrupted.
 
     Opening its login URL approves at once. Change its world while it runs with
     POST /admin/ACTION (add-member, remove-member, set-role, set-status, leave,
-    rename-group, add-client); GET /admin/world shows it. See README: The simulator.
+    rename-group, add-client); GET /admin/world shows it. See docs/simulator.md.
+
+    Besides the SDK's variables it prints SYNCER_DATABASE and SYNCER_TOKEN_STORAGE
+    for a folder of its own: export all four, and the simulator's tokens and
+    history stay out of your real store.
     """
     from syncer.errors import ConfigError
     from syncer.simulator import SimulatorSetupError, TLSFiles, serve_cli
 
     if (tls_cert is None) != (tls_key is None):
         raise _BadValue("--tls-cert and --tls-key go together")
+    if world_file and state_file and Path(state_file).exists():
+        raise _BadValue(
+            f"the state file {state_file} exists and holds its own world; give --world or an existing --state,"
+            " not both (delete the state file to start again from the world file)", param_hint="'--world'",
+        )
     try:
         serve_cli(
             port=port, groups=groups, members=members, latency_ms=latency_ms,
             token_lifetime=token_lifetime, world_file=world_file, state_file=state_file,
-            seed=seed, fault_rate=fault_rate, say=click.echo,
+            seed=seed, fault_rate=fault_rate, syncer_dir=syncer_dir, say=click.echo,
             tls=TLSFiles(tls_cert, tls_key) if tls_cert and tls_key else None,
         )
     except SimulatorSetupError as err:

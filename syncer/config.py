@@ -31,7 +31,7 @@ _GROUPS_SCOPE_PREFIXES = ("urn:globus:auth:scope:groups.api.globus.org:", "https
 MEMBERSHIP_STATUSES = ("active", "invited", "pending", "rejected", "removed", "left", "declined")
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_BARE_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+_BARE_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 #: the longest duration accepted: far beyond any sensible interval, far below what
 #: overflows the scheduler's datetime arithmetic (year 9999)
@@ -41,11 +41,15 @@ _SQLITE_MAX_BUSY_S = 24 * 86400
 
 
 def parse_duration(text: str) -> float:
-    """Parse ``"15m"``, ``"90s"``, ``"1h30m"`` or a bare number of seconds, up to 365 days."""
+    """Parse ``"15m"``, ``"90s"``, ``"1h30m"`` (up to 365 days) into seconds.
+
+    Every part needs its unit: a bare ``15`` was once taken as seconds, and a user who
+    meant minutes polled Globus sixty times as often as intended.
+    """
     text = text.strip().lower()
-    # not float(): it also takes "inf", "nan", "1e400" and "1_000"
-    if _BARE_SECONDS.fullmatch(text):
-        return _bounded_seconds(float(text), repr(text))
+    if _BARE_NUMBER.fullmatch(text):
+        raise ValueError(f"{text!r} has no unit: write e.g. \"{text}s\", \"{text}m\" or \"{text}h\"")
+    # parts are matched one by one, not float(): that also takes "inf", "nan", "1e400" and "1_000"
     pos, total = 0, 0.0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos:
@@ -199,7 +203,10 @@ def _convert(kind: str, value: t.Any, base: Path, from_text: bool) -> t.Any:
             return parse_duration(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("must be a duration such as \"30s\", \"15m\" or \"1h\"")
-        return _bounded_seconds(float(value), str(value))  # a TOML number: seconds
+        if not math.isfinite(value):
+            raise ValueError("must be a duration such as \"30s\", \"15m\" or \"1h\"")
+        # a TOML number: no unit, so no way to tell seconds from minutes
+        raise ValueError(f"a bare number ({value}) has no unit: write it in quotes with one, e.g. \"{value}s\" or \"{value}m\"")
     if kind == "mode":
         return _file_mode(value)
     if kind == "int":

@@ -11,9 +11,10 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import typing as t
 from pathlib import Path
+
+import platformdirs
 
 from syncer.config import Config
 from syncer.errors import SyncerError
@@ -54,10 +55,20 @@ def _world_changes(world: World) -> list[str]:
     return done
 
 
+def default_folder() -> Path:
+    """Where the demo keeps its database when not told: a folder of its own in the user
+    data folder (beside, never in place of, the real store), replaced at every demo so
+    that demos leave one folder behind, not one per run."""
+    return Path(platformdirs.user_data_dir("syncer", appauthor=False)) / "demo"
+
+
 def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
-    """Run the demo; its database stays in ``folder`` (default: a new temporary folder)."""
+    """Run the demo; its database stays in ``folder`` (default: ``default_folder()``,
+    the previous demo's files there replaced), so the commands it suggests work after it."""
     with contextlib.ExitStack() as stack:
-        where = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="syncer-demo-"))
+        where = Path(folder) if folder else default_folder()
+        if not folder and where.exists():
+            shutil.rmtree(where)  # the previous demo's: only the demo writes there
         where.mkdir(parents=True, exist_ok=True)
         world = World.generate(groups=max(groups, 3), members=max(members, 3), seed=7)
         sim = Simulator(world, port=0).start()
@@ -72,7 +83,7 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
         say(f"== Simulated Globus running at {sim.url} (offline, nothing leaves this machine)")
         say("== 1. syncer login (the demo plays the browser step)")
         with TokenStore(config.token_storage) as store:
-            login(config, store, no_browser=True, read_code=sim.authorize, say=lambda line: say(f"   {line}"))
+            login(config, store, no_browser=True, read_code=sim.authorize, say=_LoginNarration(say))
 
         say("== 2. first snapshot")
         first = run_sync(config)
@@ -106,6 +117,23 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
         say("== Or SQL:")
         for query in _EXAMPLE_QUERIES:
             say(f"   {_query_command(config.database, query)}")
+
+
+class _LoginNarration:
+    """What ``syncer login --no-browser`` says, retold for the demo: there is nothing to
+    paste (the demo opens the page and reads the code itself), and the URL is shown
+    without its long query."""
+
+    def __init__(self, say: Say) -> None:
+        self.say = say
+
+    def __call__(self, line: str) -> None:
+        if line.startswith("Open this URL"):
+            self.say("   the demo opens the login page, as your browser would, and reads the code off it:")
+        elif line.startswith("http"):
+            self.say(f"   {line.split('?', 1)[0]}?...")
+        else:
+            self.say(f"   {line}")
 
 
 def _describe(row: dict[str, t.Any]) -> str:

@@ -9,6 +9,13 @@ decision: keep going, or stop with 77 when Globus wants a new login.
 
 SIGTERM/SIGINT stop scheduling and cancel the run in flight: it stops reading, rolls
 back and is recorded as ``aborted``; the process exits 0 within a bound.
+
+A healthy daemon logs its runs' summary lines and nothing else (they are what
+``journalctl -u syncer`` is read for): its own start and stop are debug lines, and
+APScheduler's warnings about what this job is set up to do (a tick skipped while the
+previous snapshot, with its hooks, still runs; a late start folded into one) are
+turned into debug lines of syncer's (``SchedulerNoise``), kept out of
+``journalctl -p warning``. Any other APScheduler message passes as it is.
 """
 
 from __future__ import annotations
@@ -32,6 +39,38 @@ from syncer.reporting import sync_and_report
 from syncer.sync import Cancelled
 
 log = logging.getLogger(__name__)
+
+#: the loggers of APScheduler's scheduler and of the executor the daemon uses
+_APSCHEDULER_LOGGERS = ("apscheduler.scheduler", "apscheduler.executors.default")
+
+
+class SchedulerNoise(logging.Filter):
+    """APScheduler's warnings about what ``max_instances=1`` and ``coalesce`` are there
+    to do, as debug lines of ``syncer.scheduler`` (shown with ``-v``); others pass."""
+
+    #: a fragment of APScheduler's message, and what it means for this daemon
+    MEANINGS = (
+        ("maximum number of running instances reached",
+         "a snapshot came due while the previous one (or its hooks) was still running: skipped"),
+        ("was missed by", "a snapshot started late (the previous one ran long): the missed ones are folded into it"),
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        for fragment, meaning in self.MEANINGS:
+            if fragment in text:
+                record.name, record.msg, record.args = log.name, meaning, ()
+                record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+                return log.isEnabledFor(logging.DEBUG)
+        return True
+
+
+def quiet_scheduler_noise() -> None:
+    """Install ``SchedulerNoise`` on APScheduler's loggers (once)."""
+    for name in _APSCHEDULER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, SchedulerNoise) for f in logger.filters):
+            logger.addFilter(SchedulerNoise())
 
 # How long a stop waits for the run in flight to wind down before exiting anyway
 # (an unfinished transaction is rolled back by SQLite; the run is marked aborted later).
@@ -57,6 +96,7 @@ class Daemon:
         self.idle = threading.Event()
         self.idle.set()
         self.scheduler = BlockingScheduler(timezone=dt.UTC)
+        quiet_scheduler_noise()
 
     def run(self) -> int:
         """Schedule, block until stopped, return the exit code."""
@@ -79,7 +119,7 @@ class Daemon:
                     id="watchdog", coalesce=True, max_instances=1, misfire_grace_time=max(1, int(ping)),
                 )
             self.scheduler.add_listener(self._on_started, EVENT_SCHEDULER_STARTED)
-            log.info("scheduler starting: a snapshot every %ss", _seconds(self.interval))
+            log.debug("scheduler starting: a snapshot every %ss", _seconds(self.interval))
             self.scheduler.start()
         finally:
             for sig, handler in previous.items():
@@ -88,7 +128,7 @@ class Daemon:
         notify.notify(stopping="1", **({"status": "stopping"} if self.state.exit_code == EXIT_OK else {}))
         if not self.idle.wait(STOP_GRACE_S):
             log.warning("the run in flight did not stop within %.0fs; it will be marked aborted", STOP_GRACE_S)
-        log.info("scheduler stopped after %d run(s)", self.state.runs)
+        log.debug("scheduler stopped after %d run(s)", self.state.runs)
         return self.state.exit_code
 
     def stop(self, exit_code: int = EXIT_OK) -> None:
@@ -99,7 +139,7 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
+        log.debug("received %s: stopping", signal.Signals(signum).name)
         self.stop()
 
     def _on_started(self, event: JobExecutionEvent) -> None:

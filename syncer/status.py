@@ -18,7 +18,7 @@ from syncer.errors import EXIT_FAILED, EXIT_LOGIN_REQUIRED, EXIT_OK, EXIT_PARTIA
 from syncer.lock import sync_running
 from syncer.ownership import DatabaseOwner, database_owner, describe_owner
 from syncer.schema import connect, parse_time
-from syncer.token_store import TokenStore
+from syncer.token_store import TokenStore, current_auth
 
 RECENT_RUNS = 5
 
@@ -47,6 +47,7 @@ def token_state(config: Config) -> dict[str, t.Any]:
         with TokenStore(path) as store:
             tokens = store.groups_tokens()
             rejected = bool(tokens and tokens.refresh_token and store.is_rejected(tokens.refresh_token))
+            issuer = store.issuer()  # read only: status never records one
     except StorageError as err:
         state["error"] = str(err)
         return state
@@ -56,7 +57,8 @@ def token_state(config: Config) -> dict[str, t.Any]:
     if tokens is not None:
         expires = dt.datetime.fromtimestamp(tokens.expires_at_seconds, dt.UTC)
         state.update(
-            logged_in=bool(tokens.refresh_token) and not rejected,
+            logged_in=bool(tokens.refresh_token) and not rejected and issuer in (None, current_auth()),
+            issuer=issuer or current_auth(),
             refresh_token=bool(tokens.refresh_token),
             refresh_token_rejected=rejected,
             access_token_expires_at=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -177,6 +179,8 @@ def _login_needed(tokens: dict[str, t.Any]) -> str | None:
         return None
     if tokens.get("refresh_token_rejected"):
         return "Globus Auth rejected the stored refresh token"
+    if tokens.get("issuer") and tokens["issuer"] != current_auth():
+        return f"the stored tokens were issued by Globus Auth at {tokens['issuer']}, not by {current_auth()}"
     return "no usable tokens"
 
 
@@ -236,6 +240,9 @@ def render_text(data: dict[str, t.Any]) -> str:
         lines.append(f"tokens: client credentials (secret from {tokens['client_secret_source']}); no login needed")
     elif tokens.get("refresh_token_rejected"):
         lines.append(f"tokens: refresh token rejected by Globus Auth; run `syncer login` ({tokens['path']})")
+    elif tokens.get("issuer") and not tokens.get("logged_in") and tokens["issuer"] != current_auth():
+        lines.append(f"tokens: issued by Globus Auth at {tokens['issuer']}, not by {current_auth()};"
+                     f" run `syncer login` ({tokens['path']})")
     elif tokens.get("logged_in"):
         if tokens["access_token_expired"]:
             expiry = "expired (renews on next run)"

@@ -10,6 +10,15 @@ lock instead.
 A sync writes renewed tokens back only over the grant it renewed: a ``syncer login``
 or ``logout`` run meanwhile, in another process, has the last word (see
 ``TokenStore.save_renewal``).
+
+The store remembers which Globus Auth issued its tokens (the Auth URL the SDK used,
+per namespace, in table ``syncer_token_issuer``), so that tokens the simulator issued
+are never sent to the real Globus Auth, nor real tokens to a simulator: a store whose
+tokens came from another Auth is reported as such (``ForeignTokens``, exit 77), and a
+login replaces them. A store written before the issuer was kept has no record: its
+tokens are taken as issued by the Auth that first uses them after the upgrade (the
+one it was configured for all along, in every deployment that did not mix the two),
+and that Auth is recorded then.
 """
 
 from __future__ import annotations
@@ -27,10 +36,11 @@ import typing as t
 from pathlib import Path
 
 import globus_sdk
+import globus_sdk.config
 from globus_sdk.token_storage import SQLiteTokenStorage, TokenStorageData
 
 from syncer.client_secret import ClientSecret, secret_digest
-from syncer.errors import StorageError, os_problem
+from syncer.errors import LoginRequired, StorageError, SyncerError, os_problem
 from syncer.logs import register_secret
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,24 @@ class _Keep:
 
 
 _KEEP = _Keep()
+
+
+def current_auth() -> str:
+    """The Globus Auth this process talks to: the URL the SDK uses (honouring
+    ``GLOBUS_SDK_SERVICE_URL_AUTH`` and ``GLOBUS_SDK_ENVIRONMENT``)."""
+    return str(globus_sdk.config.get_service_url("auth"))
+
+
+class ForeignTokens(LoginRequired):
+    """The stored tokens were issued by another Globus Auth than the one configured now
+    (a LoginRequired: ``syncer run`` stops with 77 as for a rejected refresh token)."""
+
+    def __init__(self, path: Path, issuer: str, here: str, advice: str) -> None:
+        SyncerError.__init__(
+            self,
+            f"the tokens in {path} were issued by Globus Auth at {issuer}, not by the one this command"
+            f" uses ({here}); they are not sent there. {advice}"
+        )
 
 
 class _Storage(SQLiteTokenStorage):
@@ -119,14 +147,64 @@ class TokenStore:
         _keep_out_of_logs(tokens.values())
         return tokens
 
+    def issuer(self) -> str | None:
+        """The Globus Auth that issued this namespace's tokens (None: not recorded)."""
+        with self._lock:
+            try:
+                row = self._storage._connection.execute(
+                    "SELECT issuer FROM syncer_token_issuer WHERE namespace = ?", [self._storage.namespace]
+                ).fetchone()
+            except sqlite3.OperationalError:  # no table: a store from before issuers were kept
+                return None
+            return str(row[0]) if row else None
+
+    def issued_here(self) -> bool:
+        """Whether the stored tokens (if any) may be sent to the Auth this process uses.
+
+        A store with tokens but no recorded issuer (from an older syncer) is adopted by
+        the first Auth that uses it: that Auth is recorded now.
+        """
+        with self._lock:
+            issuer = self.issuer()
+            if issuer is None:
+                if self.all_tokens():
+                    self._record_issuer(current_auth())
+                return True
+            return issuer == current_auth()
+
+    def check_issuer(self, advice: str = "Run `syncer login` to log in to this one.") -> None:
+        """Raise ForeignTokens (77) when the stored tokens came from another Globus Auth."""
+        if not self.issued_here():
+            raise ForeignTokens(self.path, self.issuer() or "?", current_auth(), advice)
+
+    def _record_issuer(self, issuer: str) -> None:
+        connection = self._storage._connection
+        try:
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS syncer_token_issuer (namespace TEXT PRIMARY KEY, issuer TEXT NOT NULL)"
+            )
+            connection.execute(
+                "INSERT OR REPLACE INTO syncer_token_issuer VALUES (?, ?)", [self._storage.namespace, issuer]
+            )
+            connection.commit()
+        except sqlite3.DatabaseError as err:
+            raise StorageError(f"{self.path}: token store error: {err}") from None
+
     def save(self, response: globus_sdk.OAuthTokenResponse, identity_id: str | _Keep | None = _KEEP) -> None:
         """Store every token in a login or refresh response, all in one transaction.
 
         A refresh response that omits the refresh token keeps the stored one.
         ``identity_id``: whose tokens these are (a login says, from its ``id_token``;
         see ``syncer.ownership``); a renewal leaves it out and keeps the stored one.
+        Tokens another Globus Auth issued are dropped first: the response came from the
+        Auth this process uses, which is recorded as the issuer.
         """
         with self._lock:
+            here, issuer = current_auth(), self.issuer()
+            if issuer != here:  # a renewal (same Auth) writes nothing here: it runs in one transaction
+                if issuer is not None:
+                    self.clear()
+                self._record_issuer(here)
             previous = self.all_tokens()
             data: dict[str, TokenStorageData] = {}
             for resource_server, token in response.by_resource_server.items():

@@ -23,7 +23,7 @@ a plugin registered in this process (``SyncerPlugin``):
   lists the ids). Anything else raises an SQLite error whose message Datasette shows
   on the page (and in JSON, with HTTP 400): never an answer to another question.
 
-Datasette is an optional extra (``pip install 'syncer[datasette]'``), pinned below
+Datasette is an optional extra (``pip install 'globus-group-syncer[datasette]'``), pinned below
 1.0, where canned queries moved out of the metadata.
 """
 
@@ -44,7 +44,10 @@ if t.TYPE_CHECKING:
 
 METADATA_FILE = Path(__file__).with_name("datasette_metadata.json")
 METADATA_DATABASE = "groups"
-INSTALL_HINT = "pip install 'syncer[datasette]'"
+INSTALL_HINT = (
+    "pip install 'globus-group-syncer[datasette]'"
+    " (a pipx install: pipx inject globus-group-syncer 'datasette>=0.65,<0.66')"
+)
 # what users query (SPEC, "Database"); every other table is syncer's own
 USER_FACING = frozenset(
     ("sync_runs", "groups", "group_history", "identities", "memberships", "membership_history",

@@ -34,14 +34,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text, seconds",
-    [("15m", 900), ("90s", 90), ("1h30m", 5400), ("2d", 172800), ("45", 45), ("0.5s", 0.5)],
+    [("15m", 900), ("90s", 90), ("1h30m", 5400), ("2d", 172800), ("0.5s", 0.5), (" 1M ", 60)],
 )
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize(
-    "text", ["", "m", "15x", "1h 30m", "-5s", "15m3", "inf", "nan", "1e400", "1_000", "366d", "9" * 400 + "s"]
+    "text", ["", "m", "15x", "1h 30m", "-5s", "15m3", "inf", "nan", "1e400", "1_000", "366d", "9" * 400 + "s",
+             "45", "1.5", "0", "-3"]  # a bare number has no unit: seconds or minutes?
 )
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
@@ -156,7 +157,7 @@ def test_invalid_values_name_file_and_key(tmp_path: Path, body: str, key: str) -
 def test_file_values_keep_their_toml_types(tmp_path: Path) -> None:
     conf = tmp_path / "syncer.toml"
     conf.write_text(
-        'interval = 90\njitter = 1.5\nhttp_timeout = "10s"\nconcurrency = 8\n'
+        'interval = "90s"\njitter = "1.5s"\nhttp_timeout = "10s"\nconcurrency = 8\n'
         'scopes = ["openid", "urn:globus:auth:scope:groups.api.globus.org:all"]\n'
         'groups = ["d3974728-6458-11e4-b72d-123139141556"]\nmy_statuses = ["active", "invited"]\n'
     )
@@ -339,3 +340,38 @@ def test_first_release_database_keeps_working(env: Env) -> None:
     assert [r["id"] for r in runs] == [1, 2, 3] and runs[-1]["status"] == "ok"
     kept = {tuple(r) for r in env.query(f"SELECT {columns} FROM membership_history WHERE from_run < 3")}
     assert {tuple(r) for r in before if r["to_run"] is not None} <= kept
+
+
+@pytest.mark.parametrize(
+    "where, value",
+    [("file", "interval = 15"), ("file", "jitter = 30"), ("file", "http_timeout = 1.5"),
+     ("environment", "SYNCER_INTERVAL=15"), ("environment", "SYNCER_BUSY_TIMEOUT=2.5")],
+)
+def test_a_bare_number_as_a_duration_is_a_config_error(tmp_path: Path, where: str, value: str) -> None:
+    """`interval = 15` meant minutes and polled every 15 s: now `syncer sync` refuses it, naming file and key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCER_", "GLOBUS_"))}
+    conf = tmp_path / "syncer.toml"
+    conf.write_text('database = "groups.db"\ntoken_storage = "tokens.db"\n' + (value + "\n" if where == "file" else ""))
+    env["SYNCER_CONFIG"] = str(conf)
+    if where == "environment":
+        name, number = value.split("=")
+        env[name] = number
+    result = subprocess.run(
+        [sys.executable, "-m", "syncer", "sync"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 78, result.stderr
+    [line] = result.stderr.splitlines()
+    named = str(conf) + ": key '" + value.split(" =")[0] + "'" if where == "file" else f"environment variable {name}"
+    assert line.startswith(f"syncer: error: {named}: ") and "no unit" in line, line
+    assert not (tmp_path / "groups.db").exists()  # nothing was started
+
+
+def test_run_interval_without_a_unit_is_a_usage_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
+    env["SYNCER_CONFIG"] = str(tmp_path / "absent.toml")
+    result = subprocess.run(
+        [sys.executable, "-m", "syncer", "run", "--interval", "15"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "'--interval'" in result.stderr and "'15' has no unit" in result.stderr

@@ -45,3 +45,28 @@ def test_demo_runs_offline_and_leaves_a_queryable_database(tmp_path: Path) -> No
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert again.returncode == 1 and "already exists" in again.stderr
+
+
+def test_demo_without_a_folder_replaces_its_own_and_leaves_no_temporary_ones(tmp_path: Path) -> None:
+    """Run twice without --dir: one folder of the demo's own (the second run replaces the
+    first's database), nothing in the temporary folder, and no "paste" while it plays the browser."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCER_", "GLOBUS_", "XDG_"))}
+    env["HOME"] = str(tmp_path / "home")
+    env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    outputs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "syncer", "demo"], env=env, capture_output=True, text=True, timeout=120,
+        )
+        record(proc.stdout, proc.stderr)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    folder = tmp_path / "home" / ".local" / "share" / "syncer" / "demo"
+    assert f"== Database: {folder / 'groups.db'}" in outputs[1]
+    conn = sqlite3.connect(folder / "groups.db")
+    assert [r[0] for r in conn.execute("SELECT id FROM sync_runs")] == [1, 2]  # the second demo's, afresh
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert not (tmp_path / "home" / ".local" / "share" / "syncer" / "groups.db").exists()  # the real store: untouched
+    assert all("paste" not in out.lower() for out in outputs)
+    assert "the demo opens the login page" in outputs[0]

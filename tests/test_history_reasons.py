@@ -172,8 +172,8 @@ def test_the_latest_runs_changes_are_found_after_a_failed_run(logged_in: Env) ->
 
 
 def readme_queries() -> dict[str, str]:
-    """The README's example SQL, by the paragraph that introduces each."""
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    """The example SQL of docs/database.md, by the paragraph that introduces each."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "database.md").read_text()
     section = text[text.index("### Example queries"):]
     found = re.findall(r"\n\n((?:[^\n]+\n)+?)\n```sql\n(.*?)```", section, flags=re.S)
     return {" ".join(title.split()): sql for title, sql in found}

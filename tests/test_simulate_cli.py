@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shlex
 import signal
 import socket
 import stat
@@ -27,19 +28,22 @@ def browser_step(url: str) -> str:
     return match.group(1).strip()
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+SIMULATOR_DOC = Path(__file__).resolve().parent.parent / "docs" / "simulator.md"
 
 
 class Served(t.NamedTuple):
     proc: subprocess.Popen[str]
     url: str
+    #: every `export NAME=VALUE` line it printed, as a shell would read them
+    exported: dict[str, str]
 
 
 @contextlib.contextmanager
-def simulate(env: Env, *args: str) -> t.Iterator[Served]:
-    """`syncer simulate --port 0 ARGS` in its own process; env points syncer at it."""
+def simulate(env: Env, *args: str, export_all: bool = False, port: str = "0") -> t.Iterator[Served]:
+    """`syncer simulate --port PORT ARGS` in its own process; env points syncer at it (the
+    SDK's variables; ``export_all``: also its SYNCER_* ones, as a user pasting them)."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "syncer", "simulate", "--port", "0", *args],
+        [sys.executable, "-m", "syncer", "simulate", "--port", port, *args],
         env=env.vars, cwd=env.tmp, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -47,13 +51,13 @@ def simulate(env: Env, *args: str) -> t.Iterator[Served]:
         exported = {}
         for line in server.stdout:
             if line.startswith("export "):
-                key, value = line[len("export "):].strip().split("=", 1)
+                key, value = shlex.split(line[len("export "):])[0].split("=", 1)
                 exported[key] = value
-            if len(exported) == 2:
+            if line.startswith("# Globus simulator on"):  # printed after the exports
                 break
-        assert len(exported) == 2, server.communicate(timeout=10)
-        env.vars.update(exported)
-        yield Served(server, exported["GLOBUS_SDK_SERVICE_URL_AUTH"].removesuffix("/auth/"))
+        assert len(exported) == 4, server.communicate(timeout=10)
+        env.vars.update({k: v for k, v in exported.items() if export_all or k.startswith("GLOBUS_")})
+        yield Served(server, exported["GLOBUS_SDK_SERVICE_URL_AUTH"].removesuffix("/auth/"), exported)
     finally:
         server.send_signal(signal.SIGTERM)
         out, err = server.communicate(timeout=30)
@@ -105,7 +109,9 @@ def test_a_login_survives_a_simulator_restart_with_state(env: Env) -> None:
     assert stat.S_IMODE(state.stat().st_mode) == 0o600
     saved = json.loads(state.read_text())
     assert saved["format"] == "syncer-simulator-state" and saved["tokens"]["refresh_tokens"]
-    with simulate(env, "--state", str(state)) as served:
+    # on the same address: the token store knows which Globus Auth issued its tokens
+    port = env.vars["GLOBUS_SDK_SERVICE_URL_AUTH"].split(":")[2].split("/")[0]
+    with simulate(env, "--state", str(state), port=port) as served:
         assert len(admin(served, "world")["groups"]) == 3  # the same world, not a new one
         result = env.run("sync")  # the stored tokens still work: no new login
         assert result.returncode == 0, result.output
@@ -170,8 +176,8 @@ def test_a_busy_port_is_one_error_line(env: Env) -> None:
 
 
 def readme_world() -> dict[str, t.Any]:
-    """The world file README.md documents, as written there."""
-    text = README.read_text()
+    """The world file docs/simulator.md documents, as written there."""
+    text = SIMULATOR_DOC.read_text()
     block = text.split("<!-- world-file-example -->\n```json\n", 1)[1].split("```", 1)[0]
     return t.cast(dict[str, t.Any], json.loads(block))
 
@@ -260,3 +266,68 @@ def test_a_bad_state_file_is_one_line(env: Env, content: str | None, problem: st
     result = env.run("simulate", "--port", "0", "--state", str(path), timeout=60)
     assert (result.returncode, result.stdout) == (78, "")
     assert result.stderr.splitlines() == [f"syncer: error: {path}: {problem}"]
+
+
+# ------------------------------------------- the simulator's data apart from the real store
+
+
+def test_the_exported_lines_keep_the_simulators_tokens_and_history_apart(env: Env) -> None:
+    """A user who pastes every export line: login and sync land in the simulator's own
+    folder, never in the configured (real) database and token store."""
+    with simulate(env, "--groups", "3", "--members", "4", export_all=True) as served:
+        folder = Path(served.exported["SYNCER_DATABASE"]).parent
+        assert Path(served.exported["SYNCER_TOKEN_STORAGE"]).parent == folder and folder.is_dir()
+        assert folder.name.startswith("syncer-simulate-")
+        assert login_by_hand(env).returncode == 0
+        assert env.run("sync").returncode == 0
+        assert (folder / "groups.db").exists() and (folder / "tokens.db").exists()
+        assert not env.database.exists() and not env.tokens.exists()  # the real store: untouched
+    assert not folder.exists()  # its world is gone, and so is what syncer kept of it
+
+
+def test_a_state_file_keeps_its_syncer_folder_beside_it(env: Env) -> None:
+    state = env.tmp / "sim-state.json"
+    with simulate(env, "--groups", "2", "--members", "3", "--state", str(state), export_all=True) as served:
+        assert served.exported["SYNCER_DATABASE"] == str(env.tmp / "sim-state.syncer" / "groups.db")
+        assert login_by_hand(env).returncode == 0
+        assert env.run("sync").returncode == 0
+    assert (env.tmp / "sim-state.syncer" / "groups.db").exists()
+    port = env.vars["GLOBUS_SDK_SERVICE_URL_AUTH"].split(":")[2].split("/")[0]
+    with simulate(env, "--state", str(state), export_all=True, port=port):  # restarted: the same folder, logged in
+        assert env.run("sync").returncode == 0
+    assert not env.database.exists()
+
+
+def test_a_world_file_beside_an_existing_state_file_is_refused(env: Env) -> None:
+    state = env.tmp / "sim-state.json"
+    with simulate(env, "--groups", "2", "--members", "3", "--state", str(state)):
+        pass
+    world = env.tmp / "world.json"
+    world.write_text(json.dumps(readme_world()))
+    result = env.run("simulate", "--port", "0", "--state", str(state), "--world", str(world), timeout=60)
+    assert (result.returncode, result.stdout) == (2, "")
+    [line] = result.stderr.splitlines()
+    assert line.startswith("syncer: error: Invalid value for '--world': the state file") and str(state) in line
+
+
+@pytest.mark.parametrize(
+    "place, change",
+    [
+        ("colour", lambda w: w.update(colour="blue")),
+        ("identities[0].nickname", lambda w: w["identities"][0].update(nickname="x")),
+        ("groups[0].members", lambda w: w["groups"][0].update(members=[])),
+        ("groups[0].policies.group_visiblity", lambda w: w["groups"][0]["policies"].update(group_visiblity="public")),
+        ("groups[0].memberships[0].rol", lambda w: w["groups"][0]["memberships"][0].update(rol="admin")),
+        ("clients[0].scope", lambda w: w["clients"][0].update(scope="all")),
+    ],
+)
+def test_unknown_world_keys_are_refused(env: Env, place: str, change: t.Callable[[dict[str, t.Any]], None]) -> None:
+    world = readme_world()
+    world["groups"][0].setdefault("policies", {})
+    change(world)
+    path = env.tmp / "world.json"
+    path.write_text(json.dumps(world))
+    result = env.run("simulate", "--port", "0", "--world", str(path), timeout=60)
+    assert (result.returncode, result.stdout) == (78, "")
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"syncer: error: {path}: not a valid world file: {place}: unknown key (known: "), line

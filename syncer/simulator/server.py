@@ -28,11 +28,14 @@ import os
 import random
 import re
 import secrets
+import shlex
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import typing as t
@@ -630,13 +633,16 @@ class Simulator:
     def access_token_lifetime(self, value: int) -> None:
         self.faults.access_token_lifetime = value
 
-    def serve_forever(self, print_env: bool = True, say: Callable[[str], Any] | None = None) -> None:
-        """Start (if needed) and block until SIGINT/SIGTERM, then stop."""
+    def serve_forever(
+        self, print_env: bool = True, say: Callable[[str], Any] | None = None, extra_env: dict[str, str] | None = None
+    ) -> None:
+        """Start (if needed) and block until SIGINT/SIGTERM, then stop. ``extra_env``:
+        more variables to print after the SDK's (quoted for a POSIX shell)."""
         say = say or (lambda s: print(s, flush=True))
         self.start()
         if print_env:
-            for k, v in self.env.items():
-                say(f"export {k}={v}")
+            for k, v in {**self.env, **(extra_env or {})}.items():
+                say(f"export {k}={shlex.quote(v)}")
             say(
                 f"# Globus simulator on {self.url}: {len(self.world.groups)} groups, "
                 f"me={self.world.me}. Ctrl-C to stop."
@@ -1565,6 +1571,7 @@ def serve_cli(
     state_file: str | None = None,
     seed: int = 1,
     fault_rate: float = 0.0,
+    syncer_dir: str | None = None,
     say: Callable[[str], Any] | None = None,
     tls: TLSFiles | None = None,
 ) -> None:
@@ -1572,8 +1579,11 @@ def serve_cli(
 
     ``fault_rate`` is the share of group reads that get a random fault. With
     ``state_file``, an existing file restores the world and the tokens issued (the
-    world file and generation options are then ignored), and changes are written
-    back while serving. Raises ``SimulatorSetupError`` when it cannot start.
+    CLI refuses a world file beside it: the state holds the world), and changes are written
+    back while serving. Besides the SDK's variables it prints ``SYNCER_DATABASE`` and
+    ``SYNCER_TOKEN_STORAGE`` for a folder of the simulator's own (see
+    ``simulator_folder``), so its tokens and history never mix into a real store.
+    Raises ``SimulatorSetupError`` when it cannot start.
     """
     say = say or (lambda s: print(s, flush=True))
     saved = None
@@ -1602,10 +1612,49 @@ def serve_cli(
         raise SimulatorSetupError(f"cannot use the TLS certificate and key: {err.reason or err}", config=True) from None
     except OSError as err:
         raise SimulatorSetupError(f"cannot listen on 127.0.0.1:{port}: {err.strerror or err}", config=False) from None
+    folder = simulator_folder(syncer_dir, state_file)
     for client_id in world.clients:
         say(f"# confidential client {client_id} (its secret is in the world or state file)")
-    say(f"# admin: GET {sim.url}/admin/world; POST {sim.url}/admin/ACTION (see README: Simulator)")
-    sim.serve_forever(print_env=True, say=say)
+    say(f"# admin: GET {sim.url}/admin/world; POST {sim.url}/admin/ACTION (see docs/simulator.md)")
+    kept = "kept" if folder.kept else "removed when the simulator stops, with its world"
+    say(f"# syncer's database and token store for this simulator: {folder.path} ({kept})")
+    syncer_env = {"SYNCER_DATABASE": str(folder.path / "groups.db"), "SYNCER_TOKEN_STORAGE": str(folder.path / "tokens.db")}
+    try:
+        sim.serve_forever(print_env=True, say=say, extra_env=syncer_env)
+    finally:
+        if not folder.kept:
+            shutil.rmtree(folder.path, ignore_errors=True)
+
+
+class SimulatorFolder(t.NamedTuple):
+    """Where syncer keeps what it gets from one simulator: never the real store."""
+
+    path: Path
+    #: False for a temporary folder, whose world (and so its data) ends with the simulator
+    kept: bool
+
+
+def simulator_folder(syncer_dir: str | None, state_file: str | None) -> SimulatorFolder:
+    """The folder for syncer's database and token store while it talks to this simulator.
+
+    ``syncer_dir`` if given; beside a state file, ``STEM.syncer`` (the state keeps the
+    world and its tokens, so the history stays meaningful across restarts); else a new
+    temporary folder, removed when the simulator stops: its world is generated afresh
+    next time, and tokens from it would be worthless.
+    """
+    try:
+        if syncer_dir:
+            path = Path(syncer_dir).expanduser().absolute()
+        elif state_file:
+            state = Path(state_file).expanduser().absolute()
+            path = state.with_name(f"{state.stem}.syncer")
+        else:
+            return SimulatorFolder(Path(tempfile.mkdtemp(prefix="syncer-simulate-")), kept=False)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as err:
+        raise SimulatorSetupError(f"{syncer_dir or state_file}: cannot make the simulator's folder: {err.strerror or err}",
+                                  config=True) from None
+    return SimulatorFolder(path, kept=True)
 
 
 _T = t.TypeVar("_T")

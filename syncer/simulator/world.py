@@ -24,7 +24,7 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 __all__ = [
@@ -1247,8 +1247,28 @@ def _objects(doc: dict[str, Any], key: str, path: str, optional: bool = False) -
         yield f"{here}[{n}]", item
 
 
+_IDENTITY_KEYS = ("id", "username", "name", "email", "institution")
+
+
+def _group_doc_keys() -> tuple[frozenset[str], frozenset[str]]:
+    """The keys a world file's group and its policies may have: those a stored group has
+    (so a world the simulator wrote reads back), nothing a typo could add."""
+    record = _group_record(
+        "", name="", description="", parent_id=None, group_visibility="private", members_visibility="managers",
+        memberships={},
+    )
+    return frozenset(record), frozenset(record["policies"])
+
+
+def _known_keys(doc: dict[str, Any], known: Iterable[str], path: str) -> None:
+    """Reject a key the format does not have: a misspelt one would silently be ignored."""
+    unknown = sorted(set(doc) - set(known))
+    if unknown:
+        raise _where(f"{path}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(known))})")
+
+
 def validate_world_doc(data: Any) -> None:
-    """Check a world-file document against the format README.md documents;
+    """Check a world-file document against the format docs/simulator.md documents;
     raise ``ValueError`` naming the first problem's place."""
     if not isinstance(data, dict):
         raise ValueError("must be a JSON object")
@@ -1262,7 +1282,9 @@ def validate_world_doc(data: Any) -> None:
         raise _where(unknown[0], f"unknown key (known: {', '.join(sorted(known))})")
     ids: set[str] = set()
     usernames: set[str] = set()
+    group_keys, policy_keys = _group_doc_keys()
     for path, ident in _objects(data, "identities", ""):
+        _known_keys(ident, _IDENTITY_KEYS, path)
         iid = _need(ident, "id", str, path)
         username = _need(ident, "username", str, path)
         for key in ("name", "email", "institution"):
@@ -1274,6 +1296,7 @@ def validate_world_doc(data: Any) -> None:
         ids.add(iid)
         usernames.add(username)
     for path, client in _objects(data, "clients", "", optional=True):
+        _known_keys(client, ("id", "secret"), path)
         ids.add(_need(client, "id", str, path))
         if not _need(client, "secret", str, path):
             raise _where(f"{path}.secret", "must not be empty")
@@ -1282,6 +1305,7 @@ def validate_world_doc(data: Any) -> None:
         raise _where("me", f"{me!r} is not one of the identities")
     gids: set[str] = set()
     for path, group in _objects(data, "groups", ""):
+        _known_keys(group, group_keys, path)
         gid = _need(group, "id", str, path)
         if gid in gids:
             raise _where(f"{path}.id", f"duplicate group {gid!r}")
@@ -1290,11 +1314,13 @@ def validate_world_doc(data: Any) -> None:
         _need(group, "description", str, path, optional=True)
         _need(group, "parent_id", str, path, optional=True)
         policies = _need(group, "policies", dict, path, optional=True) or {}
+        _known_keys(policies, policy_keys, f"{path}.policies")
         for key, allowed in (("group_visibility", GROUP_VISIBILITIES), ("group_members_visibility", VISIBILITIES)):
             if key in policies and policies[key] not in allowed:
                 raise _where(f"{path}.policies.{key}", f"must be one of {', '.join(allowed)}")
         members: set[str] = set()
         for where, m in _objects(group, "memberships", path):
+            _known_keys(m, ("identity_id", *Membership._KEYS), where)
             iid = _need(m, "identity_id", str, where)
             if iid not in ids:
                 raise _where(f"{where}.identity_id", f"{iid!r} is not one of the identities")
