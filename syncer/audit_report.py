@@ -398,18 +398,35 @@ def _style(pygal: t.Any, colors: t.Sequence[str]) -> t.Any:
     return Style(
         colors=tuple(colors), background="transparent", plot_background="#ffffff",
         font_family='system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", "Liberation Sans", sans-serif',
-        label_font_size=13, major_label_font_size=13, legend_font_size=14, value_font_size=12,
-        title_font_size=16, tooltip_font_size=13,
+        # large enough to read on a phone, where a 900-unit-wide chart is drawn 560 px wide
+        label_font_size=15, major_label_font_size=15, legend_font_size=16, value_font_size=14,
+        title_font_size=18, tooltip_font_size=15,
     )
 
 
-def _config(pygal: t.Any, colors: t.Sequence[str], **extra: t.Any) -> dict[str, t.Any]:
-    # js=[]: no script tag at all; the page must load nothing. Titles per mark come from _titled.
-    settings = dict(js=[], style=_style(pygal, colors), width=900, height=420, legend_at_bottom=True,
+def _config(
+    pygal: t.Any, colors: t.Sequence[str], top: int | None = None, low: int = 0, **extra: t.Any,
+) -> dict[str, t.Any]:
+    """pygal settings shared by every chart; ``top`` and ``low``: the largest and smallest
+    counts drawn, for whole-number ticks."""
+    # js=[]: no external script (_titled drops the inline one). Titles per mark come from _titled.
+    settings = dict(js=[], style=_style(pygal, colors), width=900, height=440, legend_at_bottom=True,
                     legend_at_bottom_columns=4, truncate_legend=40, truncate_label=-1, show_x_guides=False,
-                    margin=16, no_data_text="nothing in this period", print_values=False)
+                    margin=16, margin_bottom=24, margin_right=64,  # margin_right: room for the last rotated x label
+                    no_data_text="nothing in this period", print_values=False)
+    if top is not None:
+        ticks = _ticks(top, low)
+        settings.update(y_labels=ticks, range=(ticks[0], ticks[-1]))
     settings.update(extra)
     return settings
+
+
+def _ticks(top: int, low: int = 0) -> list[int]:
+    """Whole-number axis ticks from ``low`` (rounded down) past ``top``, at most about ten:
+    counts have no fractions."""
+    step = next(m * 10**e for e in range(15) for m in (1, 2, 5) if (top - low) / (m * 10**e) <= 10)
+    start = low - low % step
+    return list(range(start, top + step, step)) if top > start else [start, start + 1]
 
 
 def _titled(chart: pygal.graph.graph.Graph, series: t.Sequence[str], describe: t.Callable[[str, str, str], str]) -> str:
@@ -455,6 +472,10 @@ def _numbers(table_html: str, summary: str = "The numbers in this chart") -> str
     return f"<details><summary>{_e(summary)}</summary>{table_html}</details>"
 
 
+def _stamp(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def _when_text(stamp: str) -> str:
     """Database time text as people read it: ``2026-06-01 09:30 UTC``."""
     return f"{stamp[:10]} {stamp[11:16]} UTC" if len(stamp) >= 16 else stamp
@@ -481,15 +502,20 @@ def _members_section(pygal: t.Any, data: ReportData) -> str:
              " change in the group (<code>syncer members GROUP --at run:N</code>).</p>")
     if not any(s.points for s in data.series):
         return f'<section id="members"><h2>Active members over time</h2>{intro}<p>No group with visible members.</p></section>'
+    counts = [p.active for s in data.series for p in s.points]
+    times = [p.at for s in data.series for p in s.points]
+    # runs within a few days of each other: their dates alone would all read the same
+    short = _stamp(max(times)) - _stamp(min(times)) < dt.timedelta(days=3)
     chart = pygal.DateTimeLine(**_config(
-        pygal, SERIES_COLORS, x_value_formatter=lambda d: d.strftime("%Y-%m-%d"), x_label_rotation=20,
-        dots_size=3, show_dots=True, allow_interruptions=True, title="Active members",
+        pygal, SERIES_COLORS, top=max(counts), low=min(counts), x_label_rotation=20,
+        x_value_formatter=lambda d: d.strftime("%Y-%m-%d %H:%M" if short else "%Y-%m-%d"),
+        dots_size=3, show_dots=True, allow_interruptions=True, title="Active members", legend_at_bottom_columns=2,
     ))
     names = []
     for series in data.series:
         label = _clean(series.name or series.group_id)
         names.append(label)
-        chart.add(label, [(dt.datetime.fromisoformat(p.at.replace("Z", "+00:00")), p.active) for p in series.points])
+        chart.add(label, [(_stamp(p.at), p.active) for p in series.points])
     svg = _titled(chart, names, lambda name, x, value: f"{name}: {value} active members")
     # pygal's DateTimeLine puts no x label into the marks: the table gives the run and time
     notes = "".join(f"<p class=\"note\">{_e(s.name or s.group_id)}: more than {MAX_POINTS} runs changed it; drawn at"
@@ -508,6 +534,7 @@ def _kinds_present(rows: t.Sequence[KindCounts]) -> tuple[str, ...]:
 def _events_section(pygal: t.Any, data: ReportData) -> str:
     kinds = _kinds_present(data.weeks)
     chart = pygal.StackedBar(**_config(pygal, [KIND_COLORS[k] for k in kinds], x_label_rotation=30,
+                                       top=max((w.total for w in data.weeks), default=0),
                                        title="Events per week (weeks start on Monday, UTC)"))
     chart.x_labels = [w.label for w in data.weeks]
     for k in kinds:
@@ -529,7 +556,7 @@ def _movers_chart(pygal: t.Any, rows: list[KindCounts], title: str, table_id: st
     kinds = _kinds_present(rows)
     ordered = list(reversed(rows))  # horizontal bars draw bottom-up: the biggest on top
     chart = pygal.HorizontalStackedBar(**_config(pygal, [KIND_COLORS[k] for k in kinds], title=title,
-                                                 height=max(260, 60 + 32 * len(rows))))
+                                                 top=max(r.total for r in rows), height=max(280, 90 + 34 * len(rows))))
     chart.x_labels = [_clean(r.label)[:40] for r in ordered]
     for k in kinds:
         chart.add(k, [getattr(r, k) for r in ordered])
@@ -552,6 +579,7 @@ def _runs_section(pygal: t.Any, data: ReportData) -> str:
     unit = data.run_unit
     chart = pygal.StackedBar(**_config(pygal, [STATUS_COLORS[s] for s in statuses], x_label_rotation=30,
                                        show_minor_x_labels=False, x_labels_major_every=max(1, len(data.runs) // 12),
+                                       top=max((sum(getattr(r, s) for s in RUN_STATUSES) for r in data.runs), default=0),
                                        title=f"Runs per {unit} by status"))
     chart.x_labels = [r.start for r in data.runs]
     for s in statuses:
