@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench import CHURN, SEED, Syncer, log, python_command, run_child  # noqa: E402 - bench.py sits beside this file
+from bench import CHURN, SEED, ReadOnly, Syncer, log, python_command, run_child  # noqa: E402 - bench.py sits beside this file
 
 TARGET_S = 10.0
 TARGET_BYTES = 4 * 1024 * 1024  # "a few MiB"
@@ -87,13 +87,13 @@ def main() -> None:
         if not args.db:
             log(f"{args.world}: building the database in {work}")
             build(work, sim, world, args.churns)
-        with sqlite3_ro(work / "groups.db") as conn:
+        with ReadOnly(work / "groups.db") as conn:
             runs, events = conn.execute("SELECT count(*), sum(changes) FROM sync_runs").fetchone()
             versions = conn.execute("SELECT count(*) FROM membership_history").fetchone()[0]
         print(f"database: {args.world}, {runs} runs, {events:,} events, {versions:,} membership versions,"
               f" {(work / 'groups.db').stat().st_size / 1024 / 1024:.0f} MiB")
         time_report(work, sim, [])
-        with sqlite3_ro(work / "groups.db") as conn:
+        with ReadOnly(work / "groups.db") as conn:
             largest = conn.execute("SELECT id FROM groups ORDER BY active_member_count DESC LIMIT 1").fetchone()[0]
         time_report(work, sim, ["--group", largest])
     finally:
@@ -103,12 +103,6 @@ def main() -> None:
         else:
             shutil.rmtree(work.parent, ignore_errors=True)
     log(f"total {time.perf_counter() - began:.0f} s")
-
-
-def sqlite3_ro(path: Path):  # noqa: ANN201 - a context manager from bench.py
-    from bench import ReadOnly
-
-    return ReadOnly(path)
 
 
 if __name__ == "__main__":

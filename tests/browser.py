@@ -56,8 +56,9 @@ class Browser:
 
         self.proc = subprocess.Popen(
             [path, *FLAGS, f"--user-data-dir={self._profile.name}", "--remote-debugging-pipe", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            preexec_fn=wire, close_fds=False,  # noqa: PLW1509 - the fds must be set up in the child
+            # its own logging is not read (a full pipe would stall it): the protocol reports what matters
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=wire, close_fds=False,  # fds 3 and 4 are set up in the child, and must survive exec
         )
         os.close(to_child_r)
         os.close(from_child_w)
@@ -76,8 +77,6 @@ class Browser:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
-        if self.proc.stderr:
-            self.proc.stderr.close()
         os.close(self._to_child)
         os.close(self._from_child)
         self._profile.cleanup()
