@@ -385,10 +385,15 @@ def _clean(value: t.Any) -> str:
     """A value as text fit for HTML and SVG: control characters shown escaped (never sent
     raw: XML cannot hold most of them, and a name may contain anything)."""
     text = "" if value is None else str(value)
+    if _CONTROL.search(text) is None:
+        return text
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _e(value: t.Any) -> str:
+    """A value as HTML text (a report holds a hundred thousand cells: numbers skip the work)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     return html.escape(_clean(value))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from browser import Browser, chromium_path
 from conftest import Env, Result, record
+from helpers import admin_groups
 from history_scenario import LONG_NAME, Scenario
 
 from syncer.audit_report import INSTALL_HINT
@@ -317,3 +318,28 @@ def test_chromium_renders_it_offline_without_errors(whole: tuple[Path, Page], wi
     # the page never scrolls sideways as a whole: wide charts and tables scroll in their own boxes
     assert visit.layout["scrollWidth"] <= visit.layout["innerWidth"]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+# ------------------------------------------------------------ end to end
+
+
+def test_a_hostile_group_name_is_shown_as_text(logged_in: Env, tmp_path: Path) -> None:
+    """Two real syncs with a rename and a join between them; the name that would be
+    markup (and holds a control character) reads as text in every table and chart."""
+    env = logged_in
+    assert env.run("sync").returncode == 0
+    gid = admin_groups(env.world)[0]
+    name = '<script>alert("x")</script> & Lab\x07'
+    env.world.rename_group(gid, name)
+    joiner = env.world.add_member(gid)
+    assert env.run("sync").returncode == 0
+    out = tmp_path / "r.html"
+    result, page = report(env, out, "--group", gid, "--since", "1d")
+    assert result.returncode == 0, result.output
+    assert page is not None and page.tags["script"] == 0
+    shown = name.replace("\x07", "\\x07")
+    assert page.header["Scope"] == f"group {shown} ({gid})"
+    assert [(r[2], r[3], r[5]) for r in page.tables["events"]] == [
+        (shown, env.world.identities[joiner]["username"], "joined")]
+    assert [r[1] for r in page.tables["groups"]] == [shown]
+    assert "\x07" not in out.read_text()
