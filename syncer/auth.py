@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import typing as t
+import urllib.parse
+from pathlib import Path
 
 import globus_sdk
+import requests
 from globus_sdk.transport import RequestsTransport, RetryCheck, RetryCheckResult, RetryConfig, RetryContext
 
 from syncer.client_secret import ClientSecret, load_client_secret
 from syncer.config import Config, is_groups_scope
 from syncer.errors import ConfigError, LoginRequired, SyncerError
+from syncer.ownership import CLIENT, IDENTITY, Credentials
 from syncer.token_store import GROUPS_RESOURCE_SERVER, TokenStore
 
 log = logging.getLogger(__name__)
@@ -40,9 +45,57 @@ def client_options(config: Config, checks: t.Sequence[RetryCheck] = ()) -> dict[
     retry_config = RetryConfig(max_retries=MAX_RETRIES, max_sleep=MAX_RETRY_SLEEP)
     retry_config.checks.register_many_checks([check_session_required, *checks])
     return {
-        "transport": RequestsTransport(http_timeout=config.http_timeout),
+        "transport": RequestsTransport(http_timeout=config.http_timeout, verify_ssl=trusted_cas()),
         "retry_config": retry_config,
     }
+
+
+#: where requests and OpenSSL are told which CAs to trust, in the order they count:
+#: GLOBUS_SDK_VERIFY_SSL (the SDK's own; also "false"), then as requests reads them
+CA_VARIABLES = ("GLOBUS_SDK_VERIFY_SSL", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE")
+
+
+#: GLOBUS_SDK_VERIFY_SSL's switch values (the SDK's): off, then on
+_SWITCHES = ("0", "f", "n", "false", "no", "off", "1", "t", "y", "true", "yes", "on")
+
+
+def trusted_cas() -> str | None:
+    """The CA bundle file that requests to Globus are verified against, from
+    the environment; None: the SDK's own choice (GLOBUS_SDK_VERIFY_SSL, else certifi's).
+
+    globus-sdk sends with ``Session.send()``, which never reads ``REQUESTS_CA_BUNDLE``
+    or ``CURL_CA_BUNDLE`` (only ``Session.request()`` does), and requests verifies
+    against certifi's bundle, not OpenSSL's ``SSL_CERT_FILE``: so behind a
+    TLS-inspecting proxy every request would fail although the site's CA is
+    configured. A variable naming no file or folder is a configuration error.
+    """
+    for name in CA_VARIABLES:
+        value = os.environ.get(name)
+        if not value:
+            continue
+        if name == "GLOBUS_SDK_VERIFY_SSL" and value.lower() in _SWITCHES:
+            if value.lower() in _SWITCHES[:6]:
+                return None  # verification off: the SDK reads that itself
+            continue  # "on": verified against the bundles named below, if any
+        if not Path(value).is_file():  # the SDK takes files only
+            raise ConfigError(f"environment variable {name}: {value} is not a file (a CA bundle is expected)")
+        return value
+    return None
+
+
+def describe_network_error(err: globus_sdk.NetworkError) -> str:
+    """One line for a failed connection; a certificate that is not trusted says how to
+    trust it (sites behind TLS-inspecting proxies)."""
+    cause = err.underlying_exception
+    if isinstance(cause, requests.exceptions.SSLError):
+        host = urllib.parse.urlsplit(getattr(cause.request, "url", "") or "").hostname or "Globus"
+        return (
+            f"TLS certificate of {host} not trusted; behind a TLS-inspecting proxy, point"
+            " REQUESTS_CA_BUNDLE (or SSL_CERT_FILE, CURL_CA_BUNDLE, GLOBUS_SDK_VERIFY_SSL) at its CA bundle"
+        )
+    if isinstance(cause, requests.exceptions.ProxyError):
+        return "network error: the proxy (HTTPS_PROXY/HTTP_PROXY) refused or could not be reached"
+    return f"network error: {type(cause).__name__}"
 
 
 def check_session_required(ctx: RetryContext) -> RetryCheckResult:
@@ -100,6 +153,9 @@ class _SharedRenewal:
     fault.
     """
 
+    #: who the credentials act as, where known (see ``syncer.ownership``)
+    credentials: Credentials | None = None
+
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         self._lock = threading.RLock()
         self._given = threading.local()
@@ -119,8 +175,7 @@ class _SharedRenewal:
             self._refresh_failed = self._renewal_refused(err)
             raise self._refresh_failed from None
         except globus_sdk.NetworkError as err:
-            reason = type(err.underlying_exception).__name__
-            self._refresh_failed = SyncerError(f"could not renew the access token: network error: {reason}")
+            self._refresh_failed = SyncerError(f"could not renew the access token: {describe_network_error(err)}")
             raise self._refresh_failed from None
 
     def get_authorization_header(self) -> str:
@@ -213,7 +268,7 @@ def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTok
     if not tokens.refresh_token:
         raise LoginRequired(f"the stored tokens in {store.path} have no refresh token")
     write_back = _WriteBack(store, tokens.refresh_token)
-    return SharedRefreshTokenAuthorizer(
+    authorizer = SharedRefreshTokenAuthorizer(
         tokens.refresh_token,
         auth_client(config),
         access_token=tokens.access_token,
@@ -221,6 +276,11 @@ def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTok
         on_refresh=write_back,
         on_rejected=write_back.rejected,
     )
+    # a login made before owners were recorded stored no identity: then the run tells
+    # it from the listing (see syncer.sync)
+    if tokens.identity_id:
+        authorizer.credentials = Credentials(IDENTITY, tokens.identity_id, None)
+    return authorizer
 
 
 def client_credentials_namespace(config: Config) -> str:
@@ -244,7 +304,7 @@ def client_credentials_authorizer(
     cached = store.groups_tokens()
     usable = cached is not None and sorted(cached.scope.split()) == scopes
     client = globus_sdk.ConfidentialAppAuthClient(config.client_id, secret.value, **client_options(config))
-    return SharedClientCredentialsAuthorizer(
+    authorizer = SharedClientCredentialsAuthorizer(
         client,
         scopes,
         access_token=cached.access_token if usable and cached else None,
@@ -252,6 +312,8 @@ def client_credentials_authorizer(
         on_refresh=store.save,
         secret_source=secret.source,
     )
+    authorizer.credentials = Credentials(CLIENT, config.client_id, None)  # a client acts as itself
+    return authorizer
 
 
 @contextlib.contextmanager

@@ -292,9 +292,13 @@ def _in_range(low: float, high: float) -> t.Callable[[click.Context, click.Param
 @click.option("--seed", default=1, show_default=True, help="Seed for the generated world.")
 @click.option("--fault-rate", default=0.0, show_default=True, callback=_in_range(0, 1),
               help="Share of group reads that fail at random (0 to 1).")
+@click.option("--tls-cert", metavar="FILE", type=click.Path(dir_okay=False),
+              help="Serve HTTPS with this PEM certificate (chain); needs --tls-key.")
+@click.option("--tls-key", metavar="FILE", type=click.Path(dir_okay=False), help="The certificate's private key (PEM).")
 def simulate(
     port: int, groups: int, members: int, latency_ms: int, token_lifetime: int,
     world_file: str | None, state_file: str | None, seed: int, fault_rate: float,
+    tls_cert: str | None, tls_key: str | None,
 ) -> None:
     """Serve a simulated Globus Auth + Groups on 127.0.0.1 until interrupted.
 
@@ -303,13 +307,16 @@ def simulate(
     rename-group, add-client); GET /admin/world shows it. See README: The simulator.
     """
     from syncer.errors import ConfigError
-    from syncer.simulator import SimulatorSetupError, serve_cli
+    from syncer.simulator import SimulatorSetupError, TLSFiles, serve_cli
 
+    if (tls_cert is None) != (tls_key is None):
+        raise _BadValue("--tls-cert and --tls-key go together")
     try:
         serve_cli(
             port=port, groups=groups, members=members, latency_ms=latency_ms,
             token_lifetime=token_lifetime, world_file=world_file, state_file=state_file,
             seed=seed, fault_rate=fault_rate, say=click.echo,
+            tls=TLSFiles(tls_cert, tls_key) if tls_cert and tls_key else None,
         )
     except SimulatorSetupError as err:
         raise (ConfigError(str(err)) if err.config else SyncerError(str(err))) from None

@@ -86,6 +86,8 @@ class Config:
     jitter: float = 0.0
     concurrency: int = 8
     groups: tuple[str, ...] = ()
+    #: groups never read, whether listed in ``groups`` or not (listed in ``status``)
+    exclude_groups: tuple[str, ...] = ()
     my_statuses: tuple[str, ...] = ("active",)
     http_timeout: float = 30.0
     busy_timeout: float = 30.0
@@ -133,6 +135,23 @@ def _groups_scope_problem(scopes: t.Any) -> str | None:
     return f'must include a Globus Groups scope, e.g. "{GROUPS_SCOPE}"'
 
 
+#: the identity's own statuses with which Globus shows it a group (its document and
+#: listing); a group where it has left, was removed or declined is not shown (403)
+MY_STATUSES = ("active", "invited", "pending")
+
+
+def _my_statuses_problem(statuses: t.Any) -> str | None:
+    if not statuses:
+        return "must list at least one status"
+    unseen = [status for status in statuses if status not in MY_STATUSES]
+    if unseen:
+        return (
+            f"{unseen[0]!r} is not allowed: Globus shows a group only to an identity that is"
+            f" {', '.join(MY_STATUSES)} in it (must be some of those)"
+        )
+    return None
+
+
 def _sqlite_busy_timeout(value: t.Any) -> str | None:
     return _not_negative(value) or (None if value <= _SQLITE_MAX_BUSY_S else "must be at most 24d (SQLite's limit)")
 
@@ -146,7 +165,8 @@ _KEYS: dict[str, _Key] = {
     "jitter": _Key("duration", _not_negative),
     "concurrency": _Key("int", lambda v: None if 1 <= v <= 64 else "must be between 1 and 64"),
     "groups": _Key("uuidlist"),
-    "my_statuses": _Key("statuslist", lambda v: None if v else "must list at least one status"),
+    "my_statuses": _Key("statuslist", _my_statuses_problem),
+    "exclude_groups": _Key("uuidlist"),
     "http_timeout": _Key("duration", _positive),
     "busy_timeout": _Key("duration", _sqlite_busy_timeout),
     "client_secret_file": _Key("path"),
@@ -232,6 +252,7 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
     """Find, read and validate the configuration; raise ConfigError naming file and key."""
     path = find_config_file(explicit)
     values: dict[str, t.Any] = {}
+    origins: dict[str, str] = {}  # where each key's value came from, for messages
     if path is not None:
         path = path.expanduser().absolute()
         for key, raw in _read_toml(path).items():
@@ -241,13 +262,33 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
             spec = _KEYS.get(key)
             if spec is None:
                 raise ConfigError(f"{path}: unknown key {key!r} (known keys: {', '.join(_KEYS)}, hooks)")
-            values[key] = _checked(spec, raw, path.parent, f"{path}: key {key!r}", from_text=False)
+            origins[key] = f"{path}: key {key!r}"
+            values[key] = _checked(spec, raw, path.parent, origins[key], from_text=False)
     for key, spec in _KEYS.items():
         env_name = f"SYNCER_{key.upper()}"
         if env_name in os.environ:
-            where = f"environment variable {env_name}"
-            values[key] = _checked(spec, os.environ[env_name], Path.cwd(), where, from_text=True)
-    return Config(source=path, **values)
+            origins[key] = f"environment variable {env_name}"
+            values[key] = _checked(spec, os.environ[env_name], Path.cwd(), origins[key], from_text=True)
+    config = Config(source=path, **values)
+    _check_token_storage_apart(config, origins.get("token_storage") or origins.get("database"))
+    return config
+
+
+def _check_token_storage_apart(config: Config, where: str | None) -> None:
+    """The token store must not be the database: readers of the database (``syncer
+    serve`` among them) would be handed the refresh token. Also through a symbolic or
+    hard link: the same file, whatever its names."""
+    tokens, database = config.token_storage, config.database
+    try:
+        same = tokens.exists() and database.exists() and os.path.samefile(tokens, database)
+    except OSError:
+        same = False
+    if same or os.path.realpath(tokens) == os.path.realpath(database):
+        where = where or "the default settings"
+        raise ConfigError(
+            f"{where}: token_storage ({tokens}) is the same file as database ({database});"
+            " tokens must be kept in a file of their own"
+        )
 
 
 def _checked(spec: _Key, raw: t.Any, base: Path, where: str, *, from_text: bool) -> t.Any:

@@ -25,7 +25,7 @@ import globus_sdk
 import requests
 from globus_sdk.transport import RetryCheckResult, RetryContext
 
-from syncer.auth import MAX_RETRY_SLEEP, describe_api_error
+from syncer.auth import MAX_RETRY_SLEEP, describe_api_error, describe_network_error
 from syncer.errors import LoginRequired
 
 log = logging.getLogger(__name__)
@@ -476,4 +476,4 @@ def _fetch_one(client: globus_sdk.GroupsClient, listing: GroupListing) -> str | 
             return GroupReadError(f"the group's session policy requires a recent login ({describe_api_error(err)})")
         return GroupReadError(describe_api_error(err))
     except globus_sdk.NetworkError as err:
-        return GroupReadError(f"network error: {type(err.underlying_exception).__name__}")
+        return GroupReadError(describe_network_error(err))

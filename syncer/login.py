@@ -11,6 +11,7 @@ by reading one group with its memberships, as a sync does.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import threading
 import typing as t
@@ -25,11 +26,21 @@ from globus_sdk.login_flows import (
 )
 from globus_sdk.login_flows.local_server_login_flow_manager.local_server import RedirectHandler, RedirectHTTPServer
 
-from syncer.auth import auth_client, authorizer_from_store, client_options, describe_api_error, groups_authorizer
+from syncer.auth import (
+    auth_client,
+    authorizer_from_store,
+    client_options,
+    describe_api_error,
+    describe_network_error,
+    groups_authorizer,
+)
 from syncer.client_secret import ClientSecret
 from syncer.config import GROUPS_SCOPE, Config, is_groups_scope
-from syncer.errors import ConfigError, SyncerError
+from syncer.errors import ConfigError, StorageError, SyncerError
+from syncer.ownership import CLIENT, Credentials, DatabaseOwner, database_owner, from_id_token, is_owner, mismatch
 from syncer.token_store import GROUPS_RESOURCE_SERVER, TokenStore
+
+log = logging.getLogger(__name__)
 
 Say = t.Callable[[str], None]
 #: obtains the authorization code, given the authorize URL (stdin; the demo visits the URL itself)
@@ -152,7 +163,10 @@ class _BrowserLoginFlow(LocalServerLoginFlowManager):
 def _run_login_flow(config: Config, no_browser: bool, read_code: ReadCode, say: Say) -> globus_sdk.OAuthTokenResponse:
     """The browser flow where a browser can be opened, else the paste flow."""
     client = auth_client(config)
-    params = GlobusAuthorizationParameters(required_scopes=list(config.scopes))
+    # openid: Globus Auth then says whose tokens these are (the id_token), which the
+    # database's owner is checked against (syncer.ownership)
+    scopes = [*config.scopes, *([] if "openid" in config.scopes else ["openid"])]
+    params = GlobusAuthorizationParameters(required_scopes=scopes)
     try:
         if not no_browser:
             try:
@@ -162,6 +176,8 @@ def _run_login_flow(config: Config, no_browser: bool, read_code: ReadCode, say: 
         return _PasteLoginFlow(client, say, read_code).run_login_flow(params)
     except globus_sdk.AuthAPIError as err:
         raise SyncerError(f"Globus Auth refused the code: {describe_api_error(err)}") from None
+    except globus_sdk.NetworkError as err:
+        raise SyncerError(f"Globus Auth could not be reached: {describe_network_error(err)}") from None
     except LocalServerLoginError as err:
         raise SyncerError(f"login failed: {err}") from None
 
@@ -187,7 +203,14 @@ def login(
         raise ConfigError(f"Globus Auth issued no token for Globus Groups: {_scope_advice(config, '')}")
     if not issued.get("refresh_token"):
         raise SyncerError("Globus Auth issued no refresh token; unattended syncs need one")
-    store.save(response)
+    who = from_id_token(response)
+    owner = _database_owner(config)
+    if owner is not None and who is not None:
+        if not is_owner(owner, who):
+            _revoke_unused(config, response)
+            raise ConfigError(f"{mismatch(owner, who, config.database)}; the new tokens were not stored")
+        who = who._replace(id=owner.id)  # a linked identity of the owner's stands for it
+    store.save(response, identity_id=who.id if who else None)
     try:
         check = check_access(config, authorizer_from_store(config, store))
     except globus_sdk.GlobusAPIError as err:
@@ -199,13 +222,48 @@ def login(
             ) from None
         raise SyncerError(f"logged in, but Globus Groups refused the new token: {describe_api_error(err)}") from None
     except globus_sdk.NetworkError as err:
-        raise SyncerError(f"logged in, but Globus Groups could not be reached: {type(err).__name__}") from None
+        raise SyncerError(f"logged in, but Globus Groups could not be reached: {describe_network_error(err)}") from None
     say(f"Logged in{_describe_check(check)}. Tokens stored in {store.path}")
+
+
+def _database_owner(config: Config) -> DatabaseOwner | None:
+    """The configured database's owner, if it exists and has one (read-only; a
+    database that cannot be read is no reason to refuse a login, only to warn)."""
+    from syncer.schema import connect
+
+    if not config.database.exists():
+        return None
+    try:
+        db = connect(config.database, readonly=True)
+    except StorageError as err:
+        log.warning("could not check whose data %s holds: %s", config.database, err)
+        return None
+    try:
+        return database_owner(db)
+    finally:
+        db.close()
+
+
+def _revoke_unused(config: Config, response: globus_sdk.OAuthTokenResponse) -> None:
+    """Revoke the tokens of a login that is not kept (best effort: they were never stored)."""
+    client = auth_client(config)
+    for issued in response.by_resource_server.values():
+        token = issued.get("refresh_token") or issued.get("access_token")
+        try:
+            client.oauth2_revoke_token(token)
+        except globus_sdk.GlobusError as err:
+            log.warning("could not revoke the unused tokens at Globus Auth: %s", type(err).__name__)
+            return
 
 
 def confirm_client_credentials(config: Config, secret: ClientSecret, say: Say) -> None:
     """``syncer login`` with a confidential client: none is needed; prove the
-    credentials work instead (a rejected secret is a ConfigError naming its source)."""
+    credentials work instead (a rejected secret is a ConfigError naming its source).
+    A database that belongs to another identity is a ConfigError before anything else."""
+    owner = _database_owner(config)
+    who = Credentials(CLIENT, config.client_id, None)
+    if owner is not None and not is_owner(owner, who):
+        raise mismatch(owner, who, config.database)
     say(f"No login needed: client {config.client_id} is a confidential client (secret from {secret.source});"
         " every run uses client credentials.")
     with groups_authorizer(config) as authorizer:
@@ -214,5 +272,5 @@ def confirm_client_credentials(config: Config, secret: ClientSecret, say: Say) -
         except globus_sdk.GlobusAPIError as err:
             raise SyncerError(f"Globus Groups refused the client's token: {describe_api_error(err)}") from None
         except globus_sdk.NetworkError as err:
-            raise SyncerError(f"Globus Groups could not be reached: {type(err).__name__}") from None
+            raise SyncerError(f"Globus Groups could not be reached: {describe_network_error(err)}") from None
     say(f"Client credentials work{_describe_check(check)}.")

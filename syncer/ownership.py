@@ -14,12 +14,21 @@ confidential client acts as itself (its identity id is its client id).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import typing as t
 
+import jwt
 import sqlite_utils
 
 from syncer.errors import ConfigError
+
+if t.TYPE_CHECKING:
+    import globus_sdk
+
+    from syncer.globus_groups import MyGroups
+
+log = logging.getLogger(__name__)
 
 IDENTITY = "identity"
 CLIENT = "client"
@@ -108,3 +117,57 @@ def record_owner(db: sqlite_utils.Database, who: Credentials, run_id: int, start
         " VALUES (1, ?, ?, ?, ?, ?)",
         [who.kind, who.id, who.username, started_at, run_id],
     )
+
+
+def from_id_token(response: globus_sdk.OAuthTokenResponse) -> Credentials | None:
+    """Whose tokens a login's token response holds, from its OpenID Connect ``id_token``
+    (issued for the ``openid`` scope); None when there is none or it cannot be read.
+
+    The token came straight from Globus Auth's token endpoint over TLS, which OpenID
+    Connect (Core 3.1.3.7) lets a client rely on instead of checking the signature:
+    fetching Globus Auth's keys would cost a request and prove nothing more here.
+    """
+    token = response.get("id_token")
+    if not isinstance(token, str):
+        return None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as err:
+        log.warning("Globus Auth's id_token could not be read (%s); whose tokens these are is unknown", err)
+        return None
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        return None
+    username = claims.get("preferred_username")
+    linked = tuple(
+        str(entry["sub"]) for entry in claims.get("identity_set") or []
+        if isinstance(entry, dict) and entry.get("sub") and entry.get("sub") != sub
+    )
+    return Credentials(IDENTITY, sub, username if isinstance(username, str) else None, linked)
+
+
+def from_listing(listing: MyGroups) -> Credentials | None:
+    """Whose tokens a run holds, told from its ``my_groups`` listing: the identity whose
+    own memberships it lists, when exactly one is (None otherwise).
+
+    For tokens stored by a login made before owners were recorded: such tokens carry
+    no identity, and an identity with linked identities may be listed under several.
+    """
+    found = {(row.identity_id, row.username) for group in listing.mine for row in group.own}
+    ids = {identity_id for identity_id, _ in found}
+    if len(ids) != 1:
+        return None
+    identity_id = ids.pop()
+    usernames = sorted(username for _, username in found if username)
+    return Credentials(IDENTITY, identity_id, usernames[0] if usernames else None)
+
+
+def with_username(who: Credentials, listing: MyGroups) -> Credentials:
+    """``who`` with its username filled in from its own memberships in the listing."""
+    if who.username is not None or who.kind != IDENTITY:
+        return who
+    for group in listing.mine:
+        for row in group.own:
+            if row.identity_id == who.id and row.username:
+                return who._replace(username=row.username)
+    return who

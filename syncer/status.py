@@ -16,6 +16,7 @@ from syncer.client_secret import secret_source
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, EXIT_LOGIN_REQUIRED, EXIT_OK, EXIT_PARTIAL, StorageError
 from syncer.lock import is_held
+from syncer.ownership import DatabaseOwner, database_owner, describe_owner
 from syncer.schema import connect, parse_time
 from syncer.token_store import TokenStore
 
@@ -68,6 +69,8 @@ def token_state(config: Config) -> dict[str, t.Any]:
 def database_state(config: Config) -> dict[str, t.Any]:
     path = config.database
     state: dict[str, t.Any] = {"path": str(path), "exists": path.exists()}
+    # named where the database knows them
+    state["excluded_groups"] = [{"id": group_id, "name": None} for group_id in config.exclude_groups]
     if not path.exists():
         return state
     state["size_bytes"] = path.stat().st_size
@@ -95,6 +98,10 @@ def database_state(config: Config) -> dict[str, t.Any]:
             "SELECT max(started_at) FROM sync_runs WHERE status IN ('ok', 'partial')"
         ).fetchone()[0]
         state["last_success_at"] = last_ok
+        owner = database_owner(db)
+        state["owner"] = owner._asdict() if owner else None
+        for group in state["excluded_groups"]:
+            group["name"] = _scalar_text(db, "SELECT name FROM group_state WHERE id = ?", group["id"])
     except sqlite3.Error as err:
         raise StorageError(f"{path}: cannot read database: {err}") from None
     finally:
@@ -110,6 +117,11 @@ def _sync_running(config: Config) -> bool:
         return is_held(config.lock_path)
     except OSError:
         return True  # the lock is not readable by this user: cannot tell, so do not call the run dead
+
+
+def _scalar_text(db: t.Any, sql: str, *params: t.Any) -> str | None:
+    row = db.execute(sql, params).fetchone()
+    return None if row is None else row[0]
 
 
 def _scalar(db: t.Any, sql: str) -> int:
@@ -227,11 +239,23 @@ def render_text(data: dict[str, t.Any]) -> str:
     else:
         lines.append(f"tokens: none ({tokens['path']})")
     lines += _hook_lines(data.get("hooks") or [])
+    excluded = database.get("excluded_groups") or []
+    if excluded:
+        lines.append(f"excluded groups (exclude_groups, never read): {len(excluded)}")
+        lines += [f"  {group['id']}" + (f" {group['name']}" if group["name"] else "") for group in excluded]
     if not database.get("exists"):
         lines.append(f"database: not created yet ({database['path']})")
         return "\n".join(lines)
     size = database.get("size_bytes", 0)
     lines.append(f"database: {database['path']} ({size / 1024:.0f} KiB)")
+    owner = database.get("owner")
+    if owner:
+        lines.append(
+            f"  belongs to {describe_owner(DatabaseOwner(**owner))}"
+            f" (recorded by run {owner['recorded_by_run']} at {owner['recorded_at']})"
+        )
+    elif database.get("counts"):
+        lines.append("  belongs to: not recorded yet (the next successful run records it)")
     counts = database.get("counts")
     if counts:
         lines.append(

@@ -22,7 +22,7 @@ import typing as t
 
 import globus_sdk
 
-from syncer.auth import client_options, describe_api_error, groups_authorizer
+from syncer.auth import client_options, describe_api_error, describe_network_error, groups_authorizer
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, StorageError, SyncerError
 from syncer.globus_groups import (
@@ -36,6 +36,7 @@ from syncer.globus_groups import (
     pin_environment_proxies,
 )
 from syncer.lock import SyncLock
+from syncer.ownership import Credentials, check_owner, from_listing, record_owner, with_username
 
 if t.TYPE_CHECKING:
     import sqlite_utils
@@ -117,10 +118,13 @@ def run_sync(
                 with groups_authorizer(config) as authorizer:
                     client, limit = _groups_client(config, authorizer)
                     listing, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
+                    who = _credentials(authorizer, listing)
                     with GroupReader(client, to_read, limit, cancelled) as reads:
                         opening = True
                         run_db = _RunDatabase(config, started_at)
-                        _record(run_db, listing, to_read, reads, config.concurrency, cancelled, progress)
+                        # another identity's tokens: a 78 before anything of theirs is staged
+                        check_owner(run_db.db, who, config.database)
+                        _record(run_db, listing, to_read, reads, config.concurrency, cancelled, progress, who)
             except BaseException as err:
                 if not opening:
                     run_db = _RunDatabase.opened_for_failure(config, started_at)
@@ -173,6 +177,13 @@ def _unless_cancelled(work: t.Callable[[], _T], cancelled: threading.Event) -> _
     return t.cast(_T, outcome[0])
 
 
+def _credentials(authorizer: globus_sdk.authorizers.GlobusAuthorizer, listing: MyGroups) -> Credentials | None:
+    """Who the run's credentials act as: as stored with them, else (tokens of a login
+    made before owners were recorded) as the listing shows."""
+    who: Credentials | None = getattr(authorizer, "credentials", None)
+    return with_username(who, listing) if who is not None else from_listing(listing)
+
+
 def _groups_client(
     config: Config, authorizer: globus_sdk.authorizers.GlobusAuthorizer
 ) -> tuple[globus_sdk.GroupsClient, AdaptiveLimit]:
@@ -197,14 +208,19 @@ def _list_groups(config: Config, client: globus_sdk.GroupsClient) -> tuple[MyGro
         listing = list_my_groups(client, config.my_statuses)
     except globus_sdk.GlobusAPIError as err:
         raise SyncerError(f"could not list your groups: {describe_api_error(err)}") from None
-    except (globus_sdk.NetworkError, GroupReadError) as err:
+    except globus_sdk.NetworkError as err:
+        raise SyncerError(f"could not list your groups: {describe_network_error(err)}") from None
+    except GroupReadError as err:
         raise SyncerError(f"could not list your groups: {err}") from None
     listing.mine.sort(key=lambda group: group.id)
+    # excluded groups are not read and stay as they were (like those left out of `groups`)
+    excluded = set(config.exclude_groups)
+    readable = [group for group in listing.mine if group.id not in excluded]
     if not config.groups:
-        return listing, listing.mine
+        return listing, readable
     wanted = set(config.groups)
-    to_read = [group for group in listing.mine if group.id in wanted]
-    missing = wanted - {group.id for group in to_read}
+    to_read = [group for group in readable if group.id in wanted]
+    missing = wanted - excluded - {group.id for group in to_read}
     if missing:
         log.warning("%d configured group(s) are not among your groups: %s", len(missing), ", ".join(sorted(missing)))
     return listing, to_read
@@ -218,6 +234,7 @@ def _record(
     in_flight: int,
     cancelled: threading.Event,
     progress: Progress | None,
+    who: Credentials | None,
 ) -> None:
     from syncer.history import Recorder
 
@@ -241,6 +258,8 @@ def _record(
         group_id, reason = next(iter(run.failed_groups.items()))
         raise SyncerError(f"none of the {run.groups_failed} groups could be read (e.g. {group_id}: {reason})")
     fetched = time.monotonic()
+    if who is not None:
+        record_owner(run_db.db, who, run.run_id, run.started_at)  # in the run's transaction
     recorder.finish()
     log.debug(
         "read and staged %d groups in %.2fs, finished run_db in %.2fs",

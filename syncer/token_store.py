@@ -37,6 +37,13 @@ GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 _T = t.TypeVar("_T")
 
 
+class _Keep:
+    """The type of ``_KEEP``: "leave the stored value as it is" (None is a value)."""
+
+
+_KEEP = _Keep()
+
+
 class _Storage(SQLiteTokenStorage):
     """The SDK's SQLite storage, plus a way to read and write in one transaction."""
 
@@ -106,12 +113,12 @@ class TokenStore:
         _keep_out_of_logs(tokens.values())
         return tokens
 
-    def save(self, response: globus_sdk.OAuthTokenResponse) -> None:
+    def save(self, response: globus_sdk.OAuthTokenResponse, identity_id: str | _Keep | None = _KEEP) -> None:
         """Store every token in a login or refresh response, all in one transaction.
 
-        A refresh response that omits the refresh token keeps the stored one. Identity
-        data is not decoded from an ``id_token`` here: that would need a network call
-        and syncer does not use it.
+        A refresh response that omits the refresh token keeps the stored one.
+        ``identity_id``: whose tokens these are (a login says, from its ``id_token``;
+        see ``syncer.ownership``); a renewal leaves it out and keeps the stored one.
         """
         with self._lock:
             previous = self.all_tokens()
@@ -120,7 +127,7 @@ class TokenStore:
                 old = previous.get(resource_server)
                 data[resource_server] = TokenStorageData(
                     resource_server=resource_server,
-                    identity_id=old.identity_id if old else None,
+                    identity_id=(old.identity_id if old else None) if isinstance(identity_id, _Keep) else identity_id,
                     scope=token["scope"],
                     access_token=token["access_token"],
                     refresh_token=token.get("refresh_token") or (old.refresh_token if old else None),

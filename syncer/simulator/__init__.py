@@ -9,7 +9,7 @@ environment variables in :attr:`Simulator.env`; shape the data with a
     os.environ.update(sim.env)
 """
 
-from .server import MALFORMED_KINDS, Faults, Simulator, SimulatorSetupError, serve, serve_cli
+from .server import MALFORMED_KINDS, Faults, Simulator, SimulatorSetupError, TLSFiles, serve, serve_cli
 from .world import ROLES, STATUSES, Membership, World
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Membership",
     "Simulator",
     "SimulatorSetupError",
+    "TLSFiles",
     "World",
     "serve",
     "serve_cli",

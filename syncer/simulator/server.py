@@ -30,6 +30,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -44,11 +45,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import jwt
+
 from . import admin
 from .state import read_state, write_state
 from .world import GROUPS_RESOURCE_SERVER, STATUSES, World
 
-__all__ = ["Faults", "Simulator", "SimulatorSetupError", "serve", "serve_cli"]
+__all__ = ["Faults", "Simulator", "SimulatorSetupError", "TLSFiles", "serve", "serve_cli"]
 
 log = logging.getLogger("syncer.simulator")
 
@@ -264,6 +267,14 @@ class Faults:
         )
 
 
+class TLSFiles(t.NamedTuple):
+    """A certificate (PEM, the chain the server presents) and its private key: the
+    simulator then serves HTTPS, as Globus does, for testing trust settings."""
+
+    cert: str
+    key: str
+
+
 # --------------------------------------------------------------- token store
 
 
@@ -322,6 +333,10 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def __init__(self, addr: tuple[str, int], sim: Simulator) -> None:
         self.sim = sim
+        self.tls_context: ssl.SSLContext | None = None
+        if sim.tls is not None:
+            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls_context.load_cert_chain(sim.tls.cert, sim.tls.key)
         self.open_sockets: set[socket.socket] = set()
         self._sock_lock = threading.Lock()
         super().__init__(addr, _Handler)
@@ -339,7 +354,7 @@ class _HTTPServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # a client that went away mid-request (timed out, killed) is not a server
         # error: no traceback on the console for it
-        if isinstance(sys.exc_info()[1], ConnectionError):
+        if isinstance(sys.exc_info()[1], (ConnectionError, ssl.SSLError)):  # a client refusing our certificate too
             return
         super().handle_error(request, client_address)
 
@@ -363,6 +378,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
 
     def setup(self) -> None:
+        if self.server.tls_context is not None:
+            # the TLS handshake happens here, in the request's thread, not in the accept loop
+            self.request = self.server.tls_context.wrap_socket(self.request, server_side=True)
         super().setup()
         # Headers and body go out in separate writes; without NODELAY, Nagle
         # plus delayed ACKs add ~40 ms to every keep-alive response.
@@ -409,8 +427,11 @@ class Simulator:
         record_reads: bool = True,
         verbose: bool = False,
         state_file: str | os.PathLike[str] | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         self.world = world
+        #: serve HTTPS with this certificate (e.g. one signed by a test's own CA)
+        self.tls = tls
         self.port = port
         if faults is None:
             faults = Faults(latency_ms=latency_ms, access_token_lifetime=access_token_lifetime)
@@ -428,6 +449,7 @@ class Simulator:
         self._codes: dict[str, _Code] = {}
         self._refresh: dict[str, _Refresh] = {}
         self._access: dict[str, _Access] = {}
+        self._id_token_key = secrets.token_bytes(32)
         self._serial = 0
         self._access_cutoff = 0  # access tokens with serial <= this are dead
         self._invalid_grant_status = 400
@@ -551,7 +573,7 @@ class Simulator:
     @property
     def url(self) -> str:
         """Base URL, e.g. ``http://127.0.0.1:8765`` (no trailing slash)."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -632,7 +654,14 @@ class Simulator:
         so the app receives the code, and the code is taken from the URL.
         Raises ``RuntimeError`` if the authorize request is rejected.
         """
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+        handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({}), _NoRedirect()]
+        if self.tls:
+            # the "browser" is this process talking to itself on loopback: nothing to verify
+            unverified = ssl.create_default_context()
+            unverified.check_hostname = False
+            unverified.verify_mode = ssl.CERT_NONE
+            handlers.append(urllib.request.HTTPSHandler(context=unverified))
+        opener = urllib.request.build_opener(*handlers)
         try:
             with opener.open(url, timeout=30) as resp:
                 raise RuntimeError(f"authorize did not redirect (HTTP {resp.status})")
@@ -938,6 +967,7 @@ class Simulator:
                     self._refresh[refresh] = _Refresh(rec.client_id, rec.scope, rec.state, rec.identity_id)
                     self.issued_tokens.add(refresh)
                 payload = self._issue_access(rec.scope, rec.identity_id, rec.state, refresh)
+                self._oidc_tokens(payload, rec)
                 self._stats["code_exchanges"] += 1
             else:
                 self._stats["code_exchanges_failed"] += 1
@@ -1005,7 +1035,43 @@ class Simulator:
         }
         if refresh is not None:
             payload["refresh_token"] = refresh
+        # the OpenID Connect scopes belong to Globus Auth's own token (see _oidc_tokens)
+        payload["scope"] = " ".join(s for s in scope.split() if s not in _OIDC_SCOPES)
         return payload
+
+    def _oidc_tokens(self, payload: dict[str, Any], rec: _Code) -> None:
+        """A code grant that asked for ``openid``: as Globus answers it, an ``id_token``
+        and a token for auth.globus.org beside the Groups one (caller holds ``self._lock``).
+        Refreshing the Groups token renews that token alone."""
+        oidc = [s for s in rec.scope.split() if s in _OIDC_SCOPES]
+        if "openid" not in oidc:
+            return
+        auth_token = secrets.token_urlsafe(32)
+        self.issued_tokens.add(auth_token)
+        payload["other_tokens"] = [{
+            "access_token": auth_token,
+            "expires_in": payload["expires_in"],
+            "resource_server": "auth.globus.org",
+            "scope": " ".join(oidc),
+            "token_type": "Bearer",
+            "state": payload["state"],
+        }]
+        payload["id_token"] = self._id_token(rec)
+
+    def _id_token(self, rec: _Code) -> str:
+        """The OpenID Connect ``id_token``: the identity's ``sub``, username and identity
+        set, as Globus Auth issues it (signed with a key of this simulator's: a client
+        reading it straight from the token endpoint over TLS may rely on TLS instead of
+        the signature, OIDC Core 3.1.3.7)."""
+        with self.world.lock:
+            username = self.world.identities.get(rec.identity_id, {}).get("username")
+        now = int(time.time())
+        claims = {
+            "iss": f"{self.url}/auth", "sub": rec.identity_id, "aud": rec.client_id,
+            "iat": now, "exp": now + 172800, "preferred_username": username,
+            "identity_set": [{"sub": rec.identity_id, "username": username}],
+        }
+        return jwt.encode(claims, self._id_token_key, algorithm="HS256")
 
     def _revoke(self, body: bytes) -> _Resp:
         form = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
@@ -1274,6 +1340,10 @@ def _s256(verifier: str) -> str:
     return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
 
 
+#: the OpenID Connect scopes, which Globus Auth answers with a token of its own
+_OIDC_SCOPES = ("openid", "profile", "email")
+
+
 def _normalize_scope(scope: str) -> str:
     """Requested scopes, de-duplicated, order kept, single-space separated."""
     seen: dict[str, None] = {}
@@ -1357,6 +1427,7 @@ def serve_cli(
     seed: int = 1,
     fault_rate: float = 0.0,
     say: Callable[[str], Any] | None = None,
+    tls: TLSFiles | None = None,
 ) -> None:
     """Back end of ``syncer simulate``: build, load or restore a world and serve it.
 
@@ -1376,7 +1447,7 @@ def serve_cli(
     else:
         world = World.generate(groups=groups, members=members, seed=seed)
     faults = Faults(latency_ms=latency_ms, access_token_lifetime=token_lifetime, random_rate=fault_rate, seed=seed)
-    sim = Simulator(world, port=port, faults=faults, state_file=state_file)
+    sim = Simulator(world, port=port, faults=faults, state_file=state_file, tls=tls)
     if saved is not None:
         try:
             sim.restore_tokens(saved.tokens)
@@ -1388,6 +1459,8 @@ def serve_cli(
         raise SimulatorSetupError(f"{state_file}: cannot write the state file: {err.strerror or err}", config=True) from None
     try:
         sim.start()
+    except ssl.SSLError as err:
+        raise SimulatorSetupError(f"cannot use the TLS certificate and key: {err.reason or err}", config=True) from None
     except OSError as err:
         raise SimulatorSetupError(f"cannot listen on 127.0.0.1:{port}: {err.strerror or err}", config=False) from None
     for client_id in world.clients:
