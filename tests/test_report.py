@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import html.parser
 import json
+import sqlite3
 import subprocess
 import sys
 import typing as t
@@ -177,7 +178,7 @@ def test_runs_and_failures_equal_sync_runs(history: Scenario, whole: tuple[Path,
 
 
 def test_header_says_whose_which_database_which_period_and_when(history: Scenario, whole: tuple[Path, Page]) -> None:
-    from syncer.ownership import database_owner
+    from syncer.ownership import database_owner, describe_owner
     from syncer.schema import connect
 
     _, page = whole
@@ -186,13 +187,36 @@ def test_header_says_whose_which_database_which_period_and_when(history: Scenari
         owner = database_owner(db)
     finally:
         db.close()
-    if owner is None:
-        assert page.header["Identity"].startswith("this database has no recorded owner yet")
-    else:
-        assert owner.id in page.header["Identity"]
+    assert owner is not None and owner.id == history.world.me
+    assert page.header["Identity"] == f"{describe_owner(owner)}, recorded by run {owner.recorded_by_run}"
     assert page.header["Database"] == str(history.env.database)
     assert "--since 90d, --until now" in page.header["Period"] and "runs 1\u20135" in page.header["Period"]
     assert page.header["Generated"].endswith(" UTC by syncer " + __import__("syncer").__version__)
+
+
+def test_a_database_without_a_recorded_owner_says_so(history: Scenario, tmp_path: Path) -> None:
+    """A database from before owners were recorded (the row is gone from a copy of the history)."""
+    copy = tmp_path / "old.db"
+    source = sqlite3.connect(history.env.database)
+    try:
+        target = sqlite3.connect(copy)
+        source.backup(target)
+        target.execute("DELETE FROM database_owner")
+        target.commit()
+        target.close()
+    finally:
+        source.close()
+    out = tmp_path / "r.html"
+    result = history.env.run("--config", str(_config_for(tmp_path, copy)), "report", "--output", str(out))
+    assert result.returncode == 0, result.output
+    header = Page(out.read_text()).header
+    assert header["Identity"] == "this database has no recorded owner yet (the next successful syncer sync records it)"
+
+
+def _config_for(folder: Path, database: Path) -> Path:
+    config = folder / "other.toml"
+    config.write_text(f'database = "{database}"\ntoken_storage = "{folder / "tokens.db"}"\n')
+    return config
 
 
 def test_the_file_loads_nothing(whole: tuple[Path, Page]) -> None:
