@@ -69,8 +69,9 @@ class ReportExtraMissing(SyncerError):
     exit_code = EXIT_FAILED
 
 
-class BadPeriod(SyncerError):
-    """``--until`` before ``--since``, or an output file that cannot be written (exit 2)."""
+class ReportUsageError(SyncerError):
+    """A report asked for wrongly: ``--until`` before ``--since``, no ``--output``, or one
+    that cannot be written (exit 2, as a usage error)."""
 
     exit_code = EXIT_USAGE
 
@@ -191,7 +192,7 @@ def period_of(db: sqlite_utils.Database, since: When | None, until: When | None,
     start = _moment(db, since)
     stop = _moment(db, until) if until is not None else format_time(now)
     if stop < start:
-        raise BadPeriod(f"--until {until.text if until else 'now'} ({stop}) is before --since {since.text} ({start})")
+        raise ReportUsageError(f"--until {until.text if until else 'now'} ({stop}) is before --since {since.text} ({start})")
     runs = queries.run_span(db, since, until)
     # as `syncer changes` does: the period's end is its last run (or WHEN itself when it
     # has none), and no committed run by then means there is nothing to report on
@@ -707,14 +708,14 @@ def write_report(path: Path, text: str) -> int:
     """Write the file atomically (a failed report leaves any earlier one whole); its size."""
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
-        raise BadPeriod(f"--output {path} is a directory; give a file name such as report.html")
+        raise ReportUsageError(f"--output {path} is a directory; give a file name such as report.html")
     if not folder.is_dir():
-        raise BadPeriod(f"--output {path}: the folder {folder} does not exist")
+        raise ReportUsageError(f"--output {path}: the folder {folder} does not exist")
     data = text.encode("utf-8")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as err:
-        raise BadPeriod(f"--output {path}: cannot write there ({err.strerror})") from None
+        raise ReportUsageError(f"--output {path}: cannot write there ({err.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)

@@ -286,6 +286,12 @@ def test_errors_are_one_line_with_the_query_commands_codes(
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_without_output_it_says_so_in_one_line(history: Scenario) -> None:
+    result = history.env.run("report", "--since", "7d")
+    assert result.returncode == 2
+    assert result.stderr == "syncer: error: --output FILE is required: the HTML file to write\n"
+
+
 def test_an_ambiguous_group_name_lists_the_ids(history: Scenario, tmp_path: Path) -> None:
     result = history.env.run("report", "--group", history.a_old_name, "--output", str(tmp_path / "r.html"))
     assert result.returncode == 1 and "ambiguous" in result.stderr
