@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import datetime as dt
 import html
+import json
 import os
 import re
 import tempfile
@@ -132,10 +133,11 @@ class RunCounts(t.NamedTuple):
 
 
 class FailureReason(t.NamedTuple):
-    """Runs that did not end ok, grouped by status and error text."""
+    """Runs that did not end ok for one reason: a failed or aborted run's error, or one
+    group's read failure in a partial run (``sync_runs.failed_groups``)."""
 
     status: str
-    error: str | None
+    reason: str
     runs: int
     first_run: int
     first_at: str
@@ -231,7 +233,7 @@ def gather(
         movers=_top(events, lambda e: e.group_id, lambda e: names.get(e.group_id) or e.group_name or e.group_id),
         run_unit="day" if _days(period) <= RUNS_BY_DAY_UP_TO_DAYS else "week",
         runs=_runs(db, period),
-        failures=_failures(db, period),
+        failures=_failures(db, period, names),
         events=events[:MAX_EVENT_ROWS],
         events_total=len(events),
         groups=at_end,
@@ -337,15 +339,24 @@ def _runs(db: sqlite_utils.Database, period: Period) -> list[RunCounts]:
     return out
 
 
-def _failures(db: sqlite_utils.Database, period: Period) -> list[FailureReason]:
-    """The period's runs that did not end ok, grouped by status and error, latest first."""
+def _failures(db: sqlite_utils.Database, period: Period, names: dict[str, str | None]) -> list[FailureReason]:
+    """The period's runs that did not end ok, by status and reason, latest first; a
+    partial run counts under each of its failed groups' reasons."""
     if period.runs is None:
         return []
     sql = """
-        SELECT status, error, count(*), min(id), min(started_at), max(id), max(started_at)
-        FROM sync_runs WHERE id BETWEEN ? AND ? AND status IN ('partial', 'failed', 'aborted')
-        GROUP BY status, error ORDER BY max(id) DESC"""
-    return [FailureReason(*r) for r in _rows(db, sql, list(period.runs))]
+        SELECT id, started_at, status, error, failed_groups FROM sync_runs
+        WHERE id BETWEEN ? AND ? AND status IN ('partial', 'failed', 'aborted') ORDER BY id"""
+    seen: dict[tuple[str, str], list[tuple[int, str]]] = {}
+    for run_id, started_at, status, error, failed_groups in _rows(db, sql, list(period.runs)):
+        reasons = [error] if error else []
+        # a failed run's error sums its groups up ("none of the 6 groups could be read ...")
+        for gid, why in sorted(json.loads(failed_groups or "{}").items()) if status == "partial" else ():
+            reasons.append(f"group {names.get(gid) or gid} ({gid}): {why}")
+        for reason in reasons or ["(no reason recorded)"]:
+            seen.setdefault((status, reason), []).append((run_id, started_at))
+    found = [FailureReason(status, reason, len(runs), *runs[0], *runs[-1]) for (status, reason), runs in seen.items()]
+    return sorted(found, key=lambda f: -f.last_run)
 
 
 def _policy_columns(db: sqlite_utils.Database) -> tuple[str, ...]:
@@ -597,7 +608,7 @@ def _runs_section(pygal: t.Any, data: ReportData) -> str:
     if data.failures:
         failures = _table("failures", "Runs that did not end ok, by reason", (
             "status", "reason", "runs", "first", "last"),
-            [(f.status, f.error or "(no reason recorded)", f.runs, f"run {f.first_run}, {_when_text(f.first_at)}",
+            [(f.status, f.reason, f.runs, f"run {f.first_run}, {_when_text(f.first_at)}",
               f"run {f.last_run}, {_when_text(f.last_at)}") for f in data.failures], numeric={2})
     else:
         failures = "<p>Every run in the period ended ok.</p>"

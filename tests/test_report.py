@@ -174,7 +174,11 @@ def test_runs_and_failures_equal_sync_runs(history: Scenario, whole: tuple[Path,
     assert sum(int(r[2]) for r in table) == per_status["partial"] == 1
     assert sum(int(r[3]) for r in table) == per_status["failed"] == 1
     failures = {(r[0], r[1], int(r[2])) for r in page.tables["failures"]}
-    assert failures == {(r["status"], r["error"] or "(no reason recorded)", 1) for r in runs if r["status"] != "ok"}
+    failed = history.env.query("SELECT error FROM sync_runs WHERE status = 'failed'")[0]["error"]
+    b_name = history.truths[3].groups[history.b].name
+    partial = json.loads(history.env.query("SELECT failed_groups FROM sync_runs WHERE status = 'partial'")[0][0])
+    assert failures == {("failed", failed, 1), ("partial", f"group {b_name} ({history.b}): {partial[history.b]}", 1)}
+    assert list(partial) == [history.b] and failed
 
 
 def test_header_says_whose_which_database_which_period_and_when(history: Scenario, whole: tuple[Path, Page]) -> None:
