@@ -551,6 +551,7 @@ def _kinds_present(rows: t.Sequence[KindCounts]) -> tuple[str, ...]:
 def _events_section(pygal: t.Any, data: ReportData) -> str:
     kinds = _kinds_present(data.weeks)
     chart = pygal.StackedBar(**_config(pygal, [KIND_COLORS[k] for k in kinds], x_label_rotation=30,
+                                       show_minor_x_labels=False, x_labels_major_every=max(1, len(data.weeks) // 16),
                                        top=max((w.total for w in data.weeks), default=0),
                                        title="Events per week (weeks start on Monday, UTC)"))
     chart.x_labels = [w.label for w in data.weeks]
