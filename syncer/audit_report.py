@@ -521,11 +521,13 @@ def _members_section(pygal: t.Any, data: ReportData) -> str:
         return f'<section id="members"><h2>Active members over time</h2>{intro}<p>No group with visible members.</p></section>'
     counts = [p.active for s in data.series for p in s.points]
     times = [p.at for s in data.series for p in s.points]
-    # runs within a few days of each other: their dates alone would all read the same
-    short = _stamp(max(times)) - _stamp(min(times)) < dt.timedelta(days=3)
+    # runs close together: their dates (or minutes) alone would all read the same
+    spread = _stamp(max(times)) - _stamp(min(times))
+    shown = ("%Y-%m-%d" if spread > dt.timedelta(days=3) else "%m-%d %H:%M" if spread > dt.timedelta(hours=1)
+             else "%H:%M:%S")
     chart = pygal.DateTimeLine(**_config(
         pygal, SERIES_COLORS, top=max(counts), low=min(counts), x_label_rotation=20,
-        x_value_formatter=lambda d: d.strftime("%Y-%m-%d %H:%M" if short else "%Y-%m-%d"),
+        x_value_formatter=lambda d: d.strftime(shown),
         dots_size=3, show_dots=True, allow_interruptions=True, title="Active members", legend_at_bottom_columns=2,
     ))
     names = []
