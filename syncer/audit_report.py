@@ -212,15 +212,14 @@ def gather(
     found = queries.resolve_group(db, group) if group is not None else None
     events = queries.changes(db, period.runs, group_id=found and found.id) if period.runs else []
     at_end = _groups_at_end(db, period, until is None)
+    names = {g.row.id: g.row.name for g in at_end}  # every group's, for the failures of partial runs
     if found is not None:
         at_end = [g for g in at_end if g.row.id == found.id]
-    if found is not None:
         drawn = [(found.id, found.name)]
     else:
         largest = sorted((g.row for g in at_end if g.row.active_members is not None),
                          key=lambda r: (-(r.active_members or 0), r.name or "", r.id))[:TOP_GROUPS]
         drawn = [(r.id, r.name) for r in largest]
-    names = {g.row.id: g.row.name for g in at_end}
     return ReportData(
         database=database,
         owner=database_owner(db),
