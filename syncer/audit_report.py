@@ -414,7 +414,7 @@ def _style(pygal: t.Any, colors: t.Sequence[str]) -> t.Any:
     return Style(
         colors=tuple(colors), background="transparent", plot_background="#ffffff",
         font_family='system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", "Liberation Sans", sans-serif',
-        # large enough to read on a phone, where a 900-unit-wide chart is drawn 560 px wide
+        # large enough to read on a phone, where a 720-unit-wide chart is drawn about 370 px wide
         label_font_size=15, major_label_font_size=15, legend_font_size=16, value_font_size=14,
         title_font_size=18, tooltip_font_size=15,
     )
@@ -426,8 +426,8 @@ def _config(
     """pygal settings shared by every chart; ``top`` and ``low``: the largest and smallest
     counts drawn, for whole-number ticks."""
     # js=[]: no external script (_titled drops the inline one). Titles per mark come from _titled.
-    settings = dict(js=[], style=_style(pygal, colors), width=900, height=440, legend_at_bottom=True,
-                    legend_at_bottom_columns=4, truncate_legend=40, truncate_label=-1, show_x_guides=False,
+    settings = dict(js=[], style=_style(pygal, colors), width=720, height=400, legend_at_bottom=True,
+                    legend_at_bottom_columns=4, truncate_legend=34, truncate_label=-1, show_x_guides=False,
                     margin=16, margin_bottom=24, margin_right=64,  # margin_right: room for the last rotated x label
                     no_data_text="nothing in this period", print_values=False)
     if top is not None:
@@ -685,7 +685,7 @@ dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:.5em 0
 dt{font-weight:600}dd{margin:0;overflow-wrap:anywhere}
 code{font-family:ui-monospace,"DejaVu Sans Mono","Liberation Mono",monospace;font-size:.92em;overflow-wrap:anywhere}
 figure.chart{margin:0;overflow-x:auto;background:#fff;border:1px solid var(--line)}
-figure.chart svg{display:block;width:100%;min-width:560px;height:auto}
+figure.chart svg{display:block;width:100%;max-width:900px;height:auto;margin:0 auto}
 .scroll{overflow-x:auto;max-width:100%}
 #event-list .scroll,#groups-at-end .scroll{max-height:80vh;overflow-y:auto}
 table{border-collapse:collapse;margin:.5em 0;background:#fff;font-size:.92em}
