@@ -260,14 +260,12 @@ def test_one_group_between_two_runs(history: Scenario, tmp_path: Path) -> None:
 
 
 def test_a_period_without_runs_reports_nothing_happened(history: Scenario, tmp_path: Path) -> None:
-    later = history.truths[5].started_at[:10]
     result, page = report(history.env, tmp_path / "none.html", "--since", "2099-01-01", "--until", "2099-02-01")
     assert result.returncode == 0, result.output
     assert page is not None and "events" not in page.tables
     assert page.tables["runs-per-day"] and all(r[-1] == "0" for r in page.tables["runs-per-day"])
     # the groups as of the period's end: the latest run, as `syncer groups --at 2099-02-01` says
     assert len(page.tables["groups"]) == len(as_json(history.env, "groups", "--at", "2099-02-01"))
-    assert later <= "2099"
 
 
 # ------------------------------------------------------------------- errors
