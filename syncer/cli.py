@@ -630,6 +630,26 @@ def identity_command(settings: _Settings, user: str, fmt: str) -> None:
     _emit(rows, queries.IDENTITY_FIELDS, fmt, "no memberships", output.IDENTITY_LAYOUT)
 
 
+@cli.command("report")
+@click.option("--since", callback=_when, metavar="WHEN", help="From runs started at WHEN (default: 90d ago).")
+@click.option("--until", callback=_when, metavar="WHEN", help="Through runs started at WHEN (default: now).")
+@click.option("--group", metavar="GROUP", help="Only this group (id or any name it has had); default: the largest groups.")
+@click.option("--output", metavar="FILE", help="The HTML file to write (required; replaced if it exists).")
+@click.pass_obj
+def report_command(settings: _Settings, since: t.Any, until: t.Any, group: str | None, output: str | None) -> None:
+    """One self-contained HTML report (charts and tables) of a period; opens offline."""
+    from pathlib import Path
+
+    from syncer.audit_report import ReportUsageError, build_report
+
+    if not output:  # not click's required=True: its message is a usage block, not one line
+        raise ReportUsageError("--output FILE is required: the HTML file to write")
+
+    with _reading(settings) as db:
+        data, size = build_report(db, settings.config().database, Path(output), since, until, group)
+    click.echo(f"wrote {output} ({size / 1024:.0f} KiB): {data.events_total} events, {len(data.groups)} groups")
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8001, show_default=True, type=click.IntRange(0, 65535), help="Port to listen on.")
