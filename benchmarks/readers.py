@@ -59,7 +59,7 @@ FINISHED = re.compile(r"finished run_db in ([\d.]+)s")
 POLL = """
 import json, os, sqlite3, sys, time
 path, stop = sys.argv[1], sys.argv[2]
-times, errors, blocked = [], [], 0
+times, errors, blocked, blocked_max = [], [], 0, 0.0
 
 def read(timeout):
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout)
@@ -83,6 +83,7 @@ while not os.path.exists(stop):
                 raise
             blocked += 1
             read(30)
+            blocked_max = max(blocked_max, time.perf_counter() - began)
     except sqlite3.Error as err:
         if "no such table" in str(err):  # the new file's schema is not committed yet
             time.sleep(0.01)
@@ -91,7 +92,7 @@ while not os.path.exists(stop):
     times.append(time.perf_counter() - began)
     time.sleep(0.01)
 print(json.dumps({"reads": len(times), "max": max(times, default=0), "median": sorted(times)[len(times) // 2] if times else 0,
-                  "blocked": blocked, "errors": errors[:3], "error_count": len(errors)}))
+                  "blocked": blocked, "blocked_max": blocked_max, "errors": errors[:3], "error_count": len(errors)}))
 """
 
 # A long reader: one read transaction held open until the stop file exists.
@@ -261,7 +262,7 @@ def main() -> None:
     print(f"\nreaders and a large run: world {args.world} ({memberships:,} memberships)")
     print(f"1. reader's worst wait during a cold run of {wait['sync_wall']:.1f} s (commit phase {wait['sync_finish']:.1f} s):"
           f" {wait['max']:.3f} s over {wait['reads']} reads (median {wait['median'] * 1000:.1f} ms;"
-          f" {wait['blocked']} found the database busy,"
+          f" {wait['blocked']} found the database busy, the longest of them {wait['blocked_max']:.3f} s;"
           f" {wait['error_count']} errors {wait['errors']})  target <= 1 s")
     print(f"2. 1% churn re-sync, last read to end: {delay['alone']['finish']:.2f} s alone,"
           f" {delay['with_long_reader']['finish']:.2f} s with a long reader (delay {delay['delay_finish']:+.2f} s;"

@@ -75,9 +75,9 @@ def marker_path(lock_path: Path) -> Path:
 def _mark_running(path: Path) -> int | None:
     """Publish a new run marker, locked by this process until it exits; its descriptor.
 
-    Made under the umask like the database (group-readable under the service's), with
-    this process's id in it for people. A marker that cannot be made is a warning: the
-    sync goes on, and readers may meanwhile call its run aborted.
+    Made under the umask like the database (group-readable under the service's), and
+    empty, so that a full disk does not stop it. A marker that cannot be made is a
+    warning: the sync goes on, and readers may meanwhile call its run aborted.
     """
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     try:
@@ -88,7 +88,6 @@ def _mark_running(path: Path) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else can know this file yet
-        os.write(fd, f"{os.getpid()}\n".encode())
         os.replace(temporary, path)
     except OSError as err:
         os.close(fd)

@@ -40,7 +40,7 @@ BUSY_TIMEOUT_S = 30.0
 
 # How long a writer's closing checkpoint waits for readers still using the WAL before
 # it leaves the WAL for the next checkpoint (it never delays a commit, only the close).
-CHECKPOINT_WAIT_MS = 1000
+CHECKPOINT_WAIT_MS = 250
 
 # SQLite's companions of a WAL database: the log and its shared-memory index.
 WAL_FILES = ("-wal", "-shm")
@@ -539,10 +539,11 @@ class WriterConnection(sqlite3.Connection):
             path = Path(name)
             if self.in_transaction:
                 self.rollback()
-            self.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
-            busy = self.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            if busy:
-                log.debug("%s: the WAL is still in use by a reader; the next run checkpoints it", path)
+            if self.total_changes:  # nothing written (say, the database was locked): nothing to move
+                self.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
+                busy = self.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                if busy:
+                    log.debug("%s: the WAL is still in use by a reader; the next run checkpoints it", path)
             keeper = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
             keeper.execute("SELECT count(*) FROM sqlite_master").fetchone()
         except (sqlite3.Error, OSError) as err:

@@ -1,5 +1,11 @@
 """Other local users read the database: group read access is enough, at any time.
 
+Between runs, during one, and after one was killed with kill -9 at points held by the
+simulator (issue 21): every reader (`syncer members/groups/changes/status`, the
+`sqlite3` command line read-only, Datasette as `syncer serve` makes it) answers at once
+as the owner and as a member of the database's group who may not write its folder,
+and they agree, `status` verdict included.
+
 Runs the reader as another uid with `setpriv` (no user accounts needed), so it needs
 root; skipped elsewhere.
 """
