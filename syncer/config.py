@@ -10,6 +10,7 @@ Unknown keys and wrong types are errors that name the file and the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -263,8 +264,11 @@ def _check_separate_files(config: Config) -> None:
     """The token store is never the database (nor a link to it): readers of the database
     would read the tokens, and each file's writes would trample the other's."""
     same = config.token_storage.resolve() == config.database.resolve()
-    if not same and config.token_storage.exists() and config.database.exists():
-        same = os.path.samefile(config.token_storage, config.database)  # also a hard link
+    if not same:
+        # also a hard link; a reader who may not look into the token store's folder cannot
+        # tell, and need not: only a run, which may, writes either file
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(config.token_storage, config.database)
     if same:
         where = f"{config.source}: key 'token_storage'" if config.source else "token_storage"
         raise ConfigError(f"{where}: {config.token_storage} is the database's file ({config.database});"
