@@ -76,7 +76,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Live]:
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
         check=True, capture_output=True,
     )
-    wheel = next(wheels.glob("syncer-*.whl"))
+    wheel = next(wheels.glob("globus_group_syncer-*.whl"))  # the distribution's name
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     globus = {"GLOBUS_SDK_SERVICE_URL_AUTH": f"{base_url}/auth/", "GLOBUS_SDK_SERVICE_URL_GROUPS": f"{base_url}/groups/"}

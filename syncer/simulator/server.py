@@ -640,6 +640,12 @@ class Simulator:
         more variables to print after the SDK's (quoted for a POSIX shell)."""
         say = say or (lambda s: print(s, flush=True))
         self.start()
+        done = threading.Event()
+        previous: dict[int, Any] = {}
+        # before the lines below: whoever reads them may stop the simulator at once
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda *_: done.set())
         if print_env:
             for k, v in {**self.env, **(extra_env or {})}.items():
                 say(f"export {k}={shlex.quote(v)}")
@@ -647,11 +653,6 @@ class Simulator:
                 f"# Globus simulator on {self.url}: {len(self.world.groups)} groups, "
                 f"me={self.world.me}. Ctrl-C to stop."
             )
-        done = threading.Event()
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda *_: done.set())
         try:
             while not done.wait(0.5):
                 pass
