@@ -314,7 +314,9 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
         f"\n  trials: {landed}"
     )
     # the kills really spread over the run
-    assert phases["listing"] + phases["fetch"] >= 3  # reading Globus, before and after the row
+    # reading Globus, before and after the row; unchanged groups move their last_run
+    # as they arrive, so a kill during the reads mostly finds the journal hot ('db-write')
+    assert phases["listing"] + phases["fetch"] + phases["db-write"] - APPLY_LOCKED_TRIALS >= 3
     assert phases["db-write"] >= APPLY_LOCKED_TRIALS
     assert phases["token-write"] >= TOKEN_LOCKED_TRIALS
     assert len(plan) >= 20
