@@ -412,7 +412,13 @@ class Recorder:
             self._apply_batch()
 
     def failed(self, group_id: str, reason: str) -> None:
-        """Note a listed group that could not be read: it is left as it was."""
+        """Note a listed group that could not be read: it is left as it was, but for its
+        digest. Its next good read is then diffed in full, so whatever a run records
+        about a group that failed (or wanted a new login) is renewed by a diff, never
+        kept by a skip."""
+        self.db.conn.execute(
+            "DELETE FROM group_digests WHERE group_key = (SELECT key FROM group_state WHERE id = ?)", [group_id]
+        )
         self.run.groups_failed += 1
         self.run.failed_groups[group_id] = reason
 

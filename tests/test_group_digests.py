@@ -247,6 +247,29 @@ def test_a_failed_run_leaves_no_digest_of_what_it_had_applied(logged_in: Env) ->
     assert env.query("SELECT count(*) FROM group_history WHERE group_id = ?", [first])[0][0] == 2
 
 
+def test_a_group_that_failed_to_read_is_diffed_at_its_next_good_read(logged_in: Env) -> None:
+    """A failed read (partial run) leaves the group's rows as they were and drops its
+    digest: the next good read, even of the very answer its rows came from, is diffed,
+    so nothing a run records about a failed group outlives it through a skip."""
+    env, world = logged_in, logged_in.world
+    broken = admin_groups(world)[0]
+    groups = len(my_active_groups(world))
+    sync(env)
+    rows_before = env.query("SELECT * FROM memberships WHERE group_id = ? ORDER BY identity_id", [broken])
+    env.sim.faults.set_group_error(broken, 500)
+    result = env.run("-v", "sync")
+    assert result.returncode == 3, result.output
+    assert not_diffed(result) == groups - 1
+    assert env.query("SELECT * FROM memberships WHERE group_id = ? ORDER BY identity_id", [broken]) == rows_before
+    assert not env.query(
+        "SELECT 1 FROM group_digests d JOIN group_state g ON g.key = d.group_key WHERE g.id = ?", [broken])
+
+    env.sim.faults.clear()
+    assert not_diffed(sync(env)) == groups - 1  # the broken group, unchanged, is diffed
+    assert not_diffed(sync(env)) == groups
+    assert_recorded_as_served(env)
+
+
 # An older release: other parsing rules (it did not keep descriptions) and its digests.
 OLDER_RELEASE = """
 import sys
