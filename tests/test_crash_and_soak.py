@@ -41,6 +41,7 @@ CHANGES_PER_TRIAL = 150
 LATENCY_MS = 20  # lengthens the fetch (8 reads in flight: ~0.5 s more)
 UNIFORM_TRIALS = 20  # kills at stratified random fractions of an uninterrupted run
 APPLY_WATCHED_TRIALS = 3  # kills 0-30 ms after the apply transaction's journal appears
+WATCHED_CHANGES_FACTOR = 20  # those runs change far more: a commit long enough to be killed mid-way
 TOKEN_LOCKED_TRIALS = 3  # kills while the token write waits for its commit lock
 APPLY_HELD_TRIALS = 3  # kills while the run's transaction is open, half its groups applied, the rest held
 # groups.db is a WAL database: between runs its -wal is empty; a run's commit writes its
@@ -300,7 +301,9 @@ def test_kill_9_at_any_moment_leaves_consistent_databases(logged_in: Env) -> Non
     phases: collections.Counter[str] = collections.Counter()
     landed: list[tuple[str, float, str]] = []
     for how, delay in plan:
-        world.random_changes(CHANGES_PER_TRIAL, rng)
+        # a commit of unchanged groups is short (their digests skip the diff): the
+        # trials that kill it in its stride give it many changes to write
+        world.random_changes(CHANGES_PER_TRIAL * (WATCHED_CHANGES_FACTOR if how == "apply-watched" else 1), rng)
         _expire_access_token(env)
         before_tokens = stored_tokens(env.tokens)
         last_run = _max_run(env)
