@@ -49,16 +49,22 @@ def test_the_suite_command_is_the_one_ci_runs() -> None:
     assert command in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def test_the_install_lines_name_this_distribution_and_its_extra() -> None:
-    """`syncer` on PyPI is another project: the lines must name ours, and an extra it has."""
+def test_the_install_lines_name_this_distribution_and_its_extras() -> None:
+    """`syncer` on PyPI is another project: the lines must name ours, and extras it has."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
     assert project["name"] == "globus-group-syncer" and project["scripts"] == {"syncer": "syncer.cli:main"}
-    install, inject = block("install")
+    install, *injects = block("install")
     assert install == "pipx install ."
-    name, spec = re.fullmatch(r"pipx inject (\S+) '([^']+)'\s+#.*", inject).groups()  # type: ignore[union-attr]
-    assert name == project["name"] and [spec] == project["optional-dependencies"]["datasette"]
-    assert f"'{project['name']}[datasette]'" in README.read_text()
-    assert f"{project['name']}[datasette]" in project["optional-dependencies"]["test"]
+    injected = {}
+    for line in injects:
+        name, spec, extra = re.fullmatch(r"pipx inject (\S+) '([^']+)'\s+# optional \((\w+)\).*", line).groups()  # type: ignore[union-attr]
+        assert name == project["name"]
+        injected[extra] = [spec]
+    assert injected == {extra: extras[extra] for extra in ("datasette", "report")}
+    for extra in injected:
+        assert f"'{project['name']}[{extra}]'" in README.read_text()
+    assert f"{project['name']}[datasette,report]" in extras["test"]
 
 
 def fresh_copy(where: Path) -> Path:
@@ -73,7 +79,7 @@ def fresh_copy(where: Path) -> Path:
 
 @pytest.mark.slow
 def test_the_install_lines_work_with_pipx(tmp_path: Path) -> None:
-    """`pipx install .` in a fresh copy, then Datasette injected into the same venv,
+    """`pipx install .` in a fresh copy, then Datasette and pygal injected into the same venv,
     the one `pipx inject` finds by the distribution's name."""
     if not shutil.which("pipx"):
         pytest.skip("pipx is not installed here (Debian: apt-get install pipx)")
@@ -88,7 +94,7 @@ def test_the_install_lines_work_with_pipx(tmp_path: Path) -> None:
     served = subprocess.run([str(syncer), "serve", "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert served.returncode == 0 and "--port" in served.stdout, served.stderr  # the command is there
     probe = subprocess.run(
-        [str(tmp_path / "pipx" / "venvs" / "globus-group-syncer" / "bin" / "python"), "-c", "import datasette, syncer"],
+        [str(tmp_path / "pipx" / "venvs" / "globus-group-syncer" / "bin" / "python"), "-c", "import datasette, pygal, syncer"],
         capture_output=True, text=True, timeout=120,
     )
     assert probe.returncode == 0, probe.stderr
