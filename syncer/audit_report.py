@@ -177,24 +177,21 @@ def _rows(db: sqlite_utils.Database, sql: str, params: t.Sequence[t.Any] | dict[
 
 
 def _moment(db: sqlite_utils.Database, when: When) -> str:
-    """A WHEN as database time text: a ``run:N`` is when that run started (BadWhen when it
-    does not exist, as every query command says)."""
+    """A WHEN as database time text: a ``run:N`` is when that run started (checked to
+    exist by ``queries.check_period`` first)."""
     if when.moment is not None:
         return when.moment
-    found = _rows(db, "SELECT started_at FROM sync_runs WHERE id = ?", [when.run_id])
-    if not found:
-        queries.run_span(db, when, when)  # raises the query commands' BadWhen for a missing run
-    return found[0][0]
+    return str(_rows(db, "SELECT started_at FROM sync_runs WHERE id = ?", [when.run_id])[0][0])
 
 
 def period_of(db: sqlite_utils.Database, since: When | None, until: When | None, now: dt.datetime) -> Period:
-    """The period (default: the last 90 days up to now) and its runs; exit 2 when
-    ``--until`` is before ``--since``, exit 1 when no successful run answers its end."""
+    """The period (default: the last 90 days up to now) and its runs; exit 2 for a period
+    the query commands refuse (``queries.check_period``), exit 1 when no successful run
+    answers its end."""
     since = since or parse_when(DEFAULT_SINCE, now=now)
+    queries.check_period(db, since, until)
     start = _moment(db, since)
     stop = _moment(db, until) if until is not None else format_time(now)
-    if stop < start:
-        raise ReportUsageError(f"--until {until.text if until else 'now'} ({stop}) is before --since {since.text} ({start})")
     runs = queries.run_span(db, since, until)
     # as `syncer changes` does: the period's end is its last run (or WHEN itself when it
     # has none), and no committed run by then means there is nothing to report on

@@ -467,6 +467,10 @@ def _reading(settings: _Settings) -> t.Iterator[t.Any]:
         # a command reads much of a large file once: mapped pages are not copied into
         # SQLite's cache one read() at a time (`groups` at 1M memberships: half the CPU)
         db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
+        # one snapshot for the whole command, so that every part of an answer (a report's
+        # sections) is of the same runs; in WAL mode a reader's transaction holds up no run
+        if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+            db.execute("BEGIN")
         if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sync_runs'").fetchall():
             raise StorageError(
                 f"{path}: not a syncer database (an SQLite file without syncer's tables); check `database` in the configuration"

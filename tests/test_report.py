@@ -275,7 +275,7 @@ def test_a_period_without_runs_reports_nothing_happened(history: Scenario, tmp_p
     (("--group", "no such group"), 1, "unknown group 'no such group'"),
     (("--since", "yesterday"), 2, "bad WHEN 'yesterday'"),
     (("--since", "run:99"), 2, "there is no run 99"),
-    (("--since", "run:4", "--until", "run:2"), 2, "--until run:2"),
+    (("--since", "run:4", "--until", "run:2"), 2, "--until is before --since 'run:4'"),
     (("--since", "2026-13-01"), 2, "bad WHEN '2026-13-01'"),
 ], ids=["unknown-group", "bad-when", "missing-run", "until-before-since", "bad-date"])
 def test_errors_are_one_line_with_the_query_commands_codes(
