@@ -249,7 +249,9 @@ def _record(
         reads.skip_unchanged(recorder.recorded_digest)
     for group, outcome in reads:
         if isinstance(outcome, GroupRead):
-            recorder.read(outcome)
+            problem = recorder.read(outcome)  # a streamed document may turn out unusable late
+            if problem is not None:
+                log.warning("group %s (%s) not read: %s", group.id, group.name, problem)
         elif isinstance(outcome, NeedsLogin):
             recorder.needs_login(group, outcome.asked)
             log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)
