@@ -458,9 +458,20 @@ PIECE_ROWS = 2000
 
 _OPENS = frozenset(("start_map", "start_array"))
 _CLOSES = frozenset(("end_map", "end_array"))
-# A UTF-16 surrogate escape: yajl turns a lone one into "?" where json.loads keeps it,
-# so such documents take the json.loads path and record what they always did.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# UTF-16 surrogate escapes: yajl turns a lone one into "?" where json.loads keeps it,
+# so documents with one take the json.loads path and record what they always did.
+# Pairs (an emoji in a body sent with ensure_ascii) decode alike and stay streamed.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # cheap to search for: the candidates
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]"
+)
+
+
+def _lone_surrogate(body: bytes | bytearray) -> bool:
+    """Whether the body holds a surrogate escape that is not half of a pair (or might be
+    one: an escaped backslash before "u" also counts, which only costs a whole parse)."""
+    # match() from a candidate still looks behind it: the escape before decides for a low half
+    return any(_LONE_SURROGATE.match(body, found.start()) for found in _SURROGATE_ESCAPE.finditer(body))
 
 
 class _BytesReader:
@@ -545,7 +556,7 @@ def parse_group_stream(listing: GroupListing, body: bytes | bytearray, piece_row
     staged of the group). Documents the stream cannot read as ``json.loads`` would
     (see ``_head``) are parsed whole.
     """
-    if _SURROGATE_ESCAPE.search(body):
+    if _lone_surrogate(body):
         return parse_group(listing, _json_body(body))
     try:
         head, members = _head(body)
