@@ -15,6 +15,7 @@ a session requirement only when ``globus_sdk.gare`` finds one in it.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime as dt
 import enum
@@ -705,6 +706,30 @@ RecordedDigest = t.Callable[[str], bytes | None]
 #: together would otherwise be held at once, whatever the queue's length.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _CHUNK = 256 * 1024
+
+
+# glibc's mallopt parameter: the size from which an allocation gets its own mapping
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 128 * 1024  # glibc's default
+
+
+def return_large_blocks() -> None:
+    """Have the C allocator give large freed blocks (group bodies) back to the system.
+
+    glibc maps each allocation above its mmap threshold (128 KiB) on its own and
+    unmaps it when freed, but every such block freed raises the threshold to its size
+    (up to 32 MiB). After the first large group, the 256 KiB chunks a body arrives in
+    and the growing body itself then come from the receiving thread's heap, where the
+    memory stays with the process once freed: eight 100,000-member groups peaked at
+    280 MiB, 173 MiB with the threshold fixed (benchmarks/README.md). Setting it
+    (M_MMAP_THRESHOLD) turns the adjustment off. Elsewhere than glibc: nothing to do.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no mallopt (macOS)
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
 
 
 class ByteBudget:

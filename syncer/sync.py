@@ -36,6 +36,7 @@ from syncer.globus_groups import (
     Unchanged,
     list_my_groups,
     pin_environment_proxies,
+    return_large_blocks,
 )
 from syncer.lock import SyncLock
 from syncer.ownership import Credentials, check_owner, from_listing, record_owner, with_username
@@ -121,6 +122,7 @@ def run_sync(
                     client, limit = _groups_client(config, authorizer)
                     listing, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
                     who = _credentials(authorizer, listing)
+                    return_large_blocks()  # bodies received and freed must not stay with the process
                     with GroupReader(client, to_read, limit, cancelled) as reads:
                         opening = True
                         run_db = _RunDatabase(config, started_at)
