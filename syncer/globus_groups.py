@@ -574,11 +574,13 @@ class MembershipPieces:
     """A streamed document's memberships, decoded as they are iterated: lists of at
     most ``piece_rows`` rows, one per identity (SPEC), checked entry by entry.
 
-    Each identity's first entry is yielded as it comes; an identity listed again is
-    noted (only its id is kept), and once the list ends, a second pass gathers every
-    entry of those identities and yields the one that counts (``_one_per_identity``'s
-    rule), which replaces the first where staged. Raises GroupReadError naming the
-    first unusable entry: rows already yielded must then be discarded.
+    Each identity's first entry is yielded as it comes; only the hash of its id is
+    kept (an int: half the size of the id). An entry whose id's hash was met before is
+    held back, and once the list ends, a second pass gathers every entry with such a
+    hash, by identity, and yields the one that counts for each (``_one_per_identity``'s
+    rule), which replaces the first where staged. Two identities whose ids' hashes
+    collide are thus still told apart. Raises GroupReadError naming the first
+    unusable entry: rows already yielded must then be discarded.
     """
 
     def __init__(self, group_id: str, body: bytes | bytearray, piece_rows: int) -> None:
@@ -590,14 +592,14 @@ class MembershipPieces:
         return t.cast(t.Iterator[t.Any], ijson.items(_BytesReader(self._body), "memberships.item", use_float=True))
 
     def __iter__(self) -> t.Iterator[list[MembershipRow]]:
-        seen: set[str] = set()
-        repeated: set[str] = set()
+        seen: set[int] = set()
+        repeated: set[int] = set()
         piece: list[MembershipRow] = []
         for n, item in enumerate(self._items()):
             problem = membership_problem(item)
             if problem:
                 raise GroupReadError(f"memberships[{n}]: {problem}")
-            identity = item["identity_id"]
+            identity = hash(item["identity_id"])
             if identity in seen:
                 repeated.add(identity)
                 continue
@@ -612,7 +614,7 @@ class MembershipPieces:
         if repeated:  # rare: paid for only here
             listed: dict[str, list[dict[str, t.Any]]] = {}
             for item in self._items():
-                if item["identity_id"] in repeated:
+                if hash(item["identity_id"]) in repeated:
                     listed.setdefault(item["identity_id"], []).append(item)
             yield [_membership_row(self.group_id, max(items, key=_precedence)) for items in listed.values()]
 

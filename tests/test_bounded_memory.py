@@ -209,6 +209,16 @@ def test_the_stream_takes_every_document_it_reads_as_json_loads_does(body: bytes
     assert isinstance(read.memberships, MembershipPieces) == streamed
 
 
+def test_identities_whose_hashes_collide_are_still_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream keeps only a hash per identity: with every hash the same, each entry
+    after the first is held back and sorted out by identity at the end, as whole."""
+    import syncer.globus_groups as groups_module
+
+    monkeypatch.setattr(groups_module, "hash", lambda value: 7, raising=False)
+    body = json.dumps(group_body(DUPLICATES_FAR_APART)).encode()
+    assert as_streamed(LISTING, body) == as_loaded(LISTING, body)
+
+
 def test_a_streamed_document_is_decoded_piece_by_piece() -> None:
     """The pieces come while the list is read: the first before a bad last entry fails it."""
     body = json.dumps(group_body([*[member(n) for n in range(10)], member(10, role="owner")])).encode()
