@@ -10,7 +10,9 @@ lets them grow back slowly.
 Answers are checked before they are believed (SPEC, "Reading Globus"): the plain
 functions ``parse_listing`` and ``parse_group`` turn a body into what is recorded, or
 raise an error naming the entry and the field (never quoting the body); a 401 is
-a session requirement only when ``globus_sdk.gare`` finds one in it.
+a session requirement only when ``globus_sdk.gare`` finds one in it. A large group
+document is parsed as a stream (``parse_group_stream``, same rules, same record), so
+that memory does not grow with the size of a group.
 """
 
 from __future__ import annotations
