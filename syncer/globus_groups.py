@@ -10,11 +10,14 @@ lets them grow back slowly.
 Answers are checked before they are believed (SPEC, "Reading Globus"): the plain
 functions ``parse_listing`` and ``parse_group`` turn a body into what is recorded, or
 raise an error naming the entry and the field (never quoting the body); a 401 is
-a session requirement only when ``globus_sdk.gare`` finds one in it.
+a session requirement only when ``globus_sdk.gare`` finds one in it. A large group
+document is parsed as a stream (``parse_group_stream``, same rules, same record), so
+that memory does not grow with the size of a group.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime as dt
 import enum
@@ -22,6 +25,7 @@ import hashlib
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import typing as t
@@ -29,6 +33,7 @@ import urllib.parse
 from email.utils import parsedate_to_datetime
 
 import globus_sdk
+import ijson
 import requests
 from globus_sdk.transport import RequestCallerInfo, RetryCheckResult, RetryContext
 
@@ -129,7 +134,8 @@ class GroupRead:
     unchanged answer (None: nothing to compare with, the group is always diffed)."""
 
     group: GroupRow
-    memberships: list[MembershipRow]
+    # a large document's memberships are decoded while they are staged (``parse_group_stream``)
+    memberships: list[MembershipRow] | MembershipPieces
     digest: bytes | None = None
 
 
@@ -398,6 +404,21 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
     member), its own memberships come from the listing, whatever the document holds:
     Globus may send none, an empty list, or more.
     """
+    group = _group_row(listing, data)
+    if listing.members_view == MembersView.OWN:
+        return GroupRead(group=group, memberships=list(listing.own))
+    memberships = data.get("memberships")
+    _check_memberships_kind(memberships is None, isinstance(memberships, list))
+    for n, item in enumerate(memberships):
+        problem = membership_problem(item)
+        if problem:
+            raise GroupReadError(f"memberships[{n}]: {problem}")
+    kept = [_membership_row(listing.id, item) for item in _one_per_identity(memberships)]
+    return GroupRead(group=group, memberships=kept)
+
+
+def _group_row(listing: GroupListing, data: t.Any) -> GroupRow:
+    """The group's own fields from a parsed body (its ``memberships`` aside), checked."""
     if data is _NOT_JSON:
         raise GroupReadError("the answer is not JSON")
     if not isinstance(data, dict):
@@ -407,7 +428,7 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
     if not isinstance(data.get("name"), str):
         raise GroupReadError("name: not a string")
     policies = data.get("policies") if isinstance(data.get("policies"), dict) else {}
-    group = GroupRow(
+    return GroupRow(
         id=listing.id,
         name=data["name"],
         description=_text(data.get("description")),
@@ -423,17 +444,181 @@ def parse_group(listing: GroupListing, data: t.Any) -> GroupRead:
         enforce_session=_flag(data.get("enforce_session")),
         session_limit=_seconds(data.get("session_limit")),
     )
+
+
+def _check_memberships_kind(missing: bool, is_list: bool) -> None:
+    if not is_list:
+        raise GroupReadError("memberships: " + ("missing" if missing else "not a list"))
+
+
+# ---------------------------------------------------------------- streamed parsing
+
+#: Group documents at least this large are parsed as a stream (``parse_group_stream``):
+#: below it ``json.loads`` of the whole body is cheaper in CPU, and its parsed form small.
+STREAM_BYTES = 1024 * 1024
+#: Membership rows handed to the recorder at a time from a streamed document.
+PIECE_ROWS = 2000
+
+_OPENS = frozenset(("start_map", "start_array"))
+_CLOSES = frozenset(("end_map", "end_array"))
+# UTF-16 surrogate escapes: yajl turns a lone one into "?" where json.loads keeps it,
+# so documents with one take the json.loads path and record what they always did.
+# Pairs (an emoji in a body sent with ensure_ascii) decode alike and stay streamed.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # cheap to search for: the candidates
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F]"
+)
+
+
+def _lone_surrogate(body: bytes | bytearray) -> bool:
+    """Whether the body holds a surrogate escape that is not half of a pair (or might be
+    one: an escaped backslash before "u" also counts, which only costs a whole parse)."""
+    # match() from a candidate still looks behind it: the escape before decides for a low half
+    return any(_LONE_SURROGATE.match(body, found.start()) for found in _SURROGATE_ESCAPE.finditer(body))
+
+
+class _BytesReader:
+    """A file-like view of a received body for ijson, without copying it whole."""
+
+    def __init__(self, body: bytes | bytearray) -> None:
+        self._view = memoryview(body)
+        self._at = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else self._at + size
+        chunk = bytes(self._view[self._at:end])
+        self._at += len(chunk)
+        return chunk
+
+
+class _Whole(Exception):
+    """The document needs the whole-body path (``json.loads``) to be read as it always was."""
+
+
+def _head(body: bytes | bytearray) -> tuple[dict[str, t.Any], str | None]:
+    """One pass over a whole body: its top-level fields but ``memberships`` (built),
+    and the first event of the ``memberships`` value (None: no such key).
+
+    Raises _Whole where the stream cannot say what ``json.loads`` would: a body that
+    is not JSON to yajl (``json.loads`` also accepts NaN, a BOM, UTF-16 and large
+    numbers), not an object, or keys that ijson's prefixes would confuse with the
+    memberships (a repeated ``memberships``, a top-level key starting with ``memberships.``).
+    """
+    head: dict[str, t.Any] = {}
+    members: str | None = None
+    depth = 0  # 0: at the top-level object's keys
+    key = ""
+    builder: ijson.ObjectBuilder | None = None
+    try:
+        events = ijson.basic_parse(_BytesReader(body), use_float=True)
+        if next(events, None) != ("start_map", None):
+            raise _Whole
+        for event, value in events:
+            if depth:
+                if event in _OPENS:
+                    depth += 1
+                elif event in _CLOSES:
+                    depth -= 1
+            elif event == "map_key":
+                key = value
+                if key == "memberships":
+                    if members is not None:
+                        raise _Whole
+                    builder = None
+                    continue
+                if key.startswith("memberships."):
+                    raise _Whole
+                builder = ijson.ObjectBuilder()
+                continue
+            elif event == "end_map":  # the document's end; yajl still checks what follows
+                continue
+            else:  # the first event of a top-level value
+                if key == "memberships":
+                    members = event
+                if event in _OPENS:
+                    depth = 1
+            if builder is not None:
+                builder.event(event, value)
+                if not depth:
+                    head[key] = builder.value
+                    builder = None
+    except (ijson.JSONError, ValueError) as err:
+        raise _Whole from err
+    return head, members
+
+
+def parse_group_stream(listing: GroupListing, body: bytes | bytearray, piece_rows: int = PIECE_ROWS) -> GroupRead:
+    """``parse_group(listing, json.loads(body))``, without holding the parsed document:
+    what is recorded, and every rule checked, are the same.
+
+    The whole body is first parsed once for the group's own fields (so it is known to
+    be JSON, and the group usable, before anything of it is staged). Its memberships
+    are then decoded one by one as the recorder stages them, in pieces of
+    ``piece_rows``: ``GroupRead.memberships`` is a ``MembershipPieces``, which raises
+    GroupReadError at the first unusable entry (the recorder then discards what it
+    staged of the group). Documents the stream cannot read as ``json.loads`` would
+    (see ``_head``) are parsed whole.
+    """
+    if _lone_surrogate(body):
+        return parse_group(listing, _json_body(body))
+    try:
+        head, members = _head(body)
+    except _Whole:
+        return parse_group(listing, _json_body(body))
+    group = _group_row(listing, head)
     if listing.members_view == MembersView.OWN:
         return GroupRead(group=group, memberships=list(listing.own))
-    memberships = data.get("memberships")
-    if not isinstance(memberships, list):
-        raise GroupReadError("memberships: " + ("missing" if memberships is None else "not a list"))
-    for n, item in enumerate(memberships):
-        problem = membership_problem(item)
-        if problem:
-            raise GroupReadError(f"memberships[{n}]: {problem}")
-    kept = [_membership_row(listing.id, item) for item in _one_per_identity(memberships)]
-    return GroupRead(group=group, memberships=kept)
+    _check_memberships_kind(members in (None, "null"), members == "start_array")
+    return GroupRead(group=group, memberships=MembershipPieces(listing.id, body, piece_rows))
+
+
+class MembershipPieces:
+    """A streamed document's memberships, decoded as they are iterated: lists of at
+    most ``piece_rows`` rows, one per identity (SPEC), checked entry by entry.
+
+    Each identity's first entry is yielded as it comes; only the hash of its id is
+    kept (an int: half the size of the id). An entry whose id's hash was met before is
+    held back, and once the list ends, a second pass gathers every entry with such a
+    hash, by identity, and yields the one that counts for each (``_one_per_identity``'s
+    rule), which replaces the first where staged. Two identities whose ids' hashes
+    collide are thus still told apart. Raises GroupReadError naming the first
+    unusable entry: rows already yielded must then be discarded.
+    """
+
+    def __init__(self, group_id: str, body: bytes | bytearray, piece_rows: int) -> None:
+        self.group_id = group_id
+        self._body = body
+        self._piece_rows = piece_rows
+
+    def _items(self) -> t.Iterator[t.Any]:
+        return t.cast(t.Iterator[t.Any], ijson.items(_BytesReader(self._body), "memberships.item", use_float=True))
+
+    def __iter__(self) -> t.Iterator[list[MembershipRow]]:
+        seen: set[int] = set()
+        repeated: set[int] = set()
+        piece: list[MembershipRow] = []
+        for n, item in enumerate(self._items()):
+            problem = membership_problem(item)
+            if problem:
+                raise GroupReadError(f"memberships[{n}]: {problem}")
+            identity = hash(item["identity_id"])
+            if identity in seen:
+                repeated.add(identity)
+                continue
+            seen.add(identity)
+            piece.append(_membership_row(self.group_id, item))
+            if len(piece) >= self._piece_rows:
+                yield piece
+                piece = []
+        del seen
+        if piece:
+            yield piece
+        if repeated:  # rare: paid for only here
+            listed: dict[str, list[dict[str, t.Any]]] = {}
+            for item in self._items():
+                if hash(item["identity_id"]) in repeated:
+                    listed.setdefault(item["identity_id"], []).append(item)
+            yield [_membership_row(self.group_id, max(items, key=_precedence)) for items in listed.values()]
 
 
 class AdaptiveLimit:
@@ -525,6 +710,30 @@ RecordedDigest = t.Callable[[str], bytes | None]
 #: together would otherwise be held at once, whatever the queue's length.
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _CHUNK = 256 * 1024
+
+
+# glibc's mallopt parameter: the size from which an allocation gets its own mapping
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 128 * 1024  # glibc's default
+
+
+def return_large_blocks() -> None:
+    """Have the C allocator give large freed blocks (group bodies) back to the system.
+
+    glibc maps each allocation above its mmap threshold (128 KiB) on its own and
+    unmaps it when freed, but every such block freed raises the threshold to its size
+    (up to 32 MiB). After the first large group, the 256 KiB chunks a body arrives in
+    and the growing body itself then come from the receiving thread's heap, where the
+    memory stays with the process once freed: eight 100,000-member groups peaked at
+    280 MiB, 173 MiB with the threshold fixed (benchmarks/README.md). Setting it
+    (M_MMAP_THRESHOLD) turns the adjustment off. Elsewhere than glibc: nothing to do.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no mallopt (macOS)
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
 
 
 class ByteBudget:
@@ -761,7 +970,10 @@ def _plain_401(err: globus_sdk.GlobusAPIError) -> bool:
 
 def _parse_body(listing: GroupListing, body: FetchedBody) -> GroupRead | GroupReadError:
     try:
-        read = parse_group(listing, _json_body(body.content))
+        if len(body.content) >= STREAM_BYTES:
+            read = parse_group_stream(listing, body.content)
+        else:
+            read = parse_group(listing, _json_body(body.content))
     except GroupReadError as err:
         return err
     read.digest = body.digest

@@ -42,7 +42,7 @@ import typing as t
 import sqlite_utils
 
 from syncer.errors import EXIT_OK, EXIT_PARTIAL
-from syncer.globus_groups import GroupListing, GroupRead, GroupRow, MembershipRow, MyGroups
+from syncer.globus_groups import GroupListing, GroupRead, GroupReadError, GroupRow, MembershipRow, MyGroups
 from syncer.schema import utc_now
 
 # Staged memberships per applied batch: large enough that a batch's fixed cost is
@@ -355,17 +355,37 @@ class Recorder:
         )
         self._execute(_APPLY_LISTING)
 
-    def read(self, read: GroupRead) -> None:
-        """Stage one group's document and memberships; apply a batch once enough wait."""
+    def read(self, read: GroupRead) -> GroupReadError | None:
+        """Stage one group's document and memberships; apply a batch once enough wait.
+
+        A large document's memberships arrive in pieces (``MembershipPieces``), each
+        staged as it is decoded. Batches are applied only between groups, so the
+        pieces of one group are staged rows until it is whole: an unusable entry late
+        in the list discards them, the group counts as failed (returned: why), and
+        nothing of it is recorded.
+        """
         conn = self.db.conn
+        if isinstance(read.memberships, list):
+            conn.executemany(_INSERT_MEMBERSHIP, read.memberships)
+            staged = len(read.memberships)
+        else:
+            staged = 0
+            try:
+                for piece in read.memberships:
+                    conn.executemany(_INSERT_MEMBERSHIP, piece)
+                    staged += len(piece)
+            except GroupReadError as err:
+                conn.execute("DELETE FROM temp.stage_memberships WHERE group_id = ?", [read.group.id])
+                self.failed(read.group.id, str(err))
+                return err
         conn.execute(_INSERT_GROUP, read.group)
-        conn.executemany(_INSERT_MEMBERSHIP, read.memberships)
         conn.execute("INSERT OR REPLACE INTO temp.stage_digests VALUES (?, ?)", [read.group.id, read.digest])
         self.run.groups_synced += 1
-        self._staged += len(read.memberships)
+        self._staged += staged
         unread = self._to_read - self.run.groups_synced - self.run.groups_failed
         if self._staged >= self.batch_rows or unread <= self.in_flight:
             self._apply_batch()
+        return None
 
     def has_digests(self) -> bool:
         """Whether any group has a digest: none on a first run, or the first after an

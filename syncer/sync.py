@@ -36,6 +36,7 @@ from syncer.globus_groups import (
     Unchanged,
     list_my_groups,
     pin_environment_proxies,
+    return_large_blocks,
 )
 from syncer.lock import SyncLock
 from syncer.ownership import Credentials, check_owner, from_listing, record_owner, with_username
@@ -121,6 +122,7 @@ def run_sync(
                     client, limit = _groups_client(config, authorizer)
                     listing, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
                     who = _credentials(authorizer, listing)
+                    return_large_blocks()  # bodies received and freed must not stay with the process
                     with GroupReader(client, to_read, limit, cancelled) as reads:
                         opening = True
                         run_db = _RunDatabase(config, started_at)
@@ -249,7 +251,9 @@ def _record(
         reads.skip_unchanged(recorder.recorded_digest)
     for group, outcome in reads:
         if isinstance(outcome, GroupRead):
-            recorder.read(outcome)
+            problem = recorder.read(outcome)  # a streamed document may turn out unusable late
+            if problem is not None:
+                log.warning("group %s (%s) not read: %s", group.id, group.name, problem)
         elif isinstance(outcome, NeedsLogin):
             recorder.needs_login(group, outcome.asked)
             log.warning("group %s (%s) not read: %s", group.id, group.name, outcome)

@@ -522,6 +522,8 @@ def test_malformed(sim: Simulator, world: World, kind: str) -> None:
             assert doc["name"] is None
             assert any(m["username"] is None and m["role"] is None
                        and m["membership_fields"]["name"] is None for m in mem)
+        elif kind == "last_entry_bad":
+            assert mem[-1]["role"] == "owner" and all(m["role"] != "owner" for m in mem[:-1])
         elif kind == "huge_names":
             assert len(doc["name"]) == 10_000 and not doc["name"].isascii()
             assert "DROP TABLE memberships" in doc["description"]

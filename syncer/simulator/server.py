@@ -88,6 +88,7 @@ _SQL_TEXT = "Robert'); DROP TABLE memberships;--"
 _RANDOM_KINDS_DEFAULT = ("500", "502", "503", "429", "stall", "truncated")
 MALFORMED_KINDS = (
     "truncated", "memberships_not_list", "missing_identity_id", "nulls", "unknown_values", "no_id", "huge_names",
+    "last_entry_bad",
 )
 # Shapes real group documents take that the simulator does not send by default (see
 # docs/simulator-fidelity.md): no memberships key, an empty list, every membership
@@ -1319,6 +1320,10 @@ class Simulator:
                 victim["status"] = "suspended"
         elif kind == "no_id":
             del doc["id"]
+        elif kind == "last_entry_bad":
+            # a fault only the end of a long list shows (a streamed parse meets it last)
+            if members:
+                members[-1]["role"] = "owner"
         elif kind == "huge_names":
             doc["name"] = _HUGE_TEXT
             doc["description"] = f"{_SQL_TEXT} {_HUGE_TEXT[:200]}"
