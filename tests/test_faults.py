@@ -743,10 +743,11 @@ def test_busy_timeout_is_checked_like_any_key(env: Env) -> None:
 
 @pytest.fixture
 def small_disk(env: Env) -> t.Iterator[Path]:
+    # room for a first run (its migrations pass through the WAL), then filled by the test
     mount = env.tmp / "small"
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True, text=True
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True, text=True
     )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
