@@ -12,6 +12,8 @@ root; skipped elsewhere.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import importlib.util
 import json
 import os
@@ -133,11 +135,48 @@ def runs_in(env: Env, db: str) -> list[object]:
 # ------------------------------------------------- readers after kill -9, as owner and group member
 
 
+AS_MEMBER = ["setpriv", f"--reuid={READER_UID}", f"--regid={SYNCER_GID}", "--clear-groups"]
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+class MemberPython(t.NamedTuple):
+    """The Python a group member runs syncer with, and what its environment needs."""
+
+    executable: str
+    env: dict[str, str]
+
+
+@functools.cache
+def member_python() -> MemberPython:
+    """This Python, where the member can reach it and syncer; else a readable copy of its
+    environment, as a site installs syncer for its users. A checkout made in a folder
+    only its owner may enter (a clone in `mktemp -d`, say) hides the editable install
+    and the venv from every other user."""
+    probe = [sys.executable, "-c", "import datasette, sqlite_utils, syncer.cli"]
+    if subprocess.run([*AS_MEMBER, *probe], capture_output=True, timeout=120).returncode == 0:
+        return MemberPython(sys.executable, {})
+    folder = Path(tempfile.mkdtemp(prefix="syncer-reader-python-"))
+    atexit.register(shutil.rmtree, folder, True)
+    os.chmod(folder, 0o755)
+    shutil.copytree(sys.prefix, folder / "venv", symlinks=True)
+    shutil.copytree(CHECKOUT / "syncer", folder / "src" / "syncer")
+    for editable in (folder / "venv").glob("lib/python*/site-packages/__editable__*"):
+        editable.unlink()  # it points at the checkout, before PYTHONPATH: the copy's is the source
+    subprocess.run(["chmod", "-R", "a+rX", str(folder)], check=True)  # whatever this process's umask
+    copy = MemberPython(str(folder / "venv" / "bin" / Path(sys.executable).name), {"PYTHONPATH": str(folder / "src")})
+    probe[0] = copy.executable
+    tried = subprocess.run([*AS_MEMBER, *probe], env={**os.environ, **copy.env}, capture_output=True, text=True, timeout=120)
+    if tried.returncode != 0:
+        pytest.skip(f"no Python another user may run syncer with here: {tried.stderr.strip()[-200:]}")
+    return copy
+
+
 def as_member(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
     """``syncer ARGS`` run by a member of the database's group who may not write its folder."""
+    python = member_python()
     return subprocess.run(
-        ["setpriv", f"--reuid={READER_UID}", f"--regid={SYNCER_GID}", "--clear-groups", sys.executable, "-m", "syncer", *args],
-        env=env.vars, cwd=env.tmp, capture_output=True, text=True, timeout=120,
+        [*AS_MEMBER, python.executable, "-m", "syncer", *args],
+        env={**env.vars, **python.env}, cwd=env.tmp, capture_output=True, text=True, timeout=120,
     )
 
 
@@ -149,8 +188,7 @@ def as_owner(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
 
 def sqlite3_cli_as_member(db: str, sql: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["setpriv", f"--reuid={READER_UID}", f"--regid={SYNCER_GID}", "--clear-groups",
-         "sqlite3", "-bail", f"file:{db}?mode=ro", sql],
+        [*AS_MEMBER, "sqlite3", "-bail", f"file:{db}?mode=ro", sql],
         capture_output=True, text=True, timeout=60,
     )
 
@@ -170,9 +208,10 @@ asyncio.run(main())
 
 
 def datasette_as_member(env: Env, db: str) -> str:
+    python = member_python()
     done = subprocess.run(
-        ["setpriv", f"--reuid={READER_UID}", f"--regid={SYNCER_GID}", "--clear-groups", sys.executable, "-c", DATASETTE, db],
-        env=env.vars, cwd=env.tmp, capture_output=True, text=True, timeout=120,
+        [*AS_MEMBER, python.executable, "-c", DATASETTE, db],
+        env={**env.vars, **python.env}, cwd=env.tmp, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
