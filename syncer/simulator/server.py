@@ -1287,16 +1287,30 @@ class Simulator:
             return self._read_ok(self._send(200, body), at, gid, state, with_members, tag)
         return self._malformed(gid, viewer, with_members, malformed, tag)
 
-    def _malformed(self, gid: str, viewer: str, with_members: bool, kind: str, tag: str | None) -> _Resp:
-        """Serve a tampered group document (fault kinds in MALFORMED_KINDS)."""
+    def _doc_to_tamper(
+        self, gid: str, viewer: str, with_members: bool, *, all_memberships: bool = False
+    ) -> tuple[dict[str, Any], float] | _Resp:
+        """A fresh document of the group as ``viewer`` may see it (with every membership,
+        whoever may see them, if ``all_memberships``) and when it was read; or the 404 or
+        403 answer."""
         with self.world.lock:
             try:
                 doc = self.world.group_doc(gid, viewer, include_memberships=with_members)
             except KeyError:
                 return self._groups_error(404, f"Group {gid} not found.")
             at = time.time()
+            if doc is not None and all_memberships and with_members:
+                doc["memberships"] = self.world.all_membership_docs(gid)
         if doc is None:
             return self._groups_error(403, "You do not have access to this group.")
+        return doc, at
+
+    def _malformed(self, gid: str, viewer: str, with_members: bool, kind: str, tag: str | None) -> _Resp:
+        """Serve a tampered group document (fault kinds in MALFORMED_KINDS)."""
+        found = self._doc_to_tamper(gid, viewer, with_members)
+        if isinstance(found, _Resp):
+            return found
+        doc, at = found
         members: list[dict[str, Any]] = doc.get("memberships", [])
         # Prefer tampering with someone other than me, so my_memberships stays sane.
         victim = next((m for m in members if m["identity_id"] != viewer), members[0] if members else None)
@@ -1341,16 +1355,10 @@ class Simulator:
     def _shaped(self, gid: str, viewer: str, with_members: bool, shape: str | None, tag: str | None) -> _Resp:
         """Serve a group document in one of the shapes real answers take (SHAPE_KINDS),
         and with its implicit memberships (members of subgroups, ``source_group_id``)."""
-        with self.world.lock:
-            try:
-                doc = self.world.group_doc(gid, viewer, include_memberships=with_members)
-            except KeyError:
-                return self._groups_error(404, f"Group {gid} not found.")
-            at = time.time()
-            if doc is not None and shape == "all_memberships" and with_members:
-                doc["memberships"] = self.world.all_membership_docs(gid)
-        if doc is None:
-            return self._groups_error(403, "You do not have access to this group.")
+        found = self._doc_to_tamper(gid, viewer, with_members, all_memberships=shape == "all_memberships")
+        if isinstance(found, _Resp):
+            return found
+        doc, at = found
         if shape == "no_memberships":
             doc.pop("memberships", None)
         elif shape == "empty_memberships":
