@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import json
+import os
+import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
+import tempfile
 import time
 import typing as t
 from pathlib import Path
+
+import pytest
 
 from syncer.simulator import Simulator, World
 from syncer.token_store import TokenStore
@@ -126,3 +134,42 @@ def answer_login_prompt(proc: subprocess.Popen[str], base_url: str) -> tuple[str
     which is all its browser step needs."""
     port = int(base_url.rsplit(":", 1)[1])
     return Simulator(World.generate(groups=1, members=1), port=port).answer_cli_login(proc)
+
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+class OtherUsersPython(t.NamedTuple):
+    """The Python another user runs syncer with, and what its environment needs."""
+
+    executable: str
+    env: dict[str, str]
+
+
+@functools.cache
+def _python_for(as_user: tuple[str, ...]) -> OtherUsersPython:
+    probe = [sys.executable, "-c", "import datasette, sqlite_utils, syncer.cli"]
+    if subprocess.run([*as_user, *probe], capture_output=True, timeout=120).returncode == 0:
+        return OtherUsersPython(sys.executable, {})
+    folder = Path(tempfile.mkdtemp(prefix="syncer-reader-python-"))
+    atexit.register(shutil.rmtree, folder, True)
+    shutil.copytree(sys.prefix, folder / "venv", symlinks=True)
+    shutil.copytree(CHECKOUT / "syncer", folder / "src" / "syncer")
+    for editable in (folder / "venv").glob("lib/python*/site-packages/__editable__*"):
+        editable.unlink()  # it points at the checkout, before PYTHONPATH: the copy's is the source
+    subprocess.run(["chmod", "-R", "a+rX", str(folder)], check=True)  # whatever this process's umask
+    copy = OtherUsersPython(str(folder / "venv" / "bin" / Path(sys.executable).name), {"PYTHONPATH": str(folder / "src")})
+    probe[0] = copy.executable
+    tried = subprocess.run([*as_user, *probe], env={**os.environ, **copy.env}, capture_output=True, text=True, timeout=120)
+    if tried.returncode != 0:
+        pytest.skip(f"no Python another user may run syncer with here: {tried.stderr.strip()[-200:]}")
+    return copy
+
+
+def python_for(as_user: t.Sequence[str]) -> OtherUsersPython:
+    """The Python that ``as_user`` (a ``setpriv`` prefix) can run syncer with: this one
+    where that user can reach it and syncer; else a readable copy of its environment, as
+    a site installs syncer for its users. A checkout made in a folder only its owner may
+    enter (a clone in `mktemp -d`, say) hides the editable install and the venv from
+    every other user."""
+    return _python_for(tuple(as_user))

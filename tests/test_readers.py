@@ -12,8 +12,6 @@ root; skipped elsewhere.
 
 from __future__ import annotations
 
-import atexit
-import functools
 import importlib.util
 import json
 import os
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Env
-from helpers import db_state, expected_state, wait_for
+from helpers import db_state, expected_state, python_for, wait_for
 from test_daemon_e2e import stop
 
 from syncer.simulator import World
@@ -136,44 +134,9 @@ def runs_in(env: Env, db: str) -> list[object]:
 
 
 AS_MEMBER = ["setpriv", f"--reuid={READER_UID}", f"--regid={SYNCER_GID}", "--clear-groups"]
-CHECKOUT = Path(__file__).resolve().parent.parent
-
-
-class MemberPython(t.NamedTuple):
-    """The Python a group member runs syncer with, and what its environment needs."""
-
-    executable: str
-    env: dict[str, str]
-
-
-@functools.cache
-def member_python() -> MemberPython:
-    """This Python, where the member can reach it and syncer; else a readable copy of its
-    environment, as a site installs syncer for its users. A checkout made in a folder
-    only its owner may enter (a clone in `mktemp -d`, say) hides the editable install
-    and the venv from every other user."""
-    probe = [sys.executable, "-c", "import datasette, sqlite_utils, syncer.cli"]
-    if subprocess.run([*AS_MEMBER, *probe], capture_output=True, timeout=120).returncode == 0:
-        return MemberPython(sys.executable, {})
-    folder = Path(tempfile.mkdtemp(prefix="syncer-reader-python-"))
-    atexit.register(shutil.rmtree, folder, True)
-    os.chmod(folder, 0o755)
-    shutil.copytree(sys.prefix, folder / "venv", symlinks=True)
-    shutil.copytree(CHECKOUT / "syncer", folder / "src" / "syncer")
-    for editable in (folder / "venv").glob("lib/python*/site-packages/__editable__*"):
-        editable.unlink()  # it points at the checkout, before PYTHONPATH: the copy's is the source
-    subprocess.run(["chmod", "-R", "a+rX", str(folder)], check=True)  # whatever this process's umask
-    copy = MemberPython(str(folder / "venv" / "bin" / Path(sys.executable).name), {"PYTHONPATH": str(folder / "src")})
-    probe[0] = copy.executable
-    tried = subprocess.run([*AS_MEMBER, *probe], env={**os.environ, **copy.env}, capture_output=True, text=True, timeout=120)
-    if tried.returncode != 0:
-        pytest.skip(f"no Python another user may run syncer with here: {tried.stderr.strip()[-200:]}")
-    return copy
-
-
 def as_member(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
     """``syncer ARGS`` run by a member of the database's group who may not write its folder."""
-    python = member_python()
+    python = python_for(AS_MEMBER)
     return subprocess.run(
         [*AS_MEMBER, python.executable, "-m", "syncer", *args],
         env={**env.vars, **python.env}, cwd=env.tmp, capture_output=True, text=True, timeout=120,
@@ -208,7 +171,7 @@ asyncio.run(main())
 
 
 def datasette_as_member(env: Env, db: str) -> str:
-    python = member_python()
+    python = python_for(AS_MEMBER)
     done = subprocess.run(
         [*AS_MEMBER, python.executable, "-c", DATASETTE, db],
         env={**env.vars, **python.env}, cwd=env.tmp, capture_output=True, text=True, timeout=120,
