@@ -1,8 +1,9 @@
 """Shared fixtures: a running simulator, a private configuration, and `syncer` as a user runs it.
 
-End-to-end tests run the real ``syncer`` command in a subprocess; the real
-``globus_sdk`` inside it talks HTTP to the simulator through
-``GLOBUS_SDK_SERVICE_URL_*``. Every output of every command is kept, so the secrets
+End-to-end tests run the real ``syncer`` command (``syncer.cli.cli``): in the test's
+process by default (tests/inprocess.py), in a process of its own where only a process
+shows what is tested. Either way the real ``globus_sdk`` talks HTTP to the simulator
+through ``GLOBUS_SDK_SERVICE_URL_*``. Every output of every command is kept, so the secrets
 test can check that no token the simulator issued ever appears in one.
 """
 
@@ -17,10 +18,12 @@ import typing as t
 from pathlib import Path
 
 import pytest
+from inprocess import invoke
 
 from syncer.simulator import Simulator, World
 
-# Everything any `syncer` subprocess printed in this test session, for the secrets scan.
+# What `syncer` printed during the current test, and every token and client secret any
+# simulator of this test process has issued: after each test, no output may hold one.
 OUTPUTS: list[str] = []
 ISSUED_TOKENS: set[str] = set()
 
@@ -77,7 +80,14 @@ class Env:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,
         )
 
-    def run(self, *args: str, input: str | None = None, timeout: float = 120) -> Result:  # noqa: A002 - subprocess.run's name
+    def run(
+        self, *args: str, input: str | None = None, timeout: float = 120, process: bool = False,  # noqa: A002 - subprocess.run's name
+    ) -> Result:
+        """`syncer ARGS` with this setup's environment and folder: in this process
+        (tests/inprocess.py), or with ``process=True`` as a process of its own, for
+        what only a process shows (signals, exits, other users, memory)."""
+        if not process:
+            return self._in_process(args, input=input)
         proc = subprocess.run(
             [sys.executable, "-m", "syncer", *args],
             env=self.vars, cwd=self.tmp, text=True, input=input,
@@ -86,12 +96,19 @@ class Env:
         record(proc.stdout, proc.stderr)
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
-    def login(self, *extra: str) -> Result:
+    def login(self, *extra: str, process: bool = False) -> Result:
         """`syncer login --no-browser`, reading the URL off stdout and answering with the code."""
+        if not process:
+            return self._in_process(("login", "--no-browser", *extra), authorize=self.sim.authorize)
         proc = self.popen("login", "--no-browser", *extra, stdin=subprocess.PIPE)
         out, err = self.sim.answer_cli_login(proc)
         record(out, err)
         return Result(proc.returncode, out, err)
+
+    def _in_process(self, args: t.Sequence[str], **how: t.Any) -> Result:
+        outcome = invoke(args, self.vars, self.tmp, **how)
+        record(outcome.stdout, outcome.stderr)
+        return Result(*outcome)
 
     def db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(f"file:{self.database}?mode=ro", uri=True)
@@ -108,6 +125,18 @@ class Env:
 
 def record(*texts: str) -> None:
     OUTPUTS.extend(texts)
+
+
+@pytest.fixture(autouse=True)
+def no_token_in_any_output() -> t.Iterator[None]:
+    """Every test is also a secrets test: after it (its simulators stopped, so their
+    tokens are in ISSUED_TOKENS), nothing `syncer` printed in it holds a token or a
+    client secret issued in this test process so far."""
+    OUTPUTS.clear()
+    yield
+    leaked = [token for token in ISSUED_TOKENS if any(token in text for text in OUTPUTS)]
+    OUTPUTS.clear()
+    assert not leaked, f"{len(leaked)} token(s) issued by the simulator appeared in syncer's output"
 
 
 @pytest.fixture
@@ -166,7 +195,9 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[t.Any]:
     world = World.generate(groups=6, members=8, seed=11)
     simulator = Simulator(world, port=0).start()
     try:
-        yield build(make_env(tmp_path_factory.mktemp("history"), simulator, world))
+        built = build(make_env(tmp_path_factory.mktemp("history"), simulator, world))
+        ISSUED_TOKENS.update(simulator.issued_tokens)
+        yield built
     finally:
         ISSUED_TOKENS.update(simulator.issued_tokens)
         simulator.stop()

@@ -16,7 +16,8 @@ from helpers import NotifyListener, current_state, expected_state, stored_tokens
 
 
 def runs(env: Env) -> list[sqlite3.Row]:
-    if not env.database.exists():
+    """The runs recorded so far (none while the first run is still creating the database)."""
+    if not env.database.exists() or not env.query("SELECT 1 FROM sqlite_master WHERE name = 'sync_runs'"):
         return []
     return env.query("SELECT * FROM sync_runs ORDER BY id")
 
@@ -126,6 +127,7 @@ def test_manual_sync_beside_the_daemon_gets_75(logged_in: Env) -> None:
     daemon = env.popen("run", "--interval", "1h")
     try:
         wait_for(lambda: env.sim.stats["faults"].get("held"), what="the daemon's run")
+        wait_for(lambda: runs(env), what="the daemon's run row")
         manual = env.run("sync")
         assert manual.returncode == 75, manual.output
         assert env.sim.faults.reads_held and not finished_runs(env)  # it did not wait for the daemon's run

@@ -734,6 +734,7 @@ def test_prerender_fills_the_render_cache_when_the_world_fits(world: World) -> N
     assert all(world._render.get(gid, key) is None for gid in mine[1:])
 
 
+@pytest.mark.slow  # the benchmarks' largest world: a million memberships
 def test_generate_10k_x_100() -> None:
     t0 = time.perf_counter()
     big = World.generate(groups=10_000, members=100, seed=1)
