@@ -33,6 +33,7 @@ class Result:
     returncode: int
     stdout: str
     stderr: str
+    stdout_bytes: bytes | None = None  # in-process runs: stdout as written, undecoded
 
     @property
     def output(self) -> str:
@@ -82,15 +83,17 @@ class Env:
 
     def run(
         self, *args: str, input: str | None = None, timeout: float = 120, process: bool = False,  # noqa: A002 - subprocess.run's name
+        variables: dict[str, str] | None = None,
     ) -> Result:
-        """`syncer ARGS` with this setup's environment and folder: in this process
-        (tests/inprocess.py), or with ``process=True`` as a process of its own, for
-        what only a process shows (signals, exits, other users, memory)."""
+        """`syncer ARGS` with this setup's environment (plus ``variables``) and folder: in
+        this process (tests/inprocess.py), or with ``process=True`` as a process of its
+        own, for what only a process shows (signals, exits, other users, memory)."""
+        environment = {**self.vars, **(variables or {})}
         if not process:
-            return self._in_process(args, input=input)
+            return self._in_process(args, environment, input=input)
         proc = subprocess.run(
             [sys.executable, "-m", "syncer", *args],
-            env=self.vars, cwd=self.tmp, text=True, input=input,
+            env=environment, cwd=self.tmp, text=True, input=input,
             capture_output=True, timeout=timeout,
         )
         record(proc.stdout, proc.stderr)
@@ -99,14 +102,14 @@ class Env:
     def login(self, *extra: str, process: bool = False) -> Result:
         """`syncer login --no-browser`, reading the URL off stdout and answering with the code."""
         if not process:
-            return self._in_process(("login", "--no-browser", *extra), authorize=self.sim.authorize)
+            return self._in_process(("login", "--no-browser", *extra), self.vars, authorize=self.sim.authorize)
         proc = self.popen("login", "--no-browser", *extra, stdin=subprocess.PIPE)
         out, err = self.sim.answer_cli_login(proc)
         record(out, err)
         return Result(proc.returncode, out, err)
 
-    def _in_process(self, args: t.Sequence[str], **how: t.Any) -> Result:
-        outcome = invoke(args, self.vars, self.tmp, **how)
+    def _in_process(self, args: t.Sequence[str], variables: dict[str, str], **how: t.Any) -> Result:
+        outcome = invoke(args, variables, self.tmp, **how)
         record(outcome.stdout, outcome.stderr)
         return Result(*outcome)
 

@@ -42,6 +42,7 @@ class Outcome(t.NamedTuple):
     returncode: int
     stdout: str
     stderr: str
+    stdout_bytes: bytes  # as written, for the formats that must be lossless
 
 
 class _LoginUser(io.RawIOBase):
@@ -117,4 +118,4 @@ def invoke(
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(result.exception))
         code = 1
-    return Outcome(code, result.stdout, stderr)
+    return Outcome(code, result.stdout, stderr, result.stdout_bytes)

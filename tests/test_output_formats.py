@@ -19,7 +19,7 @@ import typing as t
 import unicodedata
 
 import pytest
-from conftest import ISSUED_TOKENS, Env, Result, make_env, record
+from conftest import ISSUED_TOKENS, Env, Result, make_env
 from helpers import admin_groups
 from history_scenario import Scenario
 from terminal import run_in_terminal
@@ -73,11 +73,9 @@ def evil(tmp_path_factory: pytest.TempPathFactory) -> t.Iterator[Evil]:
 
 def run_bytes(env: Env, *args: str) -> tuple[int, bytes, str]:
     """``syncer ARGS`` with stdout as the bytes it wrote (no decoding, no newline translation)."""
-    proc = subprocess.run([sys.executable, "-m", "syncer", *args], env=env.vars, cwd=env.tmp, capture_output=True,
-                          timeout=120)
-    err = proc.stderr.decode()
-    record(proc.stdout.decode("utf-8", "replace"), err)
-    return proc.returncode, proc.stdout, err
+    result = env.run(*args)
+    assert result.stdout_bytes is not None
+    return result.returncode, result.stdout_bytes, result.stderr
 
 
 def tsv_unescape(cell: str) -> str:
@@ -238,9 +236,7 @@ def test_a_wide_terminal_shows_everything(history: Scenario) -> None:
 def test_a_table_into_a_pipe_cuts_nothing_whatever_columns_says(history: Scenario) -> None:
     env = history.env
     rows = json.loads(env.run("changes", "--all", "--format", "json").stdout)
-    proc = subprocess.run([sys.executable, "-m", "syncer", "changes", "--all"], env={**env.vars, "COLUMNS": "40"},
-                          cwd=env.tmp, capture_output=True, text=True, timeout=120)
-    record(proc.stdout, proc.stderr)
+    proc = env.run("changes", "--all", variables={"COLUMNS": "40"})
     assert proc.returncode == 0 and "…" not in proc.stdout and proc.stderr == ""
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:3] == ["at", "run_id", "group_id"]

@@ -17,7 +17,7 @@ import typing as t
 from pathlib import Path
 
 import pytest
-from conftest import Env, Result, record
+from conftest import Env, Result
 from helpers import OtherUsersPython, admin_groups, has_running_run, others, python_for, wait_for
 from history_scenario import LONG_NAME, Scenario, expected_changes, versions
 from terminal import run_in_terminal
@@ -29,14 +29,7 @@ NOBODY = 65534
 
 
 def query(history: Scenario, *args: str, env: dict[str, str] | None = None) -> Result:
-    return history.env.run(*args) if env is None else run_with(history.env, args, env)
-
-
-def run_with(env: Env, args: t.Sequence[str], variables: dict[str, str]) -> Result:
-    proc = subprocess.run([sys.executable, "-m", "syncer", *args], env={**env.vars, **variables}, cwd=env.tmp,
-                          text=True, capture_output=True, timeout=60)
-    record(proc.stdout, proc.stderr)
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    return history.env.run(*args, variables=env)
 
 
 def as_json(history: Scenario, *args: str) -> list[dict[str, t.Any]]:
@@ -399,7 +392,7 @@ def test_hooks_replay_takes_when_as_the_queries_do(history: Scenario, tmp_path: 
     variables = {"SYNCER_CONFIG": str(config)}
     for since, says in (("run:999", "there is no run 999 (runs 1-5)"), ("run:99999999999999999999", "out of range"),
                         ("9999-12-31T23:59-01:00", "out of range"), ("tomorrow", "bad WHEN")):
-        result = run_with(history.env, ("hooks", "replay", "audit", "--since", since), variables)
+        result = history.env.run("hooks", "replay", "audit", "--since", since, variables=variables)
         assert result.returncode == 2, result.output
         assert result.stderr.startswith("syncer: error: bad WHEN") and says in result.stderr
         assert result.stderr.count("\n") == 1
