@@ -9,15 +9,13 @@ import sys
 from pathlib import Path
 
 from conftest import record
+from inprocess import invoke
 
 
 def test_demo_runs_offline_and_leaves_a_queryable_database(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCER_", "GLOBUS_"))}
     env["HOME"] = str(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "syncer", "demo", "--dir", str(tmp_path / "demo")],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
+    proc = invoke(["demo", "--dir", str(tmp_path / "demo")], env, tmp_path)
     record(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stderr
     assert "Logged in as" in proc.stdout
@@ -40,16 +38,14 @@ def test_demo_runs_offline_and_leaves_a_queryable_database(tmp_path: Path) -> No
     assert oct((tmp_path / "demo" / "tokens.db").stat().st_mode & 0o777) == "0o600"
     assert proc.stdout.count(str(tmp_path / "demo" / "groups.db")) >= 4  # the queries point at the kept file
 
-    again = subprocess.run(
-        [sys.executable, "-m", "syncer", "demo", "--dir", str(tmp_path / "demo")],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
+    again = invoke(["demo", "--dir", str(tmp_path / "demo")], env, tmp_path)
     assert again.returncode == 1 and "already exists" in again.stderr
 
 
 def test_demo_without_a_folder_replaces_its_own_and_leaves_no_temporary_ones(tmp_path: Path) -> None:
     """Run twice without --dir: one folder of the demo's own (the second run replaces the
-    first's database), nothing in the temporary folder, and no "paste" while it plays the browser."""
+    first's database), nothing in the temporary folder, and no "paste" while it plays the browser.
+    Processes: a process reads TMPDIR once, so only a new one honours this test's."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNCER_", "GLOBUS_", "XDG_"))}
     env["HOME"] = str(tmp_path / "home")
     env["TMPDIR"] = str(tmp_path / "tmp")
