@@ -131,7 +131,6 @@ def _sqlite_busy_timeout(value: t.Any) -> str | None:
     return _not_negative(value) or (None if value <= _SQLITE_MAX_BUSY_S else "must be at most 24d (SQLite's limit)")
 
 
-
 #: the longest a hook may take: a hook runs between snapshots and holds up the next one
 MAX_HOOK_TIMEOUT_S = 3600.0
 
@@ -792,7 +791,9 @@ def write_generated(root: Path) -> list[Path]:
 
 def _main(argv: list[str]) -> int:
     """``python -m syncer.config``: print or rewrite what is generated from the declaration."""
-    parser = argparse.ArgumentParser(prog="python -m syncer.config", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m syncer.config", description="Print or rewrite what is generated from the configuration's declaration."
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--sample", action="store_true", help="print the sample config/syncer.toml")
     what.add_argument("--docs-table", action="store_true", help="print the reference tables of docs/configuration.md")
