@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from syncer import __version__
-from syncer.config import Config, load_config, parse_duration
+from syncer.config import Config, ConfigProblems, load_config, parse_duration
 from syncer.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, SyncerError
 from syncer.logs import configure as configure_logging
 from syncer.logs import redact
@@ -68,7 +68,8 @@ class SyncerGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SyncerError as err:
-            click.echo(f"syncer: error: {_one_line(str(err))}", err=True)
+            for line in err.problems if isinstance(err, ConfigProblems) else (str(err),):  # each problem a line
+                click.echo(f"syncer: error: {_one_line(line)}", err=True)
             ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             click.echo("syncer: interrupted", err=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from conftest import Env
@@ -98,3 +99,25 @@ def test_excluded_groups_are_never_read_kept_as_they_were_and_listed_in_status(l
     env.sim.read_log.clear()
     assert env.run("sync").returncode == 0
     assert excluded not in {read.get("group_id") for read in env.sim.read_log}
+
+
+def test_every_problem_of_the_file_at_once_one_line_each_exit_78(logged_in: Env) -> None:
+    """A file with an unknown key, a wrong type, a bad value and a bad hook: `syncer sync`
+    names all of them, one `syncer: error:` line each, before anything is read or written."""
+    env = logged_in
+    env.write_config(colour="blue", concurrency="many", my_statuses=["left"])
+    with env.config.open("a") as fh:
+        fh.write('[[hooks]]\nname = "ldap"\ncommand = ["/usr/local/bin/sync-ldap"]\ntimeout = "2h"\nretries = 3\n')
+    env.vars["SYNCER_INTERVAL"] = "15"
+    result = env.run("sync")
+    assert result.returncode == 78, result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert all(line.startswith(f"syncer: error: {env.config}: ") for line in lines[:-1]), result.stderr
+    named = [re.search(r"(unknown key '\w+'|key '\w+')", line).group(1) for line in lines[:-1]]  # type: ignore[union-attr]
+    assert named == ["unknown key 'colour'", "key 'concurrency'", "key 'my_statuses'", "key 'retries'", "key 'timeout'"]
+    assert "[[hooks]] #1 ('ldap'), key 'timeout': must be more than 0 and at most 1h" in lines[-2]
+    expected = "syncer: error: environment variable SYNCER_INTERVAL: '15' has no unit: write e.g. \"15s\", \"15m\" or \"15h\""
+    assert lines[-1] == expected
+    assert env.sim.stats["requests"].get("my_groups", 0) == 0  # refused before asking Globus
+    assert not env.database.exists()
