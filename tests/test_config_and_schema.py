@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import sqlite_utils
 from conftest import Env
+from inprocess import invoke
 
 from syncer import schema
 from syncer.config import GROUPS_SCOPE, TUTORIAL_CLIENT_ID, load_config, parse_duration
@@ -181,10 +182,7 @@ def test_invalid_environment_value_names_the_variable(monkeypatch: pytest.Monkey
 def test_run_interval_option_is_a_usage_error(tmp_path: Path, interval: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
     env["SYNCER_CONFIG"] = str(tmp_path / "absent.toml")  # never read: the option is checked first
-    result = subprocess.run(
-        [sys.executable, "-m", "syncer", "run", "--interval", interval],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30,
-    )
+    result = invoke(["run", "--interval", interval], env, tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("syncer: error: ")
     assert "'--interval'" in result.stderr and repr(interval) in result.stderr
@@ -356,9 +354,7 @@ def test_a_bare_number_as_a_duration_is_a_config_error(tmp_path: Path, where: st
     if where == "environment":
         name, number = value.split("=")
         env[name] = number
-    result = subprocess.run(
-        [sys.executable, "-m", "syncer", "sync"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-    )
+    result = invoke(["sync"], env, tmp_path)
     assert result.returncode == 78, result.stderr
     [line] = result.stderr.splitlines()
     named = str(conf) + ": key '" + value.split(" =")[0] + "'" if where == "file" else f"environment variable {name}"
@@ -369,9 +365,6 @@ def test_a_bare_number_as_a_duration_is_a_config_error(tmp_path: Path, where: st
 def test_run_interval_without_a_unit_is_a_usage_error(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNCER_")}
     env["SYNCER_CONFIG"] = str(tmp_path / "absent.toml")
-    result = subprocess.run(
-        [sys.executable, "-m", "syncer", "run", "--interval", "15"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30,
-    )
+    result = invoke(["run", "--interval", "15"], env, tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "'--interval'" in result.stderr and "'15' has no unit" in result.stderr
