@@ -85,6 +85,8 @@ class OutputDatabase(sqlite_utils.Database):
 
 
 def _read_problem(path: Path, err: sqlite3.Error) -> str:
+    """An SQLite error met while reading, as one line: an older release's database
+    is told apart from a damaged one."""
     if isinstance(err, sqlite3.OperationalError) and _missing_interface(err):
         return f"{path}: no snapshot in this release's format yet ({err}); run `syncer sync` to create or upgrade it"
     # damaged: "database disk image is malformed", "file is not a database"
@@ -111,8 +113,9 @@ def open_for_reading(path: Path, busy_timeout: float = BUSY_TIMEOUT_S, *, syncer
     """The output database, open read-only, in one snapshot: every part of an answer
     (a report's sections, status's figures and hooks) is of the same runs.
 
-    In WAL mode the snapshot is a read transaction, which holds up no run; a run
-    committing meanwhile is waited for (``busy_timeout``). ``syncer_tables``: a file
+    In WAL mode the snapshot is a read transaction, which holds up no run (a database
+    not in WAL mode, as an older release left it, is read statement by statement,
+    waiting up to ``busy_timeout`` for a run's commit). ``syncer_tables``: a file
     without syncer's tables is an error ("not a syncer database"); False lets the
     caller read one as it is (``syncer status`` while the first run creates them).
     """
