@@ -148,7 +148,7 @@ class FailureReason(t.NamedTuple):
 class GroupAtEnd(t.NamedTuple):
     """A group as of the period's end: what ``syncer groups`` says, and its policies."""
 
-    row: queries.GroupRow
+    row: queries.MyGroupRow
     policies: dict[str, t.Any]
 
 

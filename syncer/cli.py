@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import sqlite3
 import sys
 import threading
 import typing as t
@@ -25,6 +24,9 @@ from syncer.config import Config, ConfigProblems, load_config, parse_duration
 from syncer.errors import EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, SyncerError
 from syncer.logs import configure as configure_logging
 from syncer.logs import redact
+
+if t.TYPE_CHECKING:
+    from syncer.database import OutputDatabase
 
 log = logging.getLogger("syncer")
 
@@ -204,7 +206,7 @@ def logout(settings: _Settings) -> None:
 @click.pass_context
 def sync(ctx: click.Context) -> None:
     """Take one snapshot, then exit (for cron or a systemd timer)."""
-    from syncer.reporting import sync_and_report
+    from syncer.run_effects import sync_with_effects
 
     config = ctx.obj.config()
     cancelled = threading.Event()
@@ -216,7 +218,7 @@ def sync(ctx: click.Context) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     with _TerminalProgress.on_stderr() as progress:
-        run = sync_and_report(config, cancelled=cancelled, progress=progress.show if progress else None)
+        run = sync_with_effects(config, cancelled=cancelled, progress=progress.show if progress else None)
     # the run's summary is run_sync's log line: printed here too, it reached the journal
     # (and cron's mail) twice
     ctx.exit(EXIT_PARTIAL if run.status == "partial" else EXIT_OK)
@@ -283,16 +285,16 @@ def run(ctx: click.Context, interval: float | None) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, output_format: str) -> None:
     """Last runs, token state, hooks' backlog and database figures; the exit code is a health check."""
-    from syncer.status import render_text, report
+    from syncer.status import render_text, status_report
 
-    data, health = report(ctx.obj.config())
+    report = status_report(ctx.obj.config())
     if output_format == "prometheus":
         from syncer.metrics import render_metrics
 
-        click.echo(render_metrics(data), nl=False)
+        click.echo(render_metrics(report), nl=False)
     else:
-        click.echo(json.dumps(data, indent=2) if as_json or output_format == "json" else render_text(data))
-    ctx.exit(health.exit_code)
+        click.echo(json.dumps(report.to_json(), indent=2) if as_json or output_format == "json" else render_text(report))
+    ctx.exit(report.health.exit_code)
 
 
 @cli.group()
@@ -422,9 +424,6 @@ def simulate(
 # never taken, and a run that is committing is waited for (busy_timeout).
 
 
-READ_MMAP_BYTES = 1 << 30
-
-
 def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> t.Any:
     from syncer.when import parse_when
 
@@ -440,53 +439,13 @@ def _format_option(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
     )(command)
 
 
-def _existing_database(settings: _Settings) -> Config:
-    from syncer.errors import StorageError, file_in_the_way
-    from syncer.queries import NotFound
+def _reading(settings: _Settings) -> OutputDatabase:
+    """The configured output database, open for reading (see ``open_for_reading``:
+    whatever the file holds, a failure is one line, exit 1)."""
+    from syncer.database import open_for_reading
 
     config = settings.config()
-    if not config.database.exists():
-        if blocker := file_in_the_way(config.database):
-            raise StorageError(f"{config.database}: cannot open database: {blocker} is a file, not a folder")
-        raise NotFound(f"no database at {config.database} yet; run `syncer sync` first")
-    return config
-
-
-@contextlib.contextmanager
-def _reading(settings: _Settings) -> t.Iterator[t.Any]:
-    """The output database, open read-only. Whatever the file holds, a failure is one
-    line (exit 1): not SQLite, SQLite but not syncer's, syncer's before this release's
-    views, damaged."""
-    from syncer.errors import StorageError
-    from syncer.queries import missing_interface
-    from syncer.schema import connect
-
-    config = _existing_database(settings)
-    path = config.database
-    db = connect(path, readonly=True, busy_timeout=config.busy_timeout)
-    try:
-        # a command reads much of a large file once: mapped pages are not copied into
-        # SQLite's cache one read() at a time (`groups` at 1M memberships: half the CPU)
-        db.execute(f"PRAGMA mmap_size = {READ_MMAP_BYTES}")
-        # one snapshot for the whole command, so that every part of an answer (a report's
-        # sections) is of the same runs; in WAL mode a reader's transaction holds up no run
-        if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
-            db.execute("BEGIN")
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'sync_runs'").fetchall():
-            raise StorageError(
-                f"{path}: not a syncer database (an SQLite file without syncer's tables); check `database` in the configuration"
-            )
-        yield db
-    except sqlite3.OperationalError as err:
-        if missing_interface(err):
-            raise StorageError(
-                f"{path}: no snapshot in this release's format yet ({err}); run `syncer sync` to create or upgrade it"
-            ) from None
-        raise StorageError(f"{path}: cannot read database: {err}") from None
-    except sqlite3.Error as err:  # damaged: "database disk image is malformed", "file is not a database"
-        raise StorageError(f"{path}: cannot read database: {err}") from None
-    finally:
-        db.close()
+    return open_for_reading(config.database, config.busy_timeout)
 
 
 def _note(text: str) -> None:
@@ -651,7 +610,7 @@ def report_command(settings: _Settings, since: t.Any, until: t.Any, group: str |
         raise ReportUsageError("--output FILE is required: the HTML file to write")
 
     with _reading(settings) as db:
-        data, size = build_report(db, settings.config().database, Path(output), since, until, group)
+        data, size = build_report(db, db.path, Path(output), since, until, group)
     click.echo(f"wrote {output} ({size / 1024:.0f} KiB): {data.events_total} events, {len(data.groups)} groups")
 
 
@@ -662,9 +621,12 @@ def report_command(settings: _Settings, since: t.Any, until: t.Any, group: str |
 @click.pass_obj
 def serve(settings: _Settings, host: str, port: int, allow_sql: bool) -> None:
     """Datasette on the database, read-only, with descriptions and canned queries."""
+    from syncer.database import require_existing
     from syncer.web import serve as serve_datasette
 
-    serve_datasette(_existing_database(settings).database, host, port, allow_sql)
+    config = settings.config()
+    require_existing(config.database)  # before Datasette is looked for: no database is the first thing to fix
+    serve_datasette(config.database, host, port, allow_sql)
 
 
 def main() -> None:

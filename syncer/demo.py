@@ -17,9 +17,10 @@ from pathlib import Path
 import platformdirs
 
 from syncer.config import Config
+from syncer.database import open_for_reading
 from syncer.errors import SyncerError
 from syncer.login import login
-from syncer.schema import OBSERVATIONS, connect
+from syncer.schema import OBSERVATIONS
 from syncer.simulator import Simulator, World
 from syncer.sync import run_sync
 from syncer.token_store import TokenStore
@@ -97,8 +98,7 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
         say("== 4. second snapshot")
         second = run_sync(config)
         say(f"   run {second.run_id}: {second.groups_synced} groups, {second.changes} changes (events)")
-        db = connect(config.database, readonly=True)
-        try:
+        with open_for_reading(config.database, config.busy_timeout) as db:
             say("== What changed (view membership_changes; the reason says why, observations are marked):")
             for row in db.query(
                 "SELECT change, reason, username, group_name, old_role, new_role, old_status, new_status"
@@ -106,8 +106,6 @@ def run_demo(groups: int, members: int, folder: str | None, say: Say) -> None:
                 [second.run_id],
             ):
                 say("   " + _describe(row))
-        finally:
-            db.close()
         size = config.database.stat().st_size
         say(f"== Database: {config.database} ({size / 1024:.0f} KiB)")
         say("== Ask syncer (SYNCER_DATABASE points it at the demo's database):")

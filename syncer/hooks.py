@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -34,11 +33,12 @@ from pathlib import Path
 
 from syncer import __version__
 from syncer.config import Config, HookConfig
-from syncer.errors import LockBusy, StorageError, SyncerError
+from syncer.database import open_for_reading, open_for_writing
+from syncer.errors import LockBusy
 from syncer.healthcheck import describe_request_error, register_url_secret
-from syncer.lock import SyncLock
+from syncer.lock import LockFile
 from syncer.logs import redact
-from syncer.schema import connect, open_database, utc_now
+from syncer.schema import utc_now
 from syncer.when import When
 
 if t.TYPE_CHECKING:
@@ -99,12 +99,11 @@ class Delivering(t.NamedTuple):
 def _delivering(config: Config) -> t.Iterator[Delivering]:
     """The database, opened to deliver hooks, while this process holds the hooks lock
     (LockBusy at once if another process does)."""
-    with SyncLock(lock_path(config)) as lock:
-        db = open_database(config.database, config.busy_timeout)
-        try:
-            yield Delivering(db, lock.fileno())
-        finally:
-            db.close()
+    with (
+        LockFile(lock_path(config), busy="another process is delivering hooks on this database") as lock,
+        open_for_writing(config.database, config.busy_timeout) as db,
+    ):
+        yield Delivering(db, lock.fileno())
 
 
 def deliver_after_run(config: Config, run_id: int, cancelled: threading.Event | None = None) -> list[Delivery]:
@@ -155,18 +154,11 @@ def replay(config: Config, hook: HookConfig, since: When, cancelled: threading.E
 
 def first_run_since(config: Config, when: When) -> int | None:
     """The first run that started at or after ``when`` (a run: that run or the next), if any."""
-    if not config.database.exists():
-        raise SyncerError(f"{config.database}: no database yet, so no run to replay")
-    db = connect(config.database, readonly=True, busy_timeout=config.busy_timeout)
-    try:
+    with open_for_reading(config.database, config.busy_timeout) as db:
         if when.run_id is not None:
             row = db.execute("SELECT min(id) FROM sync_runs WHERE id >= ?", [when.run_id]).fetchone()
         else:
             row = db.execute("SELECT min(id) FROM sync_runs WHERE started_at >= ?", [when.moment]).fetchone()
-    except sqlite3.Error as err:
-        raise StorageError(f"{config.database}: cannot read database: {err}") from None
-    finally:
-        db.close()
     return None if row[0] is None else int(row[0])
 
 

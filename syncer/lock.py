@@ -1,4 +1,5 @@
-"""The sync lock: one sync at a time per database, released by the kernel on any exit.
+"""Lock files: one process at a time does a thing to a database (a sync, ``groups.db.lock``;
+delivering its hooks, ``groups.db.hooks.lock``), released by the kernel on any exit.
 
 An advisory ``flock`` on a file beside the database: a crashed or killed process
 cannot leave it held, so no stale-lock clean-up is ever needed. The file is 0600,
@@ -26,15 +27,21 @@ from syncer.errors import LockBusy, StorageError, os_problem
 log = logging.getLogger(__name__)
 
 
-class SyncLock:
-    """Hold the lock for the duration of a ``with`` block, or raise LockBusy at once."""
+#: what LockBusy says when the sync lock is held
+SYNC_BUSY = "another sync is running on this database"
 
-    def __init__(self, path: Path) -> None:
+
+class LockFile:
+    """Hold the lock file ``path`` for the duration of a ``with`` block, or raise
+    LockBusy at once, saying ``busy`` (who holds it) and the file."""
+
+    def __init__(self, path: Path, busy: str = SYNC_BUSY) -> None:
         self.path = path
+        self.busy = busy
         self._fd: int | None = None
         self._marker: int | None = None
 
-    def __enter__(self) -> SyncLock:
+    def __enter__(self) -> LockFile:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -45,7 +52,7 @@ class SyncLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise LockBusy(f"another sync is running on this database (lock {self.path} is held)") from None
+            raise LockBusy(f"{self.busy} (lock {self.path} is held)") from None
         self._fd = fd
         self._marker = _mark_running(marker_path(self.path))
         return self

@@ -229,19 +229,16 @@ def login(
 def _database_owner(config: Config) -> DatabaseOwner | None:
     """The configured database's owner, if it exists and has one (read-only; a
     database that cannot be read is no reason to refuse a login, only to warn)."""
-    from syncer.schema import connect
+    from syncer.database import open_for_reading
 
     if not config.database.exists():
         return None
     try:
-        db = connect(config.database, readonly=True)
+        with open_for_reading(config.database, config.busy_timeout, syncer_tables=False) as db:
+            return database_owner(db)
     except StorageError as err:
         log.warning("could not check whose data %s holds: %s", config.database, err)
         return None
-    try:
-        return database_owner(db)
-    finally:
-        db.close()
 
 
 def _revoke_unused(config: Config, response: globus_sdk.OAuthTokenResponse) -> None:

@@ -28,6 +28,9 @@ from syncer.config import Config
 from syncer.errors import EXIT_FAILED
 from syncer.schema import parse_time
 
+if t.TYPE_CHECKING:
+    from syncer.status import Recorded, StatusReport
+
 log = logging.getLogger(__name__)
 
 
@@ -39,23 +42,24 @@ class RunOutcome(t.NamedTuple):
 
 
 class StatusCollector(Collector):
-    """Gauges from one ``syncer status`` report (``status.report``'s data), and from the
-    outcome of the run that just ended, if any (it then says the run's exit code)."""
+    """Gauges from one ``syncer status`` report (None: the database could not be read),
+    and from the outcome of the run that just ended, if any (it then says the run's
+    exit code)."""
 
-    def __init__(self, data: dict[str, t.Any], outcome: RunOutcome | None = None) -> None:
-        self.data = data
+    def __init__(self, report: StatusReport | None, outcome: RunOutcome | None = None) -> None:
+        self.report = report
         self.outcome = outcome
 
     def collect(self) -> t.Iterator[GaugeMetricFamily]:
-        database = self.data["database"]
+        report = self.report
         yield GaugeMetricFamily(
             "syncer_status_exit_code",
             "Exit code of `syncer status`: 0 ok, 3 partial or hooks behind, 77 login required, 1 otherwise",
-            value=self.data["exit_code"],
+            value=report.health.exit_code if report else EXIT_FAILED,
         )
         yield GaugeMetricFamily(
             "syncer_database_readable", "1 if the database could be read for these figures, 0 if not",
-            value=0 if database.get("error") else 1,
+            value=1 if report else 0,
         )
         if self.outcome is not None:
             yield GaugeMetricFamily(
@@ -67,55 +71,57 @@ class StatusCollector(Collector):
                 "syncer_last_run_end_timestamp_seconds", "When the latest finished run ended (Unix time)",
                 value=self.outcome.finished_at,
             )
-        if "size_bytes" in database:
-            yield GaugeMetricFamily("syncer_database_size_bytes", "Size of the database file", value=database["size_bytes"])
-        counts = database.get("counts")
-        if counts:
-            yield GaugeMetricFamily("syncer_groups", "Groups currently among the identity's groups", value=counts["groups"])
-            yield GaugeMetricFamily("syncer_memberships", "Memberships in the current state", value=counts["memberships"])
-        yield from _last_run(database, with_exit_code=self.outcome is None)
+        database = report.database if report else None
+        if database is not None and database.size_bytes is not None:
+            yield GaugeMetricFamily("syncer_database_size_bytes", "Size of the database file", value=database.size_bytes)
+        recorded = database.recorded if database else None
+        if recorded is not None:
+            counts = recorded.counts
+            yield GaugeMetricFamily("syncer_groups", "Groups currently among the identity's groups", value=counts.groups)
+            yield GaugeMetricFamily("syncer_memberships", "Memberships in the current state", value=counts.memberships)
+            yield from _last_run(recorded, with_exit_code=self.outcome is None)
         hooks = GaugeMetricFamily(
             "syncer_hook_backlog_runs", "Runs with changes for the hook that it has not received yet", labels=["hook"]
         )
-        for hook in self.data.get("hooks") or []:
-            hooks.add_metric([hook["hook"]], hook["runs"])
+        for hook in report.hooks if report else ():
+            hooks.add_metric([hook.hook], hook.runs)
         yield hooks
 
 
-def _last_run(database: dict[str, t.Any], with_exit_code: bool) -> t.Iterator[GaugeMetricFamily]:
+def _last_run(recorded: Recorded, with_exit_code: bool) -> t.Iterator[GaugeMetricFamily]:
     """Gauges of the latest finished run, and of the latest successful one; its exit
     code too if ``with_exit_code`` (unless the run's own process gives it)."""
-    last_ok = database.get("last_success_at")
-    if last_ok:
+    if recorded.last_success_at:
         yield GaugeMetricFamily(
             "syncer_last_success_timestamp_seconds",
             "Start of the latest ok or partial run (Unix time)",
-            value=parse_time(last_ok).timestamp(),
+            value=parse_time(recorded.last_success_at).timestamp(),
         )
-    finished = [run for run in database.get("recent_runs") or [] if run["status"] != "running"]
+    finished = [run for run in recorded.recent_runs if run.status != "running"]
     if not finished:
         return
     run = finished[0]
-    started = parse_time(run["started_at"]).timestamp()
+    started = parse_time(run.started_at).timestamp()
     yield GaugeMetricFamily("syncer_last_run_timestamp_seconds", "Start of the latest finished run (Unix time)", value=started)
-    if run["finished_at"]:
-        duration = parse_time(run["finished_at"]).timestamp() - started
+    if run.finished_at:
+        duration = parse_time(run.finished_at).timestamp() - started
         yield GaugeMetricFamily("syncer_last_run_duration_seconds", "How long the latest finished run took", value=duration)
-    if with_exit_code and run["exit_code"] is not None:
+    if with_exit_code and run.exit_code is not None:
         yield GaugeMetricFamily(
             "syncer_last_run_exit_code", "Exit code of the latest finished run (0 ok, 3 partial, 1 failed, 77 login required)",
-            value=run["exit_code"],
+            value=run.exit_code,
         )
-    yield GaugeMetricFamily("syncer_last_run_changes", "Membership events the latest finished run recorded", value=run["changes"])
+    yield GaugeMetricFamily("syncer_last_run_changes", "Membership events the latest finished run recorded", value=run.changes)
     yield GaugeMetricFamily(
-        "syncer_last_run_groups_failed", "Groups the latest finished run could not read", value=run["groups_failed"]
+        "syncer_last_run_groups_failed", "Groups the latest finished run could not read", value=run.groups_failed
     )
 
 
-def render_metrics(data: dict[str, t.Any], outcome: RunOutcome | None = None) -> str:
-    """The Prometheus text format of a ``syncer status`` report (and of a run's outcome)."""
+def render_metrics(report: StatusReport | None, outcome: RunOutcome | None = None) -> str:
+    """The Prometheus text format of a ``syncer status`` report (None: the database
+    could not be read), and of a run's outcome."""
     registry = CollectorRegistry()
-    registry.register(StatusCollector(data, outcome))
+    registry.register(StatusCollector(report, outcome))
     return generate_latest(registry).decode()
 
 
@@ -125,15 +131,16 @@ def write_metrics_file(config: Config, outcome: RunOutcome) -> None:
     write is a warning."""
     if config.metrics_file is None:
         return
-    from syncer.status import report
+    from syncer.status import status_report
 
     try:
+        report: StatusReport | None
         try:
-            data, _ = report(config)
+            report = status_report(config)
         except Exception as err:  # noqa: BLE001 - the run's exit code is written all the same
             log.warning("the metrics file %s lacks the database's figures: %s", config.metrics_file, err)
-            data = {"exit_code": EXIT_FAILED, "database": {"exists": config.database.exists(), "error": str(err)}}
-        text = render_metrics(data, outcome)
+            report = None
+        text = render_metrics(report, outcome)
         _write_atomically(config.metrics_file, text.encode(), config.metrics_file_mode)
     except Exception as err:  # noqa: BLE001 - metrics never change a run's outcome
         log.warning("could not write the metrics file %s: %s", config.metrics_file, err)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import sqlite3
 import typing as t
 
 import sqlite_utils
@@ -75,7 +74,9 @@ class ChangeRow(t.NamedTuple):
     new_status: str | None
 
 
-class GroupRow(t.NamedTuple):
+class MyGroupRow(t.NamedTuple):
+    """One of the identity's groups as ``syncer groups`` lists it."""
+
     id: str
     name: str | None
     my_role: str | None
@@ -99,7 +100,7 @@ class IdentityRow(t.NamedTuple):
 # Output field names (SPEC); IdentityRow's valid_from/valid_to are "from"/"to", Python keywords.
 MEMBER_FIELDS = MemberRow._fields
 CHANGE_FIELDS = ChangeRow._fields
-GROUP_FIELDS = GroupRow._fields
+GROUP_FIELDS = MyGroupRow._fields
 IDENTITY_FIELDS = ("group_id", "group_name", "role", "status", "from", "to", "began", "ended")
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -304,7 +305,7 @@ def changes(
     return [ChangeRow(*r) for r in _rows(db, sql, params)]
 
 
-def current_groups(db: sqlite_utils.Database) -> list[GroupRow]:
+def current_groups(db: sqlite_utils.Database) -> list[MyGroupRow]:
     """The identity's groups as last read, with their active member counts."""
     sql = """
         SELECT g.id, g.name, g.my_role, g.my_status, g.members_visible,
@@ -312,10 +313,10 @@ def current_groups(db: sqlite_utils.Database) -> list[GroupRow]:
         FROM groups g
         WHERE g.removed_at IS NULL
         ORDER BY g.name, g.id"""
-    return [GroupRow(*r) for r in _rows(db, sql)]
+    return [MyGroupRow(*r) for r in _rows(db, sql)]
 
 
-def groups_as_of(db: sqlite_utils.Database, run_id: int) -> list[GroupRow]:
+def groups_as_of(db: sqlite_utils.Database, run_id: int) -> list[MyGroupRow]:
     """The identity's groups as of a run, with their active member counts then."""
     sql = f"""
         SELECT gh.group_id, gh.name, gh.my_role, gh.my_status, gh.members_visible,
@@ -325,7 +326,7 @@ def groups_as_of(db: sqlite_utils.Database, run_id: int) -> list[GroupRow]:
         FROM group_history gh
         WHERE gh.from_run <= :run AND (gh.to_run IS NULL OR gh.to_run > :run)
         ORDER BY gh.name, gh.group_id"""
-    return [GroupRow(*r) for r in _rows(db, sql, {"run": run_id})]
+    return [MyGroupRow(*r) for r in _rows(db, sql, {"run": run_id})]
 
 
 def identity_history(db: sqlite_utils.Database, identity_ids: t.Sequence[str]) -> list[IdentityRow]:
@@ -344,8 +345,3 @@ def identity_history(db: sqlite_utils.Database, identity_ids: t.Sequence[str]) -
 def hidden_groups(db: sqlite_utils.Database) -> int:
     """How many of the identity's current groups do not show it their members."""
     return int(_rows(db, "SELECT count(*) FROM groups WHERE removed_at IS NULL AND NOT members_visible")[0][0])
-
-
-def missing_interface(err: sqlite3.OperationalError) -> bool:
-    """Whether a query failed because the database predates the documented views."""
-    return "no such table" in str(err) or "no such column" in str(err)

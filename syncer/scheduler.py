@@ -35,7 +35,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from syncer import notify
 from syncer.config import Config
 from syncer.errors import EXIT_OK, ConfigError, LockBusy, LoginRequired, SyncerError
-from syncer.reporting import sync_and_report
+from syncer.run_effects import sync_with_effects
 from syncer.sync import Cancelled
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class Daemon:
         self.idle.clear()
         self.state.run_started = time.monotonic()
         try:
-            run = sync_and_report(self.config, cancelled=self.stopping)
+            run = sync_with_effects(self.config, cancelled=self.stopping)
         except LockBusy:
             log.info("skipped this snapshot: another sync holds the lock")
         except Cancelled:

@@ -1,51 +1,28 @@
-"""The output database: opening it, its versioned tables, and its indexes and views.
+"""The output database's versioned tables, and its indexes and views.
+
+Opening the database (WAL, read-only readers, the errors) is ``syncer.database``'s.
 
 Tables are created by numbered migrations (sqlite-utils ``Migrations``), so a later
 release upgrades an existing database in place. Indexes and views are declared as
-data below and applied idempotently on every open: a changed view definition is
-replaced, a missing index is created.
+data below and applied idempotently on every open for writing: a changed view
+definition is replaced, a missing index is created.
 
 Users query the views (``groups``, ``group_history``, ``identities``, ``memberships``,
 ``membership_history``, ``membership_changes``, ``membership_events``,
 ``active_members``) and ``sync_runs``. Underneath, every group and identity UUID is
 stored once, in ``group_state`` and ``identity_state``, and referred to by an integer
 key; times are run ids, shown as their run's ``started_at``.
-
-The database is in WAL mode, so that readers never wait for a run and never hold one
-up: a run writes in one transaction, open while it reads its groups and committed at
-its end; readers meanwhile see the previous run, and a run killed at any moment leaves
-nothing a reader has to roll back (its uncommitted frames in ``-wal`` are ignored).
-Syncer's readers are often users who may read the files but not write the folder (see
-docs/readers.md), and such a reader can open a WAL database only while its ``-wal``
-and ``-shm`` files exist: so a writer leaves them in place when it closes (emptied by
-a checkpoint, with the database file's group and mode) instead of deleting them, as
-SQLite would. ``connect`` and ``WriterConnection`` are the seam that does all this.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
-import os
 import sqlite3
-from pathlib import Path
 
 import sqlite_utils
 from sqlite_utils import Migrations
 
-from syncer.errors import StorageError, os_problem
-
-# How long a writer waits for readers (or another writer) before giving up.
-BUSY_TIMEOUT_S = 30.0
-
-# How long a writer's closing checkpoint waits for readers still using the WAL before
-# it leaves the WAL for the next checkpoint (it never delays a commit, only the close).
-CHECKPOINT_WAIT_MS = 250
-
-# SQLite's companions of a WAL database: the log and its shared-memory index.
-WAL_FILES = ("-wal", "-shm")
-
-log = logging.getLogger(__name__)
+from syncer.errors import StorageError
 
 migrations = Migrations("syncer")
 
@@ -517,141 +494,6 @@ def parse_time(text: str) -> dt.datetime:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
 
 
-class WriterConnection(sqlite3.Connection):
-    """A read-write connection that leaves the WAL's files in place when it closes.
-
-    SQLite's last connection to close checkpoints the WAL and deletes ``-wal`` and
-    ``-shm``; a reader who may not create files in the folder can then no longer open
-    the database at all. On close this connection checkpoints the WAL into the
-    database (truncating ``-wal`` to 0 bytes, so an unchanged run adds nothing to any
-    file), then closes while a read-only connection of its own holds the database
-    open. SQLite deletes the WAL's files only with an exclusive lock, which neither
-    connection then gets: the read-only one cannot take it, having opened the file
-    read-only.
-    """
-
-    def close(self) -> None:
-        keeper: sqlite3.Connection | None = None
-        try:
-            name = self.execute("PRAGMA database_list").fetchone()[2]
-            if not name:  # an in-memory database: no files to keep
-                return
-            path = Path(name)
-            if self.in_transaction:
-                self.rollback()
-            if self.total_changes:  # nothing written (say, the database was locked): nothing to move
-                self.execute(f"PRAGMA busy_timeout = {CHECKPOINT_WAIT_MS}")
-                busy = self.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-                if busy:
-                    log.debug("%s: the WAL is still in use by a reader; the next run checkpoints it", path)
-            keeper = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
-            keeper.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except (sqlite3.Error, OSError) as err:
-            # closing must not fail: at worst a reader sees the files gone until the next run
-            log.debug("could not keep the WAL files while closing: %s", err)
-        finally:
-            super().close()
-            if keeper is not None:
-                keeper.close()
-
-
-def connect(path: Path, *, readonly: bool = False, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite_utils.Database:
-    """Open the output database (creating it and its folder unless ``readonly``).
-
-    A writer's connection puts the database in WAL mode (converting a database of an
-    older release in place) and gives the WAL's files the database file's group and
-    mode, so the users who may read the one may read the others.
-
-    Raises StorageError with a one-line reason for anything that is not a usable
-    SQLite file: a missing folder that cannot be made, a file of another kind, no
-    permission.
-    """
-    if path.is_dir():  # SQLite would say only "disk I/O error"
-        raise StorageError(f"{path}: cannot open database: it is a folder, not a file")
-    try:
-        if readonly:
-            # a WAL database without its log holds everything in the file: read it as it
-            # is, creating nothing (a copy on read-only media, or after another tool's close)
-            whole = _whole_without_wal(path)
-            options = "mode=ro&immutable=1" if whole else "mode=ro"
-            conn = sqlite3.connect(f"{path.absolute().as_uri()}?{options}", uri=True, timeout=busy_timeout)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, timeout=busy_timeout, factory=WriterConnection)
-        try:
-            conn.execute("PRAGMA schema_version").fetchone()  # fails fast on a non-SQLite file
-        except sqlite3.Error as err:
-            if readonly and _is_wal(path) and not path.with_name(path.name + "-shm").exists():
-                raise StorageError(
-                    f"{path}: cannot read the database: its {path.name}-shm file is missing and this user may"
-                    f" not create it; the next sync puts it back ({err})"
-                ) from None
-            raise
-        if not readonly:
-            # WAL: readers and the run's transaction never wait for each other; FULL:
-            # a committed run survives a power loss, as it did with the rollback journal
-            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
-                raise StorageError(f"{path}: cannot put the database in WAL mode (is it on a network file system?)")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA cache_size=-32768")
-            conn.execute("PRAGMA foreign_keys=ON")
-            share_wal_files(path)
-    except OSError as err:
-        raise StorageError(f"{path}: cannot open database: {os_problem(path, err)}") from None
-    except sqlite3.Error as err:
-        raise StorageError(f"{path}: cannot open database: {err}") from None
-    return sqlite_utils.Database(conn, execute_plugins=False)
-
-
-def _is_wal(path: Path) -> bool:
-    """Whether ``path`` is a WAL-mode SQLite database (its header says so)."""
-    try:
-        with path.open("rb") as file:
-            header = file.read(20)
-    except OSError:
-        return False
-    return len(header) == 20 and header[18:20] == b"\x02\x02"
-
-
-def _whole_without_wal(path: Path) -> bool:
-    """Whether ``path`` is a WAL database with no log beside it and no sync writing it.
-
-    Then the file alone holds the whole database (SQLite checkpoints the log into it
-    before it deletes the log), and a reader may read it as immutable: without the
-    ``-wal``/``-shm`` files, which a reader who may not write the folder cannot create.
-    """
-    from syncer.lock import sync_running
-
-    log_file = path.with_name(path.name + "-wal")
-    if not _is_wal(path) or log_file.exists():
-        return False
-    return sync_running(path.with_name(path.name + ".lock")) is False
-
-
-def share_wal_files(path: Path) -> None:
-    """Give ``-wal`` and ``-shm`` the database file's group and read bits.
-
-    SQLite creates them with the database file's mode, but with the group of the user
-    who creates them: in a folder without the setgid bit (or after the database's group
-    was changed by hand) the database's group readers could read the database and not
-    its WAL. Only the files' owner can change this; for anyone else it is a warning.
-    """
-    target = path.stat()
-    for suffix in WAL_FILES:
-        companion = path.with_name(path.name + suffix)
-        try:
-            current = companion.stat()
-            if current.st_gid != target.st_gid:
-                os.chown(companion, -1, target.st_gid)
-            mode = target.st_mode & 0o666
-            if current.st_mode & 0o777 != mode:
-                os.chmod(companion, mode)
-        except FileNotFoundError:
-            continue
-        except OSError as err:
-            log.warning("%s: cannot give it the database's group and mode (%s): group readers may fail", companion, err.strerror)
-
-
 def ensure_schema(db: sqlite_utils.Database) -> None:
     """Apply pending migrations, then make indexes and views match the declarations.
 
@@ -680,9 +522,3 @@ def ensure_schema(db: sqlite_utils.Database) -> None:
     except sqlite3.Error as err:
         raise StorageError(f"cannot prepare the database schema: {err}") from None
 
-
-def open_database(path: Path, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite_utils.Database:
-    """Open the output database for writing, with its schema up to date."""
-    db = connect(path, busy_timeout=busy_timeout)
-    ensure_schema(db)
-    return db

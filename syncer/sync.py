@@ -13,6 +13,7 @@ their way. A run that fails before it opened the database still gets its row.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import sqlite3
@@ -38,7 +39,7 @@ from syncer.globus_groups import (
     pin_environment_proxies,
     return_large_blocks,
 )
-from syncer.lock import SyncLock
+from syncer.lock import LockFile
 from syncer.ownership import Credentials, check_owner, from_listing, record_owner, with_username
 
 if t.TYPE_CHECKING:
@@ -56,27 +57,30 @@ class Cancelled(SyncerError):
 
 
 class _RunDatabase:
-    """The output database and this run's row, once the run has something to record."""
+    """The output database and this run's row, once the run has something to record.
 
-    def __init__(self, config: Config, started_at: dt.datetime) -> None:
+    The database is open until ``opened`` (the run's stack of open things) closes: then
+    an SQLite error raised meanwhile becomes the run's one-line StorageError.
+    """
+
+    def __init__(self, opened: contextlib.ExitStack, config: Config, started_at: dt.datetime) -> None:
         # Imported here rather than at the top: importing sqlite-utils is then done
         # while the first group reads are in flight.
+        from syncer.database import open_for_writing
         from syncer.history import start_run
-        from syncer.schema import format_time, open_database
+        from syncer.schema import format_time
 
-        self.db: sqlite_utils.Database = open_database(config.database, config.busy_timeout)
-        try:
-            self.run: SyncRun = start_run(self.db, format_time(started_at))
-        except BaseException:
-            self.db.close()
-            raise
+        self.db: sqlite_utils.Database = opened.enter_context(open_for_writing(config.database, config.busy_timeout))
+        self.run: SyncRun = start_run(self.db, format_time(started_at))
 
     @classmethod
-    def opened_for_failure(cls, config: Config, started_at: dt.datetime) -> _RunDatabase | None:
+    def opened_for_failure(
+        cls, opened: contextlib.ExitStack, config: Config, started_at: dt.datetime
+    ) -> _RunDatabase | None:
         """Open the database to record a run that failed before it got that far;
         None if the database cannot be opened (that is then the error to report)."""
         try:
-            return cls(config, started_at)
+            return cls(opened, config, started_at)
         except (StorageError, sqlite3.Error) as err:
             log.debug("could not open the database to record the failed run: %s", err)
             return None
@@ -108,7 +112,7 @@ def run_sync(
     """
     cancelled = cancelled or threading.Event()
     began = time.monotonic()
-    with SyncLock(config.lock_path):
+    with LockFile(config.lock_path), contextlib.ExitStack() as opened:
         if started:
             started()
         # the run's time: before any read, although its row is written after the first
@@ -116,30 +120,24 @@ def run_sync(
         run_db: _RunDatabase | None = None
         opening = False  # whether the database open was reached (then its error is final)
         try:
-            try:
-                # tokens are read fresh each run, so a new `syncer login` applies without restarts
-                with groups_authorizer(config) as authorizer:
-                    client, limit = _groups_client(config, authorizer)
-                    listing, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
-                    who = _credentials(authorizer, listing)
-                    return_large_blocks()  # bodies received and freed must not stay with the process
-                    with GroupReader(client, to_read, limit, cancelled) as reads:
-                        opening = True
-                        run_db = _RunDatabase(config, started_at)
-                        # another identity's tokens: a 78 before anything of theirs is staged
-                        check_owner(run_db.db, who, config.database)
-                        _record(run_db, listing, to_read, reads, config.concurrency, cancelled, progress, who)
-            except BaseException as err:
-                if not opening:
-                    run_db = _RunDatabase.opened_for_failure(config, started_at)
-                if run_db is not None:
-                    run_db.fail(err)
-                raise
-            finally:
-                if run_db is not None:
-                    run_db.db.close()
-        except sqlite3.Error as err:
-            raise StorageError(f"{config.database}: database error: {err}") from None
+            # tokens are read fresh each run, so a new `syncer login` applies without restarts
+            with groups_authorizer(config) as authorizer:
+                client, limit = _groups_client(config, authorizer)
+                listing, to_read = _unless_cancelled(lambda: _list_groups(config, client), cancelled)
+                who = _credentials(authorizer, listing)
+                return_large_blocks()  # bodies received and freed must not stay with the process
+                with GroupReader(client, to_read, limit, cancelled) as reads:
+                    opening = True
+                    run_db = _RunDatabase(opened, config, started_at)
+                    # another identity's tokens: a 78 before anything of theirs is staged
+                    check_owner(run_db.db, who, config.database)
+                    _record(run_db, listing, to_read, reads, config.concurrency, cancelled, progress, who)
+        except BaseException as err:
+            if not opening:
+                run_db = _RunDatabase.opened_for_failure(opened, config, started_at)
+            if run_db is not None:
+                run_db.fail(err)
+            raise
     assert run_db is not None  # the block above completed, so the run was recorded
     run = run_db.run
     log.info(

@@ -36,8 +36,8 @@ import typing as t
 import weakref
 from pathlib import Path
 
+from syncer.database import open_for_reading
 from syncer.errors import EXIT_FAILED, SyncerError
-from syncer.schema import connect
 
 if t.TYPE_CHECKING:
     from datasette.app import Datasette
@@ -69,11 +69,9 @@ def metadata(database: Path) -> dict[str, t.Any]:
     shipped = json.loads(METADATA_FILE.read_text())
     meta = copy.deepcopy(shipped)
     described = meta["databases"].pop(METADATA_DATABASE)
-    db = connect(database, readonly=True)
-    try:
+    # any SQLite file is served as it is (nothing of it undocumented shown)
+    with open_for_reading(database, syncer_tables=False) as db:
         tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()]
-    finally:
-        db.close()
     for name in tables:
         if name not in USER_FACING:
             described["tables"].setdefault(name, {})["hidden"] = True

@@ -35,8 +35,8 @@ from pathlib import Path
 from datasette import hookimpl
 
 from syncer import queries
+from syncer.database import open_for_reading
 from syncer.errors import SyncerError
-from syncer.schema import connect
 from syncer.web import USER_FACING, served
 from syncer.when import parse_when
 
@@ -99,11 +99,8 @@ def register_magic_parameters(datasette: t.Any) -> list[tuple[str, t.Callable[[s
 
     def checked(answer: t.Callable[[t.Any], t.Any]) -> t.Any:
         try:
-            db = connect(database, readonly=True)
-            try:
+            with open_for_reading(database) as db:
                 return answer(db)
-            finally:
-                db.close()
         except SyncerError as err:
             raise sqlite3.OperationalError(str(err)) from None
 

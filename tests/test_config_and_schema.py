@@ -14,7 +14,7 @@ import sqlite_utils
 from conftest import Env
 from inprocess import invoke
 
-from syncer import schema
+from syncer import database, schema
 from syncer.config import GROUPS_SCOPE, TUTORIAL_CLIENT_ID, load_config, parse_duration
 from syncer.errors import ConfigError
 
@@ -200,10 +200,10 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
 
 
 def test_schema_is_idempotent(tmp_path: Path) -> None:
-    db = schema.open_database(tmp_path / "g.db")
+    db = database.open_for_writing(tmp_path / "g.db")
     first = sorted(db.execute("SELECT type, name, sql FROM sqlite_master").fetchall())
     db.close()
-    db = schema.open_database(tmp_path / "g.db")
+    db = database.open_for_writing(tmp_path / "g.db")
     assert sorted(db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()) == first
     assert [m.name for m in schema.migrations.applied(db)] == [m.name for m in schema.migrations._migrations]
     db.close()
@@ -211,7 +211,7 @@ def test_schema_is_idempotent(tmp_path: Path) -> None:
 
 def test_membership_changes_finds_the_previous_version_by_membership(tmp_path: Path) -> None:
     """Not through every version the run closed (47 s against 0.6 s over 31 runs)."""
-    db = schema.open_database(tmp_path / "g.db")
+    db = database.open_for_writing(tmp_path / "g.db")
     plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN SELECT * FROM membership_changes WHERE run_id = 2")]
     db.close()
     lookups = [step for step in plan if step.startswith("SEARCH o ")]
@@ -219,12 +219,12 @@ def test_membership_changes_finds_the_previous_version_by_membership(tmp_path: P
 
 
 def test_changed_view_definition_is_replaced(tmp_path: Path) -> None:
-    db = schema.open_database(tmp_path / "g.db")
+    db = database.open_for_writing(tmp_path / "g.db")
     db.execute("DROP VIEW active_members")
     db.execute("CREATE VIEW active_members AS SELECT 1 AS stale")
     db.execute("DROP INDEX idx_membership_state_identity")
     db.close()
-    db = schema.open_database(tmp_path / "g.db")
+    db = database.open_for_writing(tmp_path / "g.db")
     assert "group_name" in db["active_members"].columns_dict
     assert "idx_membership_state_identity" in {i.name for i in db["membership_state"].indexes}
     db.close()
@@ -269,7 +269,7 @@ def test_an_older_database_is_upgraded_in_place(tmp_path: Path, monkeypatch: pyt
         db.execute("ALTER TABLE group_state ADD COLUMN note TEXT")
 
     monkeypatch.setattr(schema, "migrations", later)
-    db = schema.open_database(path)
+    db = database.open_for_writing(path)
     try:
         assert "note" in db["group_state"].columns_dict
         assert _snapshot(db.conn) == before
@@ -296,7 +296,7 @@ def test_an_older_database_is_upgraded_in_place(tmp_path: Path, monkeypatch: pyt
 _KILLED_MIDWAY = """
 import dataclasses, os, signal, sys
 from pathlib import Path
-from syncer import schema
+from syncer import database, schema
 migration = next(m for m in schema.migrations._migrations if m.name == "0004_compact_history")
 convert = migration.fn
 def convert_then_die(db):
@@ -304,7 +304,7 @@ def convert_then_die(db):
     os.kill(os.getpid(), signal.SIGKILL)  # converted, not yet committed
 migrations = schema.migrations._migrations
 migrations[migrations.index(migration)] = dataclasses.replace(migration, fn=convert_then_die)
-schema.open_database(Path(sys.argv[1]))
+database.open_for_writing(Path(sys.argv[1]))
 """
 
 
@@ -321,7 +321,7 @@ def test_an_upgrade_killed_midway_leaves_the_old_database(tmp_path: Path) -> Non
     assert _snapshot(old) == before
     assert "membership_versions" not in {r[0] for r in old.execute("SELECT name FROM sqlite_master")}
     old.close()
-    db = schema.open_database(path)  # and the next open upgrades it
+    db = database.open_for_writing(path)  # and the next open upgrades it
     assert _snapshot(db.conn) == before
     db.close()
 

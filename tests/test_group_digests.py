@@ -20,8 +20,9 @@ import pytest
 from conftest import Env, Result, make_env, record
 from helpers import admin_groups, my_active_groups, others
 
+from syncer.database import connect
 from syncer.globus_groups import GroupListing, digest_rules, group_digest
-from syncer.schema import connect, ensure_schema
+from syncer.schema import ensure_schema
 from syncer.simulator import World
 
 # The recorded fields, as the views show them.

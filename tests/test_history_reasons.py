@@ -16,7 +16,7 @@ import pytest
 from conftest import Env
 from helpers import admin_groups, expected_state, my_active_groups, others, state_as_of
 
-from syncer import schema
+from syncer import database
 from syncer.globus_groups import GroupListing, MyGroups, parse_group
 from syncer.history import ANALYZE_GROWTH, Recorder, start_run
 
@@ -185,7 +185,7 @@ def history_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("plans") / "groups.db"
     rng = random.Random(5)
     groups = {f"g{n:02d}": {f"u{rng.randrange(400):03d}": "member" for _ in range(30)} for n in range(40)}
-    db = schema.open_database(path)
+    db = database.open_for_writing(path)
     for _ in range(8):
         run = start_run(db)
         recorder = Recorder(db, run)

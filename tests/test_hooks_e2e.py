@@ -19,7 +19,7 @@ from conftest import Env
 from helpers import admin_groups, expected_state, others, wait_for
 from receivers import CommandHook, Receiver, configure, watch_everything
 
-from syncer.lock import SyncLock
+from syncer.lock import LockFile
 from syncer.simulator import World
 
 Change = tuple[str, str, str]  # group_id, identity_id, change
@@ -271,7 +271,7 @@ def test_a_hook_added_later_starts_with_the_next_run_and_replay_sends_older_ones
     assert env.run("hooks", "replay", "late", "--since", "1h").returncode == 0
     assert late.runs()[-3:] == [2, 3, 4]
 
-    with SyncLock(env.database.with_name("groups.db.hooks.lock")):  # another process delivering hooks
+    with LockFile(env.database.with_name("groups.db.hooks.lock")):  # another process delivering hooks
         busy = env.run("hooks", "replay", "late", "--since", "run:2")
     assert busy.returncode == 75 and "another process is delivering hooks" in busy.stderr
     nothing = env.run("hooks", "replay", "late", "--since", "2999-01-01")  # a moment after every run

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from syncer import logs
-from syncer.lock import SyncLock, marker_path, sync_running
+from syncer.lock import LockFile, marker_path, sync_running
 
 # --------------------------------------------------------------------- the lock file
 
@@ -28,7 +28,7 @@ def test_the_lock_file_is_created_0600(tmp_path: Path, umask: int) -> None:
     path = tmp_path / "groups.db.lock"
     previous = os.umask(umask)
     try:
-        with SyncLock(path):
+        with LockFile(path):
             assert mode(path) == 0o600
     finally:
         os.umask(previous)
@@ -38,7 +38,7 @@ def test_an_older_releases_0640_lock_file_becomes_0600(tmp_path: Path) -> None:
     path = tmp_path / "groups.db.lock"
     path.touch()
     path.chmod(0o640)
-    with SyncLock(path):
+    with LockFile(path):
         assert mode(path) == 0o600
     assert mode(path) == 0o600
 
@@ -52,14 +52,14 @@ def test_readers_see_a_sync_through_the_run_marker_and_cannot_hold_it_off(tmp_pa
     assert sync_running(path) is False  # no sync ever ran
     previous = os.umask(0o027)
     try:
-        with SyncLock(path):
+        with LockFile(path):
             assert mode(marker) == 0o640 and mode(path) == 0o600
             assert sync_running(path) is True
         assert sync_running(path) is False
         reader = os.open(marker, os.O_RDONLY)
         try:
             fcntl.flock(reader, fcntl.LOCK_SH)  # a reader's lock, held on purpose
-            with SyncLock(path):
+            with LockFile(path):
                 assert sync_running(path) is True
             assert sync_running(path) is False
         finally:

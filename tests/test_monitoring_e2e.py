@@ -21,7 +21,7 @@ from receivers import CommandHook, Receiver, Silent, configure, watch_everything
 from syncer.config import HookConfig
 from syncer.healthcheck import ping_url
 from syncer.hooks import hook_environment
-from syncer.lock import SyncLock
+from syncer.lock import LockFile
 
 REQUIRED_METRICS = {
     "syncer_last_run_timestamp_seconds", "syncer_last_success_timestamp_seconds", "syncer_last_run_duration_seconds",
@@ -66,7 +66,7 @@ def test_pings_arrive_in_order_with_each_outcomes_path(logged_in: Env, receiver:
     assert {r.method for r in receiver.requests} == {"GET"}
 
     # another sync holding the lock: this one did nothing, and says nothing (the holder pings)
-    with SyncLock(env.database.with_name("groups.db.lock")):
+    with LockFile(env.database.with_name("groups.db.lock")):
         assert env.run("sync").returncode == 75
     assert receiver.paths() == expected
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from syncer import history, schema
+from syncer import database, history
 from syncer.globus_groups import GroupListing, GroupReadError, MembershipRow, MyGroups, parse_group
 from syncer.history import Recorder, finish_without_changes, start_run
 
@@ -70,7 +70,7 @@ RUNS: list[dict[str, list[Member] | None]] = [
 def record(
     path: Path, runs: list[dict[str, list[Member] | None]], batch_rows: int, in_flight: int = 0
 ) -> sqlite3.Connection:
-    db = schema.open_database(path)
+    db = database.open_for_writing(path)
     for groups in runs:
         run = start_run(db)
         recorder = Recorder(db, run, batch_rows=batch_rows, in_flight=in_flight)
@@ -196,7 +196,7 @@ def test_an_unchanged_run_writes_only_its_row_and_the_groups(tmp_path: Path) -> 
 
 
 def test_a_failed_run_leaves_no_trace_but_its_row(tmp_path: Path) -> None:
-    db = schema.open_database(tmp_path / "groups.db")
+    db = database.open_for_writing(tmp_path / "groups.db")
     run = start_run(db)
     recorder = Recorder(db, run, batch_rows=1)
     listings = [GroupListing(gid, gid, "admin", "active", "managers") for gid in RUNS[0]]
@@ -216,7 +216,7 @@ def test_identity_details_survive_a_membership_without_them(tmp_path: Path, batc
     runs: list[dict[str, list[Member] | None]] = [{"g1": [("alice", "member", "active")]}]
     conn = record(tmp_path / "groups.db", runs, batch_rows)
     # a later run meets alice only in a group that shares no fields with syncer's identity
-    db = schema.open_database(tmp_path / "groups.db")
+    db = database.open_for_writing(tmp_path / "groups.db")
     run = start_run(db)
     recorder = Recorder(db, run, batch_rows=batch_rows)
     listing = GroupListing("g1", "g1", "admin", "active", "managers")
@@ -231,7 +231,7 @@ def test_identity_details_survive_a_membership_without_them(tmp_path: Path, batc
 
 
 def test_reads_in_the_tail_are_applied_as_they_arrive(tmp_path: Path) -> None:
-    db = schema.open_database(tmp_path / "groups.db")
+    db = database.open_for_writing(tmp_path / "groups.db")
     run = start_run(db)
     recorder = Recorder(db, run, batch_rows=10**9, in_flight=1)
     listings = [GroupListing(gid, gid, "admin", "active", "managers") for gid in RUNS[0]]

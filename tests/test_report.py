@@ -182,15 +182,12 @@ def test_runs_and_failures_equal_sync_runs(history: Scenario, whole: tuple[Path,
 
 
 def test_header_says_whose_which_database_which_period_and_when(history: Scenario, whole: tuple[Path, Page]) -> None:
+    from syncer.database import open_for_reading
     from syncer.ownership import database_owner, describe_owner
-    from syncer.schema import connect
 
     _, page = whole
-    db = connect(history.env.database, readonly=True)
-    try:
+    with open_for_reading(history.env.database) as db:
         owner = database_owner(db)
-    finally:
-        db.close()
     assert owner is not None and owner.id == history.world.me
     assert page.header["Identity"] == f"{describe_owner(owner)}, recorded by run {owner.recorded_by_run}"
     assert page.header["Database"] == str(history.env.database)

@@ -1,4 +1,4 @@
-"""One run with what follows it: healthcheck pings, hooks and the metrics file.
+"""One run with its effects around it: healthcheck pings, hooks and the metrics file.
 
 Used by ``syncer sync`` and by each snapshot of ``syncer run``. Order: the start ping
 once the run holds the lock; the run, committed; the end ping; the hooks (only after
@@ -27,7 +27,7 @@ if t.TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def sync_and_report(
+def sync_with_effects(
     config: Config, cancelled: threading.Event | None = None, progress: Progress | None = None
 ) -> SyncRun:
     """``run_sync``, with pings, hooks and metrics around it; raises what ``run_sync`` raises."""
