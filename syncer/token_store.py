@@ -112,12 +112,14 @@ class TokenStore(TokenStorage):
             self._db = sqlite3.connect(path, check_same_thread=False, timeout=15, isolation_level=None)
         except OSError as err:
             raise StorageError(f"{path}: cannot open token store: {os_problem(path, err)}") from None
+        except sqlite3.DatabaseError as err:
+            raise StorageError(f"{path}: cannot open token store: {err}") from None
         try:
             if path.stat().st_size == 0:  # a new file; tables are never added to another SQLite file
                 self._db.execute(_TOKENS_TABLE)
             # touch the table so a file that is not a token store fails here, clearly
             self._db.execute("SELECT 1 FROM token_storage LIMIT 1").fetchall()
-        except sqlite3.DatabaseError as err:
+        except (OSError, sqlite3.DatabaseError) as err:
             self._db.close()
             raise StorageError(f"{path}: cannot open token store: {err}") from None
 
