@@ -155,7 +155,8 @@ class TokenStore(TokenStorage):
                 try:
                     yield self._db
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite may have ended it already (a full disk)
+                        self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
             except sqlite3.DatabaseError as err:
