@@ -164,6 +164,8 @@ class _RedirectServer(http.server.HTTPServer):
 
 
 class _RedirectHandler(http.server.BaseHTTPRequestHandler):
+    """Answers the redirect with the flow's page and hands its code (or error) to the server."""
+
     server: _RedirectServer
 
     def do_GET(self) -> None:
