@@ -188,17 +188,22 @@ class _SharedRenewal:
         self._lock = threading.RLock()
         self._given = threading.local()
         self._refresh_failed: SyncerError | None = None
-        super().__init__(*args, **kwargs)
+        with self._renewing():  # given no token, the SDK gets one here
+            super().__init__(*args, **kwargs)
 
     def _renewal_refused(self, err: globus_sdk.AuthAPIError) -> SyncerError:
         """The error that ends the run when Globus Auth refuses a renewal."""
         return SyncerError(f"could not renew the access token: {describe_api_error(err)}")
 
-    def _get_new_access_token(self) -> None:
+    @contextlib.contextmanager
+    def _renewing(self) -> t.Iterator[None]:
+        """Around whatever may renew the token: a failed renewal becomes the error that
+        ends the run, and is final (a failed renewal leaves the token as it was, expired
+        or invalidated, so every later use would renew again)."""
         if self._refresh_failed is not None:
             raise self._refresh_failed
         try:
-            super()._get_new_access_token()  # type: ignore[misc]
+            yield
         except globus_sdk.AuthAPIError as err:
             self._refresh_failed = self._renewal_refused(err)
             raise self._refresh_failed from None
@@ -219,7 +224,8 @@ class _SharedRenewal:
             return bool(super().handle_missing_authorization())  # type: ignore[misc]
 
     def ensure_valid_token(self) -> None:
-        with self._lock:
+        """The SDK renews here (``get_authorization_header`` calls it), one thread at a time."""
+        with self._lock, self._renewing():
             super().ensure_valid_token()  # type: ignore[misc]
 
 

@@ -1,20 +1,27 @@
 """``syncer login``: the Native App flow, and the proof that the new credentials work.
 
 The flow runs on the SDK's login flow managers (PKCE, ``access_type=offline`` so
-Globus issues a refresh token): where a browser can be opened (Python's
-``webbrowser``, which honours ``$BROWSER``) the ``LocalServerLoginFlowManager``
-receives the code on a redirect to 127.0.0.1; otherwise, or with ``--no-browser``,
-the ``CommandLineLoginFlowManager``'s paste flow. The tokens are stored, then proved
-by reading one group with its memberships, as a sync does.
+Globus issues a refresh token), through their public methods only: where a browser
+can be opened (Python's ``webbrowser``, which honours ``$BROWSER``) the
+``LocalServerLoginFlowManager`` receives the code on a redirect to 127.0.0.1, served
+by a small server of syncer's own (``background_local_server``); otherwise, or with
+``--no-browser``, the ``CommandLineLoginFlowManager``'s paste flow. The tokens are
+stored, then proved by reading one group with its memberships, as a sync does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import html
+import http.server
 import logging
+import queue
 import re
+import string
+import sys
 import threading
 import typing as t
+import urllib.parse
 
 import globus_sdk
 from globus_sdk.gare import GlobusAuthorizationParameters
@@ -24,7 +31,6 @@ from globus_sdk.login_flows import (
     LocalServerLoginError,
     LocalServerLoginFlowManager,
 )
-from globus_sdk.login_flows.local_server_login_flow_manager.local_server import RedirectHandler, RedirectHTTPServer
 
 from syncer.auth import (
     auth_client,
@@ -127,33 +133,79 @@ class _PasteLoginFlow(CommandLineLoginFlowManager):
         return code
 
 
-class _QuietRedirectHandler(RedirectHandler):
-    """The SDK's redirect handler, minus its request log on stderr (the line holds the code)."""
+#: how long the browser flow waits for the redirect (as the SDK's own server does)
+LOGIN_WAIT_SECONDS = 3600
+
+
+class _RedirectServer(http.server.HTTPServer):
+    """Receives the browser's redirect on 127.0.0.1: the authorization code, or why
+    there is none. The SDK's flow uses what ``background_local_server`` yields through
+    ``socket`` (its address, for the redirect URI) and ``wait_for_code()``.
+
+    syncer's own rather than the SDK's server, which lives in a module the SDK keeps
+    internal and logs each request line, the code in it, to stderr.
+    """
+
+    def __init__(self, address: tuple[str, int], page: string.Template) -> None:
+        super().__init__(address, _RedirectHandler)
+        self.page = page
+        self.results: queue.Queue[str | BaseException] = queue.Queue()
+
+    def handle_error(self, request: t.Any, client_address: t.Any) -> None:
+        """A request that failed ends the wait with its error (not a traceback on stderr)."""
+        error = sys.exc_info()[1]
+        self.results.put(error if error is not None else LocalServerLoginError("the redirect could not be read"))
+
+    def wait_for_code(self) -> str | BaseException:
+        try:
+            return self.results.get(timeout=LOGIN_WAIT_SECONDS)
+        except queue.Empty:
+            raise LocalServerLoginError("Login timed out. Please try again.") from None
+
+
+class _RedirectHandler(http.server.BaseHTTPRequestHandler):
+    """Answers the redirect with the flow's page and hands its code (or error) to the server."""
+
+    server: _RedirectServer
+
+    def do_GET(self) -> None:
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+        code = query.get("code")
+        why = query.get("error_description", query.get("error"))
+        # the page's fields, as documented for LocalServerLoginFlowManager's html_template
+        page = self.server.page.substitute(
+            login_result="Login successful" if code else "Login failed",
+            post_login_message="" if code else html.escape(why or ""),
+        )
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(page.encode("utf-8"))
+        self.server.results.put(code or LocalServerLoginError(why))
 
     def log_message(self, format: str, *args: t.Any) -> None:  # noqa: A002 - the base class's name
-        pass
+        """Nothing on stderr: the request line holds the authorization code."""
 
 
 class _BrowserLoginFlow(LocalServerLoginFlowManager):
-    """The SDK's local-redirect flow on 127.0.0.1, saying what it waits for."""
+    """The SDK's local-redirect flow on 127.0.0.1, on syncer's redirect server, saying
+    what it waits for just before the browser opens."""
 
     def __init__(self, client: globus_sdk.NativeAppAuthClient, say: Say) -> None:
         super().__init__(client, request_refresh_tokens=True, server_address=("127.0.0.1", 0))
         self._say = say
 
-    def _get_authorize_url(self, auth_parameters: GlobusAuthorizationParameters, redirect_uri: str) -> str:
-        self._say(
-            "Opening a browser to log in to Globus; waiting for the login to finish there"
-            " (Ctrl-C to stop; `syncer login --no-browser` to paste a code instead)."
-        )
-        return super()._get_authorize_url(auth_parameters, redirect_uri)
-
     @contextlib.contextmanager
-    def background_local_server(self) -> t.Iterator[RedirectHTTPServer]:
-        server = RedirectHTTPServer(self.server_address, _QuietRedirectHandler, self.html_template)
+    def background_local_server(self) -> t.Iterator[_RedirectServer]:  # type: ignore[override]
+        server = _RedirectServer(self.server_address, self.html_template)
         thread = threading.Thread(target=server.serve_forever, name="syncer-login-redirect", daemon=True)
         thread.start()
         try:
+            # the SDK opens the browser next, inside this block
+            self._say(
+                "Opening a browser to log in to Globus; waiting for the login to finish there"
+                " (Ctrl-C to stop; `syncer login --no-browser` to paste a code instead)."
+            )
             yield server
         finally:
             server.shutdown()

@@ -74,6 +74,7 @@ def test_browser_login_receives_the_code_on_a_local_redirect(env: Env) -> None:
     assert env.sim.stats["code_exchanges"] == 1
     assert stored_tokens(env.tokens)["refresh"]
     assert "code=" not in result.output  # the redirect's request line is not logged
+    assert "Opening a browser to log in to Globus" in result.stdout  # says what it waits for
     assert env.run("sync").returncode == 0
 
 
