@@ -11,7 +11,8 @@ and ``Env.popen``.
 
 A command here sees exactly the environment and working folder a subprocess would
 (``os.environ`` is replaced, not merged), and everything it changes in the process is put
-back: the environment, the folder, the signal handlers, the logging set-up. Warnings
+back: the environment, the folder, the signal handlers, the logging set-up and the
+secrets it redacts. Warnings
 follow Python's default filters and go to the command's stderr, as a process prints them.
 An exception
 that escapes the command is printed to stderr as Python would print it, and the exit code
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from syncer import logs
 from syncer.cli import cli
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -80,6 +82,10 @@ def _as_a_process(variables: dict[str, str], cwd: Path) -> t.Iterator[None]:
     saved_signals = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     saved_loggers = {name: logging.getLogger(name).level for name in _LOGGERS}
     saved_handlers = list(logging.getLogger().handlers)
+    # the values redacted from log lines: a new process knows none (and one command's
+    # secrets must not blank out the next one's output)
+    saved_secrets = set(logs._SECRETS)
+    logs._SECRETS.clear()
     os.environ.clear()
     os.environ.update(variables)
     os.chdir(cwd)
@@ -100,6 +106,8 @@ def _as_a_process(variables: dict[str, str], cwd: Path) -> t.Iterator[None]:
         for name, level in saved_loggers.items():
             logging.getLogger(name).setLevel(level)
         logging.getLogger().handlers[:] = saved_handlers
+        logs._SECRETS.clear()
+        logs._SECRETS.update(saved_secrets)
 
 
 def invoke(
