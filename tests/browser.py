@@ -35,6 +35,7 @@ class Visit(t.NamedTuple):
     requests: list[str]  # every URL the page requested, the page itself included
     console: list[tuple[str, str]]  # (level, text) of console messages, log entries and uncaught errors
     layout: dict[str, t.Any]  # figures read from the rendered page (see Browser.visit)
+    html: str  # the rendered document (its DOM, serialized)
 
 
 class Browser:
@@ -161,8 +162,9 @@ class Browser:
             data = self.send("Page.captureScreenshot", session, format="png",
                              clip={"x": 0, "y": 0, "width": width, "height": shot_height, "scale": 1})["data"]
             screenshot.write_bytes(base64.b64decode(data))
-        # a round trip after the load: messages logged during it have arrived
-        self.send("Runtime.evaluate", session, expression="1")
+        # also a round trip after the load: messages logged during it have arrived
+        html = self.send("Runtime.evaluate", session, returnByValue=True,
+                         expression="document.documentElement.outerHTML")["result"]["value"]
         requests, console = [], []
         for event in self._events:
             if event.get("sessionId") != session:
@@ -180,4 +182,4 @@ class Browser:
                     entry = params.get("entry", {})
                     console.append((entry.get("level", ""), f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}"))
         self.send("Target.closeTarget", targetId=target)
-        return Visit(requests, console, layout)
+        return Visit(requests, console, layout, html)

@@ -37,7 +37,6 @@ from syncer import logs
 from syncer.cli import cli
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_LOGGERS = ("", "syncer", "apscheduler", "globus_sdk")
 
 
 class Outcome(t.NamedTuple):
@@ -74,13 +73,20 @@ class _LoginUser(io.RawIOBase):
         return n
 
 
+def _logger_levels() -> dict[str, int]:
+    """Every logger's own level, the root's under ""."""
+    loggers = logging.root.manager.loggerDict
+    levels = {name: logger.level for name, logger in loggers.items() if isinstance(logger, logging.Logger)}
+    return {"": logging.root.level, **levels}
+
+
 @contextlib.contextmanager
 def _as_a_process(variables: dict[str, str], cwd: Path) -> t.Iterator[None]:
     """The process state a command may read or change, set as for a subprocess and restored."""
     saved_environ = dict(os.environ)
     saved_cwd = os.getcwd()
     saved_signals = {sig: signal.getsignal(sig) for sig in _SIGNALS}
-    saved_loggers = {name: logging.getLogger(name).level for name in _LOGGERS}
+    saved_levels = _logger_levels()
     saved_handlers = list(logging.getLogger().handlers)
     # the values redacted from log lines: a new process knows none (and one command's
     # secrets must not blank out the next one's output)
@@ -103,8 +109,8 @@ def _as_a_process(variables: dict[str, str], cwd: Path) -> t.Iterator[None]:
         os.chdir(saved_cwd)
         for sig, handler in saved_signals.items():
             signal.signal(sig, handler)
-        for name, level in saved_loggers.items():
-            logging.getLogger(name).setLevel(level)
+        for name in _logger_levels():  # the demo quietens syncer.sync, -v raises others
+            logging.getLogger(name or None).setLevel(saved_levels.get(name, logging.NOTSET))
         logging.getLogger().handlers[:] = saved_handlers
         logs._SECRETS.clear()
         logs._SECRETS.update(saved_secrets)

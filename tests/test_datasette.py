@@ -8,17 +8,16 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import typing as t
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import Browser, chromium_path
 from conftest import Env, record
 from helpers import wait_for
 from history_scenario import LONG_NAME, Scenario, versions
@@ -285,37 +284,26 @@ def _up(url: str) -> bool:
         return False
 
 
-def test_members_as_of_page_in_headless_chromium(history: Scenario) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
+@pytest.fixture(scope="module")
+def browser() -> t.Iterator[Browser]:
+    """One headless Chromium for the page tests (tests/browser.py)."""
+    if chromium_path() is None:
         pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
-    env: Env = history.env
-    port = _free_port()
-    server = env.popen("serve", "--port", str(port))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: server.poll() is not None or _up(f"{base}/-/versions.json"), what="syncer serve")
-        assert server.poll() is None, server.communicate()
-        query = urllib.parse.urlencode({"group": LONG_NAME, "at": history.truths[3].started_at})
-        url = f"{base}/groups/members_as_of?{query}"
-        ARTIFACTS.mkdir(exist_ok=True)
-        shot = ARTIFACTS / "members_as_of.png"
-        shot.unlink(missing_ok=True)
-        with tempfile.TemporaryDirectory() as profile:
-            flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     f"--user-data-dir={profile}", "--window-size=1400,1000"]
-            dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-            assert dom.returncode == 0, dom.stderr
-            subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120,
-                           check=True)
-    finally:
-        server.terminate()
-        server.communicate(timeout=30)
-    assert "Members of a group as of a date" in dom.stdout
+    with Browser() as chromium:
+        yield chromium
+
+
+def test_members_as_of_page_in_headless_chromium(history: Scenario, browser: Browser) -> None:
+    query = urllib.parse.urlencode({"group": LONG_NAME, "at": history.truths[3].started_at})
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "members_as_of.png"
+    shot.unlink(missing_ok=True)
+    with serving(history.env) as base:
+        dom = browse(browser, f"{base}/groups/members_as_of?{query}", shot)
+    assert "Members of a group as of a date" in dom
     for iid in history.truths[3].members(history.a):
-        assert history.username(iid) in dom.stdout
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+        assert history.username(iid) in dom
+    assert shot.stat().st_size > 10_000
 
 
 @contextlib.contextmanager
@@ -333,32 +321,25 @@ def serving(env: Env, *options: str) -> t.Iterator[str]:
         server.communicate(timeout=30)
 
 
-def browse(url: str, shot: Path) -> str:
-    """The page at ``url`` as headless Chromium renders it (its DOM), with a screenshot."""
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("chromium is not installed (Debian: apt-get install chromium)")
-    with tempfile.TemporaryDirectory() as profile:
-        flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={profile}", "--window-size=1400,1000"]
-        dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
-        assert dom.returncode == 0, dom.stderr
-        subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120, check=True)
+def browse(browser: Browser, url: str, shot: Path) -> str:
+    """The page at ``url`` as headless Chromium renders it at 1400x1000 (its DOM), with a screenshot."""
+    visit = browser.visit(url, 1400, 1000, screenshot=shot)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return dom.stdout
+    return visit.html
 
 
-def test_serve_in_headless_chromium_shows_errors_and_hides_internal_tables(history: Scenario, tmp_path: Path) -> None:
+def test_serve_in_headless_chromium_shows_errors_and_hides_internal_tables(
+    history: Scenario, tmp_path: Path, browser: Browser,
+) -> None:
     env: Env = history.env
     with serving(env) as base:
-        ambiguous = browse(f"{base}/groups/members_as_of?" + urllib.parse.urlencode(
+        ambiguous = browse(browser, f"{base}/groups/members_as_of?" + urllib.parse.urlencode(
             {"group": history.a_old_name, "at": "run:3"}), tmp_path / "ambiguous.png")
-        bad_when = browse(f"{base}/groups/members_as_of?" + urllib.parse.urlencode(
+        bad_when = browse(browser, f"{base}/groups/members_as_of?" + urllib.parse.urlencode(
             {"group": history.a, "at": "yesterday"}), tmp_path / "bad-when.png")
-        index = browse(f"{base}/groups", tmp_path / "index.png")
-        internal = browse(f"{base}/groups/hook_deliveries", tmp_path / "internal.png")
-        no_sql = browse(f"{base}/groups?sql=select+*+from+sync_runs", tmp_path / "no-sql.png")
+        index = browse(browser, f"{base}/groups", tmp_path / "index.png")
+        internal = browse(browser, f"{base}/groups/hook_deliveries", tmp_path / "internal.png")
+        no_sql = browse(browser, f"{base}/groups?sql=select+*+from+sync_runs", tmp_path / "no-sql.png")
     assert "is ambiguous: 2 groups have or had it" in ambiguous and history.a in ambiguous and history.d in ambiguous
     assert "bad WHEN &#39;yesterday&#39;" in bad_when or "bad WHEN 'yesterday'" in bad_when
     for page in (ambiguous, bad_when):  # an error instead of rows, never another question's answer
@@ -370,11 +351,11 @@ def test_serve_in_headless_chromium_shows_errors_and_hides_internal_tables(histo
     assert "Forbidden" in no_sql
 
     with serving(env, "--allow-sql") as base:
-        own_sql = browse(f"{base}/groups?" + urllib.parse.urlencode(
+        own_sql = browse(browser, f"{base}/groups?" + urllib.parse.urlencode(
             {"sql": "select status, count(*) as n from sync_runs group by status"}), tmp_path / "own-sql.png")
-        sneaky = browse(f"{base}/groups?" + urllib.parse.urlencode(
+        sneaky = browse(browser, f"{base}/groups?" + urllib.parse.urlencode(
             {"sql": "select * from hook_deliveries"}), tmp_path / "sneaky-sql.png")
-        still_hidden = browse(f"{base}/groups/hook_deliveries.json", tmp_path / "still-hidden.png")
+        still_hidden = browse(browser, f"{base}/groups/hook_deliveries.json", tmp_path / "still-hidden.png")
     assert "partial" in own_sql and "failed" in own_sql
     assert "access to hook_deliveries." in sneaky and "is prohibited" in sneaky
     assert "Forbidden" in still_hidden or "403" in still_hidden
