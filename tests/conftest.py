@@ -126,6 +126,14 @@ class Env:
             conn.close()
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: three workers a core. Many tests spend most of their time waiting (on a
+    process to start or stop, on a retry's back-off or a timeout under test), so one a
+    core leaves the cores idle (on 2 cores, `-m "not slow"`: 106 s with 4 workers, 90 s
+    with 6, 89 s with 8)."""
+    return 3 * (os.cpu_count() or 1)
+
+
 def record(*texts: str) -> None:
     OUTPUTS.extend(texts)
 
