@@ -225,6 +225,33 @@ def test_the_drift_check_sees_a_changed_declaration(monkeypatch: pytest.MonkeyPa
     assert '# interval = "5m"' in render_sample() and '| `"5m"` |' in render_docs(docs)
 
 
+def test_the_generator_command_rewrites_what_drifted(tmp_path: Path) -> None:
+    """`python -m syncer.config --write`, run as a maintainer does, in a copy of the
+    checkout's two files with a hand edit in each: both are made whole again, only they."""
+    import shutil
+    import subprocess
+    import sys
+
+    for relative in (config_module.SAMPLE_FILE, config_module.DOCS_FILE):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / relative, tmp_path / relative)
+    sample, docs = tmp_path / config_module.SAMPLE_FILE, tmp_path / config_module.DOCS_FILE
+    sample.write_text(sample.read_text().replace('# interval = "15m"', '# interval = "5m"'))
+    docs.write_text(docs.read_text().replace("| `interval` |", "| `interval` (hand-edited) |"))
+    assert sorted(config_module.write_generated(tmp_path)) == sorted([sample, docs])
+    assert (sample.read_text(), docs.read_text()) == (SAMPLE.read_text(), DOCS.read_text())
+    assert config_module.write_generated(tmp_path) == []  # nothing left to rewrite
+
+    printed = subprocess.run([sys.executable, "-m", "syncer.config", "--sample"], capture_output=True, text=True,
+                             check=True, cwd=tmp_path).stdout
+    assert printed == SAMPLE.read_text()
+    tables = subprocess.run([sys.executable, "-m", "syncer.config", "--docs-table"], capture_output=True, text=True,
+                            check=True, cwd=tmp_path).stdout
+    assert all(table in DOCS.read_text() for table in tables.strip().split("\n\n"))
+    usage = subprocess.run([sys.executable, "-m", "syncer.config"], capture_output=True, text=True, cwd=tmp_path)
+    assert usage.returncode == 2 and "one of the arguments --sample --docs-table --write is required" in usage.stderr
+
+
 def test_the_sample_as_shipped_loads_as_the_defaults() -> None:
     assert dataclasses.replace(load_config(SAMPLE), source=None) == Config()
 
