@@ -202,7 +202,7 @@ class Floor:
     """``floor.py``: the same documents over HTTP with syncer's token, nothing else."""
 
     def __init__(self, folder: Path, sim: t.Any, world: t.Any, sync: Syncer) -> None:
-        from syncer.token_store import TokenStore
+        from syncer.globus.token_store import TokenStore
 
         self.folder, self.sim = folder, sim
         folder.mkdir(parents=True, exist_ok=True)
@@ -745,7 +745,7 @@ def profile_child(config: str, out: str) -> None:
 
     threading.Thread.run = run  # type: ignore[method-assign]
     from syncer.config import load_config
-    from syncer.sync import run_sync
+    from syncer.operations.sync import run_sync
 
     settings = load_config(config)
     main = cProfile.Profile(time.thread_time)
@@ -769,10 +769,10 @@ def timed_child(config: str) -> None:
     that runs them (no profiler overhead, so these add up to the real cost)."""
     import types
 
-    import syncer.globus_groups as groups_mod
-    import syncer.sync as sync_mod
+    import syncer.globus.globus_groups as groups_mod
+    import syncer.operations.sync as sync_mod
     from syncer.config import load_config
-    from syncer.history import Recorder
+    from syncer.storage.history import Recorder
 
     parts: dict[str, float] = {}
     lock = threading.Lock()

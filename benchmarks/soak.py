@@ -57,8 +57,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from syncer.schema import parse_time  # noqa: E402
 from syncer.simulator import Simulator, World  # noqa: E402
+from syncer.storage.schema import parse_time  # noqa: E402
 
 FAULT_KINDS = ("500", "502", "503", "429", "stall", "truncated")
 MIB = 1024 * 1024

@@ -6,7 +6,7 @@ movers, runs and their failures, the period's events and the groups as of the
 period's end, under a header naming whose data it is, which database, which period
 and when it was made.
 
-The numbers come from the query layer (``syncer.queries``), the functions behind
+The numbers come from the query layer (``syncer.storage.queries``), the functions behind
 ``syncer members/changes/groups``, so the report says what those commands say for
 the same period; only what no query command answers (the runs, the groups'
 policies) is read here, from the documented views. Charts are drawn by pygal (the
@@ -32,11 +32,12 @@ from pathlib import Path
 
 import sqlite_utils
 
-from syncer import __version__, queries
+from syncer import __version__
 from syncer.errors import EXIT_FAILED, EXIT_USAGE, SyncerError
-from syncer.ownership import DatabaseOwner, database_owner, describe_owner
-from syncer.schema import format_time
-from syncer.when import When, parse_when
+from syncer.storage import queries
+from syncer.storage.ownership import DatabaseOwner, database_owner, describe_owner
+from syncer.storage.schema import format_time
+from syncer.storage.when import When, parse_when
 
 if t.TYPE_CHECKING:
     import pygal

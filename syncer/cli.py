@@ -26,7 +26,7 @@ from syncer.logs import configure as configure_logging
 from syncer.logs import redact
 
 if t.TYPE_CHECKING:
-    from syncer.database import OutputDatabase
+    from syncer.storage.database import OutputDatabase
 
 log = logging.getLogger("syncer")
 
@@ -151,10 +151,10 @@ def login(settings: _Settings, no_browser: bool, force: bool) -> None:
     code on a local redirect; otherwise, or with --no-browser, prints the URL and
     reads the code you paste.
     """
-    from syncer.client_secret import load_client_secret
-    from syncer.login import confirm_client_credentials
-    from syncer.login import login as do_login
-    from syncer.token_store import TokenStore
+    from syncer.globus.client_secret import load_client_secret
+    from syncer.globus.login import confirm_client_credentials
+    from syncer.globus.login import login as do_login
+    from syncer.globus.token_store import TokenStore
 
     config = settings.config(warn_client=True)
     secret = load_client_secret(config)
@@ -192,9 +192,9 @@ def _read_code(url: str) -> str:
 @click.pass_obj
 def logout(settings: _Settings) -> None:
     """Revoke the stored tokens at Globus Auth and delete them."""
-    from syncer.auth import logout as do_logout
-    from syncer.auth import open_token_store
-    from syncer.client_secret import load_client_secret
+    from syncer.globus.auth import logout as do_logout
+    from syncer.globus.auth import open_token_store
+    from syncer.globus.client_secret import load_client_secret
 
     config = settings.config()
     secret = load_client_secret(config)
@@ -206,7 +206,7 @@ def logout(settings: _Settings) -> None:
 @click.pass_context
 def sync(ctx: click.Context) -> None:
     """Take one snapshot, then exit (for cron or a systemd timer)."""
-    from syncer.run_effects import sync_with_effects
+    from syncer.operations.run_effects import sync_with_effects
 
     config = ctx.obj.config()
     cancelled = threading.Event()
@@ -271,7 +271,7 @@ class _TerminalProgress(logging.Filter):
 @click.pass_context
 def run(ctx: click.Context, interval: float | None) -> None:
     """Run the scheduler: a snapshot now, then every interval, until SIGTERM."""
-    from syncer.scheduler import run_daemon
+    from syncer.operations.scheduler import run_daemon
 
     ctx.exit(run_daemon(ctx.obj.config(warn_client=True), interval))
 
@@ -285,11 +285,11 @@ def run(ctx: click.Context, interval: float | None) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, output_format: str) -> None:
     """Last runs, token state, hooks' backlog and database figures; the exit code is a health check."""
-    from syncer.status import render_text, status_report
+    from syncer.operations.status import render_text, status_report
 
     report = status_report(ctx.obj.config())
     if output_format == "prometheus":
-        from syncer.metrics import render_metrics
+        from syncer.operations.metrics import render_metrics
 
         click.echo(render_metrics(report), nl=False)
     else:
@@ -308,10 +308,10 @@ def hooks() -> None:
 @click.pass_context
 def replay(ctx: click.Context, name: str, since: str) -> None:
     """Send hook NAME the runs since WHEN again (or for the first time: a hook starts with the run after it was added)."""
-    from syncer.hooks import find_hook
-    from syncer.hooks import replay as replay_hook
-    from syncer.queries import check_period
-    from syncer.when import parse_when
+    from syncer.operations.hooks import find_hook
+    from syncer.operations.hooks import replay as replay_hook
+    from syncer.storage.queries import check_period
+    from syncer.storage.when import parse_when
 
     config = ctx.obj.config()
     hook = find_hook(config, name)
@@ -425,7 +425,7 @@ def simulate(
 
 
 def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> t.Any:
-    from syncer.when import parse_when
+    from syncer.storage.when import parse_when
 
     return None if value is None else parse_when(value)
 
@@ -442,7 +442,7 @@ def _format_option(command: t.Callable[..., t.Any]) -> t.Callable[..., t.Any]:
 def _reading(settings: _Settings) -> OutputDatabase:
     """The configured output database, open for reading (see ``open_for_reading``:
     whatever the file holds, a failure is one line, exit 1)."""
-    from syncer.database import open_for_reading
+    from syncer.storage.database import open_for_reading
 
     config = settings.config()
     return open_for_reading(config.database, config.busy_timeout)
@@ -476,7 +476,7 @@ def _visibility_note(db: t.Any, group: t.Any, run: t.Any, what: str | None, ever
     """Say what the identity could see of a group as of a run, where it could not see
     everything. ``what``: what that means for the answer; None: say what is recorded,
     counted from the stored memberships rather than assumed from the group's label."""
-    from syncer import queries
+    from syncer.storage import queries
 
     version = queries.group_version(db, group.id, run.id)
     if version is None:
@@ -509,7 +509,8 @@ def _groups_count(count: int, what: str) -> str:
 @click.pass_obj
 def members_command(settings: _Settings, group: str, at: t.Any, every_status: bool, fmt: str) -> None:
     """A group's members now or as of WHEN. GROUP: its id or any name it has had."""
-    from syncer import output, queries
+    from syncer import output
+    from syncer.storage import queries
 
     with _reading(settings) as db:
         run = queries.as_of(db, at)
@@ -533,8 +534,9 @@ def changes_command(
     settings: _Settings, since: t.Any, until: t.Any, group: str | None, user: str | None, observations: bool, fmt: str,
 ) -> None:
     """Membership events in a period (default: the last 7 days), oldest first."""
-    from syncer import output, queries
-    from syncer.when import When, parse_when
+    from syncer import output
+    from syncer.storage import queries
+    from syncer.storage.when import When, parse_when
 
     with _reading(settings) as db:
         since = since or parse_when("7d")._replace(text="7d, the default")
@@ -560,7 +562,8 @@ def changes_command(
 @click.pass_obj
 def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
     """Your groups now or as of WHEN: role, status, whether you see the members, active members."""
-    from syncer import output, queries
+    from syncer import output
+    from syncer.storage import queries
 
     with _reading(settings) as db:
         run = queries.as_of(db, at)
@@ -579,7 +582,8 @@ def groups_command(settings: _Settings, at: t.Any, fmt: str) -> None:
 @click.pass_obj
 def identity_command(settings: _Settings, user: str, fmt: str) -> None:
     """One person's memberships over time. USER: a username or an identity id."""
-    from syncer import output, queries
+    from syncer import output
+    from syncer.storage import queries
 
     with _reading(settings) as db:
         queries.latest_run(db)
@@ -621,7 +625,7 @@ def report_command(settings: _Settings, since: t.Any, until: t.Any, group: str |
 @click.pass_obj
 def serve(settings: _Settings, host: str, port: int, allow_sql: bool) -> None:
     """Datasette on the database, read-only, with descriptions and canned queries."""
-    from syncer.database import require_existing
+    from syncer.storage.database import require_existing
     from syncer.web import serve as serve_datasette
 
     config = settings.config()

@@ -17,13 +17,13 @@ from pathlib import Path
 import platformdirs
 
 from syncer.config import Config
-from syncer.database import open_for_reading
 from syncer.errors import SyncerError
-from syncer.login import login
-from syncer.schema import OBSERVATIONS
+from syncer.globus.login import login
+from syncer.globus.token_store import TokenStore
+from syncer.operations.sync import run_sync
 from syncer.simulator import Simulator, World
-from syncer.sync import run_sync
-from syncer.token_store import TokenStore
+from syncer.storage.database import open_for_reading
+from syncer.storage.schema import OBSERVATIONS
 
 Say = t.Callable[[str], None]
 

@@ -33,6 +33,13 @@ _JOURNAL_CHUNK = 4096
 _JSON_RAW_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+def module_logger(module: str) -> logging.Logger:
+    """The logger of the module named ``module`` (pass ``__name__``): ``syncer.`` and the
+    module's own name, whatever subpackage holds it. Log lines carry these names (and
+    filters and alerts match them), so they stay as they were before the subpackages."""
+    return logging.getLogger("syncer." + module.rpartition(".")[2])
+
+
 def register_secret(value: str | None) -> None:
     """Never let ``value`` reach a log line."""
     if value:

@@ -18,7 +18,7 @@ a plugin registered in this process (``SyncerPlugin``):
   them from a visitor's SQL, except through the documented views;
 - canned queries take their parameters through magic parameters
   (``register_magic_parameters``) that check them exactly as the CLI does, with the
-  CLI's own code (``syncer.when``, ``syncer.queries``): a WHEN in any of its forms
+  CLI's own code (``syncer.storage.when``, ``syncer.storage.queries``): a WHEN in any of its forms
   becomes the run that answers it, a group name the group's id (an ambiguous name
   lists the ids). Anything else raises an SQLite error whose message Datasette shows
   on the page (and in JSON, with HTTP 400): never an answer to another question.
@@ -36,8 +36,8 @@ import typing as t
 import weakref
 from pathlib import Path
 
-from syncer.database import open_for_reading
 from syncer.errors import EXIT_FAILED, SyncerError
+from syncer.storage.database import open_for_reading
 
 if t.TYPE_CHECKING:
     from datasette.app import Datasette

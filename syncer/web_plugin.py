@@ -34,11 +34,11 @@ from pathlib import Path
 
 from datasette import hookimpl
 
-from syncer import queries
-from syncer.database import open_for_reading
 from syncer.errors import SyncerError
+from syncer.storage import queries
+from syncer.storage.database import open_for_reading
+from syncer.storage.when import parse_when
 from syncer.web import USER_FACING, served
-from syncer.when import parse_when
 
 # what Datasette itself must read to describe the database (never a visitor's data)
 _SCHEMA_TABLES = frozenset(("sqlite_master", "sqlite_schema", "sqlite_temp_master"))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from syncer.globus.token_store import TokenStore
 from syncer.simulator import Simulator, World
-from syncer.token_store import TokenStore
 
 State = dict[tuple[str, str], tuple[str, str]]
 

@@ -109,7 +109,7 @@ def _as_a_process(variables: dict[str, str], cwd: Path) -> t.Iterator[None]:
         os.chdir(saved_cwd)
         for sig, handler in saved_signals.items():
             signal.signal(sig, handler)
-        for name in _logger_levels():  # the demo quietens syncer.sync, -v raises others
+        for name in _logger_levels():  # the demo quietens syncer.operations.sync, -v raises others
             logging.getLogger(name or None).setLevel(saved_levels.get(name, logging.NOTSET))
         logging.getLogger().handlers[:] = saved_handlers
         logs._SECRETS.clear()

@@ -9,8 +9,8 @@ from email.utils import format_datetime
 import pytest
 from globus_sdk.transport import RetryCheckResult, RetryContext
 
-from syncer.auth import MAX_RETRY_SLEEP
-from syncer.globus_groups import AdaptiveLimit
+from syncer.globus.auth import MAX_RETRY_SLEEP
+from syncer.globus.globus_groups import AdaptiveLimit
 
 
 class _Response:

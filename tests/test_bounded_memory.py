@@ -16,7 +16,7 @@ from helpers import admin_groups, current_state, expected_state, my_active_group
 from test_faults import group_rows
 from test_simulator import groups_client, raw_get
 
-from syncer.globus_groups import (
+from syncer.globus.globus_groups import (
     MAX_BODY_BYTES,
     STREAM_BYTES,
     AdaptiveLimit,
@@ -212,7 +212,7 @@ def test_the_stream_takes_every_document_it_reads_as_json_loads_does(body: bytes
 def test_identities_whose_hashes_collide_are_still_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
     """The stream keeps only a hash per identity: with every hash the same, each entry
     after the first is held back and sorted out by identity at the end, as whole."""
-    import syncer.globus_groups as groups_module
+    import syncer.globus.globus_groups as groups_module
 
     monkeypatch.setattr(groups_module, "hash", lambda value: 7, raising=False)
     body = json.dumps(group_body(DUPLICATES_FAR_APART)).encode()

@@ -14,9 +14,9 @@ import sqlite_utils
 from conftest import Env
 from inprocess import invoke
 
-from syncer import database, schema
 from syncer.config import GROUPS_SCOPE, TUTORIAL_CLIENT_ID, load_config, parse_duration
 from syncer.errors import ConfigError
+from syncer.storage import database, schema
 
 # databases written by 0.1.0, and by the last release before 0004 (the demo's two runs)
 FIXTURES = [Path(__file__).parent / "fixtures" / name for name in ("groups-0.1.0.db", "groups-0003.db")]
@@ -296,7 +296,7 @@ def test_an_older_database_is_upgraded_in_place(tmp_path: Path, monkeypatch: pyt
 _KILLED_MIDWAY = """
 import dataclasses, os, signal, sys
 from pathlib import Path
-from syncer import database, schema
+from syncer.storage import database, schema
 migration = next(m for m in schema.migrations._migrations if m.name == "0004_compact_history")
 convert = migration.fn
 def convert_then_die(db):

@@ -23,7 +23,7 @@ from helpers import (
 )
 
 from syncer.config import TUTORIAL_CLIENT_ID
-from syncer.token_store import TokenStore
+from syncer.globus.token_store import TokenStore
 
 
 def test_login_stores_tokens_privately_and_names_the_identity(env: Env) -> None:

@@ -229,7 +229,7 @@ def test_systemd_notify_messages(logged_in: Env, tmp_path: Path) -> None:
 
 
 def test_no_notify_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    from syncer import notify
+    from syncer.operations import notify
 
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert notify.notify(ready="1") is False

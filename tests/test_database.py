@@ -1,5 +1,5 @@
 """Unit tests of the seam every command opens the output database through
-(``syncer.database``): its one-line errors, connections always closed, and one
+(``syncer.storage.database``): its one-line errors, connections always closed, and one
 snapshot for a whole read. In-process: no simulator, no subprocess."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from syncer.database import OutputDatabase, open_for_reading, open_for_writing
 from syncer.errors import EXIT_FAILED, StorageError, SyncerError
-from syncer.queries import NotFound
+from syncer.storage.database import OutputDatabase, open_for_reading, open_for_writing
+from syncer.storage.queries import NotFound
 
 
 def open_descriptors() -> int:

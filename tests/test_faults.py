@@ -35,14 +35,14 @@ from helpers import (
     wait_for,
 )
 
-import syncer.auth
-from syncer.auth import MAX_RETRIES, MAX_RETRY_SLEEP, authorizer_from_store, client_options
+import syncer.globus.auth
 from syncer.config import load_config
 from syncer.errors import LoginRequired
-from syncer.globus_groups import AdaptiveLimit
+from syncer.globus.auth import MAX_RETRIES, MAX_RETRY_SLEEP, authorizer_from_store, client_options
+from syncer.globus.globus_groups import AdaptiveLimit
+from syncer.globus.token_store import TokenStore
 from syncer.simulator import World
 from syncer.simulator.server import _HUGE_TEXT, _SQL_TEXT
-from syncer.token_store import TokenStore
 
 # the SDK's exponential backoff sleeps at most 0.75 * 2**attempt before retry `attempt + 1`
 _BACKOFF_MAX = sum(min(0.75 * 2**attempt, MAX_RETRY_SLEEP) for attempt in range(MAX_RETRIES))
@@ -475,7 +475,7 @@ def test_retries_are_bounded_in_number_and_wait(
     """A Groups client built with syncer's settings: a Retry-After of a minute waits at
     most MAX_RETRY_SLEEP (shortened here), and the (MAX_RETRIES + 1)th 429 is final."""
     env = logged_in
-    monkeypatch.setattr(syncer.auth, "MAX_RETRY_SLEEP", 0.2)
+    monkeypatch.setattr(syncer.globus.auth, "MAX_RETRY_SLEEP", 0.2)
     client = globus_sdk.GroupsClient(authorizer=shared_authorizer, **client_options(load_config(env.config)))
     env.sim.faults.rate_limit(MAX_RETRIES, retry_after=60)
     began = time.monotonic()

@@ -20,10 +20,10 @@ import pytest
 from conftest import Env, Result, make_env, record
 from helpers import admin_groups, my_active_groups, others
 
-from syncer.database import connect
-from syncer.globus_groups import GroupListing, digest_rules, group_digest
-from syncer.schema import ensure_schema
+from syncer.globus.globus_groups import GroupListing, digest_rules, group_digest
 from syncer.simulator import World
+from syncer.storage.database import connect
+from syncer.storage.schema import ensure_schema
 
 # The recorded fields, as the views show them.
 GROUP_FIELDS = (
@@ -274,7 +274,7 @@ def test_a_group_that_failed_to_read_is_diffed_at_its_next_good_read(logged_in: 
 # An older release: other parsing rules (it did not keep descriptions) and its digests.
 OLDER_RELEASE = """
 import sys
-import syncer.globus_groups as groups
+import syncer.globus.globus_groups as groups
 groups._DIGEST_RULES = groups.digest_rules(version="0.1.0", rules="0")
 parse = groups.parse_group
 def older_parse(listing, data):
@@ -336,7 +336,7 @@ def test_group_gone_and_back_is_diffed_in_full(logged_in: Env) -> None:
 def test_a_schema_upgrade_forgets_every_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Any migration may change how rows are recorded, so a database any migration
     changed diffs every group at its next read."""
-    import syncer.schema as schema
+    import syncer.storage.schema as schema
 
     db = connect(tmp_path / "groups.db")
     ensure_schema(db)
@@ -358,7 +358,7 @@ def test_a_schema_upgrade_forgets_every_digest(tmp_path: Path, monkeypatch: pyte
 
 
 def test_a_database_from_before_digests_is_upgraded_empty(tmp_path: Path) -> None:
-    import syncer.schema as schema
+    import syncer.storage.schema as schema
 
     path = tmp_path / "groups.db"
     db = connect(path)
@@ -398,9 +398,9 @@ def test_the_digest_covers_the_body_the_content_type_and_the_rules() -> None:
 def test_unchanged_groups_are_not_parsed(logged_in: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """The skip comes before the parse: of a run's answers, only the changed group's is
     parsed. (A sync in this process, its parse counted; the simulator over HTTP.)"""
-    import syncer.globus_groups as groups_module
+    import syncer.globus.globus_groups as groups_module
     from syncer.config import load_config
-    from syncer.sync import run_sync
+    from syncer.operations.sync import run_sync
 
     env, world = logged_in, logged_in.world
     sync(env)

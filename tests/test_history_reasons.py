@@ -16,9 +16,9 @@ import pytest
 from conftest import Env
 from helpers import admin_groups, expected_state, my_active_groups, others, state_as_of
 
-from syncer import database
-from syncer.globus_groups import GroupListing, MyGroups, parse_group
-from syncer.history import ANALYZE_GROWTH, Recorder, start_run
+from syncer.globus.globus_groups import GroupListing, MyGroups, parse_group
+from syncer.storage import database
+from syncer.storage.history import ANALYZE_GROWTH, Recorder, start_run
 
 EVENTS = ("joined", "left", "changed")
 

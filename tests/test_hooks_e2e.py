@@ -19,7 +19,7 @@ from conftest import Env
 from helpers import admin_groups, expected_state, others, wait_for
 from receivers import CommandHook, Receiver, configure, watch_everything
 
-from syncer.lock import LockFile
+from syncer.operations.lock import LockFile
 from syncer.simulator import World
 
 Change = tuple[str, str, str]  # group_id, identity_id, change
@@ -382,7 +382,7 @@ def test_a_hook_that_cannot_start_or_answers_an_error_is_retried(logged_in: Env,
 
 def hooks_lock_held(env: Env) -> bool:
     """Whether some process (a hook's keeper, say) still holds the database's hooks lock."""
-    from syncer.lock import is_held
+    from syncer.operations.lock import is_held
 
     return is_held(env.database.with_name("groups.db.hooks.lock"))
 

@@ -16,8 +16,8 @@ import pytest
 from conftest import Env
 from helpers import current_state, expected_state
 
-from syncer.history import BATCH_ROWS
 from syncer.simulator import World
+from syncer.storage.history import BATCH_ROWS
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from syncer import logs
-from syncer.lock import LockFile, marker_path, sync_running
+from syncer.operations.lock import LockFile, marker_path, sync_running
 
 # --------------------------------------------------------------------- the lock file
 

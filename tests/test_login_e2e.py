@@ -14,7 +14,7 @@ from conftest import Env, Result, record
 from helpers import stored_tokens
 
 from syncer.config import GROUPS_SCOPE
-from syncer.token_store import TokenStore
+from syncer.globus.token_store import TokenStore
 
 # A stand-in for a browser: follows the authorize URL and its redirects, as a browser
 # does once the user has logged in (the simulator approves at once), and notes the URL.

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from receivers import CommandHook, Receiver, Silent, configure, watch_everything
 
 from syncer.config import HookConfig
-from syncer.healthcheck import ping_url
-from syncer.hooks import hook_environment
-from syncer.lock import LockFile
+from syncer.operations.healthcheck import ping_url
+from syncer.operations.hooks import hook_environment
+from syncer.operations.lock import LockFile
 
 REQUIRED_METRICS = {
     "syncer_last_run_timestamp_seconds", "syncer_last_success_timestamp_seconds", "syncer_last_run_duration_seconds",

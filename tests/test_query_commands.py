@@ -22,7 +22,7 @@ from helpers import OtherUsersPython, admin_groups, has_running_run, others, pyt
 from history_scenario import LONG_NAME, Scenario, expected_changes, versions
 from terminal import run_in_terminal
 
-from syncer.when import EXAMPLES
+from syncer.storage.when import EXAMPLES
 
 RUNS = (2, 3, 4, 5)
 NOBODY = 65534

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from syncer import database, history
-from syncer.globus_groups import GroupListing, GroupReadError, MembershipRow, MyGroups, parse_group
-from syncer.history import Recorder, finish_without_changes, start_run
+from syncer.globus.globus_groups import GroupListing, GroupReadError, MembershipRow, MyGroups, parse_group
+from syncer.storage import database, history
+from syncer.storage.history import Recorder, finish_without_changes, start_run
 
 Member = tuple[str, str, str]  # identity id, role, status
 

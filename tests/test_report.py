@@ -182,8 +182,8 @@ def test_runs_and_failures_equal_sync_runs(history: Scenario, whole: tuple[Path,
 
 
 def test_header_says_whose_which_database_which_period_and_when(history: Scenario, whole: tuple[Path, Page]) -> None:
-    from syncer.database import open_for_reading
-    from syncer.ownership import database_owner, describe_owner
+    from syncer.storage.database import open_for_reading
+    from syncer.storage.ownership import database_owner, describe_owner
 
     _, page = whole
     with open_for_reading(history.env.database) as db:

@@ -24,7 +24,7 @@ from globus_sdk.login_flows import CommandLineLoginFlowManager, LocalServerLogin
 from globus_sdk.token_storage import SQLiteTokenStorage, TokenStorageData
 
 import syncer
-from syncer.token_store import TokenStore
+from syncer.globus.token_store import TokenStore
 
 SYNCER = Path(syncer.__file__).parent
 WHAT_TO_DO = (
@@ -130,7 +130,7 @@ def test_every_sdk_method_syncer_overrides_is_public_and_still_called_so(cls: ty
     An override of a method the SDK renamed or dropped would never be called."""
     sdk_bases = [base for base in cls.__mro__ if base.__module__.startswith("globus_sdk")]
     own = [(name, member) for c in cls.__mro__ if c.__module__.startswith("syncer.") for name, member in vars(c).items()]
-    for name, member in own:  # the class's and its syncer mixins' (syncer.auth._SharedRenewal)
+    for name, member in own:  # the class's and its syncer mixins' (syncer.globus.auth._SharedRenewal)
         if not callable(member) and not isinstance(member, classmethod | staticmethod):
             continue
         base = next((b for b in sdk_bases if name in vars(b)), None)
@@ -148,13 +148,13 @@ def test_every_sdk_method_syncer_overrides_is_public_and_still_called_so(cls: ty
 @pytest.mark.parametrize(
     ("sdk_class", "method", "caller"),
     [
-        # the route of every renewal (syncer.auth._SharedRenewal): the token is checked,
+        # the route of every renewal (syncer.globus.auth._SharedRenewal): the token is checked,
         # and renewed, in ensure_valid_token; the SDK's transport calls the other two
         # (a request, a 401), which the e2e tests of renewals prove
         (globus_sdk.RefreshTokenAuthorizer, "ensure_valid_token", "get_authorization_header"),
         (globus_sdk.ClientCredentialsAuthorizer, "ensure_valid_token", "get_authorization_header"),
         (globus_sdk.RefreshTokenAuthorizer, "handle_missing_authorization", None),
-        # the browser flow's redirect server, and the paste flow's two steps (syncer.login)
+        # the browser flow's redirect server, and the paste flow's two steps (syncer.globus.login)
         (LocalServerLoginFlowManager, "background_local_server", "run_login_flow"),
         (CommandLineLoginFlowManager, "print_authorize_url", "run_login_flow"),
         (CommandLineLoginFlowManager, "prompt_for_code", "run_login_flow"),
@@ -174,7 +174,7 @@ def test_the_sdk_still_calls_the_public_methods_syncer_overrides(sdk_class: type
         source = inspect.getsource(sdk_class.run_login_flow)
         assert "server.socket.getsockname()" in source and "server.wait_for_code()" in source, (
             "globus-sdk's LocalServerLoginFlowManager.run_login_flow uses its redirect server differently:"
-            " adapt syncer.login._RedirectServer"
+            " adapt syncer.globus.login._RedirectServer"
         )
 
 

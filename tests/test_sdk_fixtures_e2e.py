@@ -18,7 +18,7 @@ from conftest import Env
 from globus_sdk.testing import get_response_set
 from test_faults import dump, last_run
 
-from syncer.globus_groups import MANAGER_ROLES
+from syncer.globus.globus_groups import MANAGER_ROLES
 
 
 def recorded(set_id: t.Any, case: str = "default") -> t.Any:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from syncer import status
 from syncer.config import Config
-from syncer.database import open_for_writing
-from syncer.lock import LockFile
-from syncer.schema import utc_now
+from syncer.operations import status
+from syncer.operations.lock import LockFile
+from syncer.storage.database import open_for_writing
+from syncer.storage.schema import utc_now
 
 LOGGED_IN = status.TokenState("tokens.db", logged_in=True)
 

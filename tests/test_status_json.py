@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from syncer import status
 from syncer.config import Config, HookConfig
-from syncer.database import open_for_writing
-from syncer.metrics import RunOutcome, render_metrics
+from syncer.operations import status
+from syncer.operations.metrics import RunOutcome, render_metrics
+from syncer.storage.database import open_for_writing
 
 EXCLUDED = "11111111-1111-1111-1111-111111111111"
 STARTED = "2026-12-01T00:00:00.000000Z"

@@ -27,8 +27,8 @@ from cryptography.x509.oid import NameOID
 from helpers import current_state, expected_state
 from test_simulate_cli import simulate
 
+from syncer.globus.token_store import TokenStore
 from syncer.simulator import Simulator, TLSFiles, World
-from syncer.token_store import TokenStore
 
 CA_VARIABLES = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "GLOBUS_SDK_VERIFY_SSL")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from conftest import Env, make_env
 from helpers import current_state, my_active_groups, others, stored_token_data, stored_tokens
 
+from syncer.globus.token_store import TokenStore
 from syncer.simulator import World
-from syncer.token_store import TokenStore
 
 
 def another_identity(world: World) -> tuple[str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import html
 import http.server
-import logging
 import queue
 import re
 import string
@@ -32,7 +31,9 @@ from globus_sdk.login_flows import (
     LocalServerLoginFlowManager,
 )
 
-from syncer.auth import (
+from syncer.config import GROUPS_SCOPE, Config, is_groups_scope
+from syncer.errors import ConfigError, StorageError, SyncerError
+from syncer.globus.auth import (
     auth_client,
     authorizer_from_store,
     client_options,
@@ -40,13 +41,12 @@ from syncer.auth import (
     describe_network_error,
     groups_authorizer,
 )
-from syncer.client_secret import ClientSecret
-from syncer.config import GROUPS_SCOPE, Config, is_groups_scope
-from syncer.errors import ConfigError, StorageError, SyncerError
-from syncer.ownership import CLIENT, Credentials, DatabaseOwner, database_owner, from_id_token, is_owner, mismatch
-from syncer.token_store import GROUPS_RESOURCE_SERVER, TokenStore
+from syncer.globus.client_secret import ClientSecret
+from syncer.globus.token_store import GROUPS_RESOURCE_SERVER, TokenStore
+from syncer.logs import module_logger
+from syncer.storage.ownership import CLIENT, Credentials, DatabaseOwner, database_owner, from_id_token, is_owner, mismatch
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 Say = t.Callable[[str], None]
 #: obtains the authorization code, given the authorize URL (stdin; the demo visits the URL itself)
@@ -216,7 +216,7 @@ def _run_login_flow(config: Config, no_browser: bool, read_code: ReadCode, say: 
     """The browser flow where a browser can be opened, else the paste flow."""
     client = auth_client(config)
     # openid: Globus Auth then says whose tokens these are (the id_token), which the
-    # database's owner is checked against (syncer.ownership)
+    # database's owner is checked against (syncer.storage.ownership)
     scopes = [*config.scopes, *([] if "openid" in config.scopes else ["openid"])]
     params = GlobusAuthorizationParameters(required_scopes=scopes)
     try:
@@ -281,7 +281,7 @@ def login(
 def _database_owner(config: Config) -> DatabaseOwner | None:
     """The configured database's owner, if it exists and has one (read-only; a
     database that cannot be read is no reason to refuse a login, only to warn)."""
-    from syncer.database import open_for_reading
+    from syncer.storage.database import open_for_reading
 
     if not config.database.exists():
         return None

@@ -11,17 +11,17 @@ import datetime as dt
 import time
 import typing as t
 
-from syncer.client_secret import secret_source
 from syncer.config import Config
-from syncer.database import OutputDatabase, open_for_reading
 from syncer.errors import EXIT_FAILED, EXIT_LOGIN_REQUIRED, EXIT_OK, EXIT_PARTIAL, StorageError
-from syncer.lock import sync_running
-from syncer.ownership import DatabaseOwner, database_owner, describe_owner
-from syncer.schema import parse_time
-from syncer.token_store import TokenStore, current_auth
+from syncer.globus.client_secret import secret_source
+from syncer.globus.token_store import TokenStore, current_auth
+from syncer.operations.lock import sync_running
+from syncer.storage.database import OutputDatabase, open_for_reading
+from syncer.storage.ownership import DatabaseOwner, database_owner, describe_owner
+from syncer.storage.schema import parse_time
 
 if t.TYPE_CHECKING:
-    from syncer.hooks import Backlog
+    from syncer.operations.hooks import Backlog
 
 RECENT_RUNS = 5
 
@@ -236,7 +236,7 @@ def token_state(config: Config) -> TokenState:
 
 def database_state(config: Config) -> tuple[DatabaseState, tuple[Backlog, ...]]:
     """The database's state and each hook's queue, read in one snapshot (read-only)."""
-    from syncer.hooks import backlogs, not_started
+    from syncer.operations.hooks import backlogs, not_started
 
     path = config.database
     if not path.exists():

@@ -14,7 +14,6 @@ process that ran it, so it is right even when the database cannot be read (then
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
 import typing as t
@@ -26,12 +25,13 @@ from prometheus_client.registry import Collector
 
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED
-from syncer.schema import parse_time
+from syncer.logs import module_logger
+from syncer.storage.schema import parse_time
 
 if t.TYPE_CHECKING:
-    from syncer.status import Recorded, StatusReport
+    from syncer.operations.status import Recorded, StatusReport
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 
 class RunOutcome(t.NamedTuple):
@@ -131,7 +131,7 @@ def write_metrics_file(config: Config, outcome: RunOutcome) -> None:
     write is a warning."""
     if config.metrics_file is None:
         return
-    from syncer.status import status_report
+    from syncer.operations.status import status_report
 
     try:
         report: StatusReport | None

@@ -11,7 +11,7 @@ error raised inside it into one line naming the file (``StorageError``, exit 1):
   expected, a folder where the file is expected, not SQLite, SQLite but not syncer's,
   syncer's before this release's tables, damaged;
 - ``open_for_writing``: the database and its folder created if need be, in WAL mode,
-  its schema brought up to date (``syncer.schema``).
+  its schema brought up to date (``syncer.storage.schema``).
 
 The database is in WAL mode, so that readers never wait for a run and never hold one
 up: a run writes in one transaction, open while it reads its groups and committed at
@@ -26,7 +26,6 @@ SQLite would (``WriterConnection``).
 
 from __future__ import annotations
 
-import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -35,6 +34,7 @@ from types import TracebackType
 import sqlite_utils
 
 from syncer.errors import StorageError, file_in_the_way, os_problem
+from syncer.logs import module_logger
 
 # How long a writer waits for readers (or another writer) before giving up.
 BUSY_TIMEOUT_S = 30.0
@@ -51,7 +51,7 @@ WAL_FILES = ("-wal", "-shm")
 # memberships: half the CPU)
 READ_MMAP_BYTES = 1 << 30
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 
 class OutputDatabase(sqlite_utils.Database):
@@ -101,7 +101,7 @@ def _missing_interface(err: sqlite3.OperationalError) -> bool:
 def require_existing(path: Path) -> None:
     """Raise the one-line error for a database that is not there yet (exit 1): none
     yet (``NotFound``), or a file standing where one of its folders should be."""
-    from syncer.queries import NotFound
+    from syncer.storage.queries import NotFound
 
     if not path.exists():
         if blocker := file_in_the_way(path):
@@ -141,7 +141,7 @@ def open_for_reading(path: Path, busy_timeout: float = BUSY_TIMEOUT_S, *, syncer
 def open_for_writing(path: Path, busy_timeout: float = BUSY_TIMEOUT_S) -> OutputDatabase:
     """The output database, open read-write, its schema up to date (created, with its
     folder, if need be; a database of an older release upgraded in place)."""
-    from syncer.schema import ensure_schema
+    from syncer.storage.schema import ensure_schema
 
     db = connect(path, busy_timeout=busy_timeout)
     try:
@@ -277,7 +277,7 @@ def _whole_without_wal(path: Path) -> bool:
     before it deletes the log), and a reader may read it as immutable: without the
     ``-wal``/``-shm`` files, which a reader who may not write the folder cannot create.
     """
-    from syncer.lock import sync_running
+    from syncer.operations.lock import sync_running
 
     log_file = path.with_name(path.name + "-wal")
     if not _is_wal(path) or log_file.exists():

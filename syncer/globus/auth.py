@@ -1,6 +1,6 @@
 """Globus Auth: the renewing authorizers every run uses, and logout.
 
-(``syncer.login`` has the login flows; they are kept apart because their imports,
+(``syncer.globus.login`` has the login flows; they are kept apart because their imports,
 a local HTTP server among them, would cost every run start-up time.) Syncs use
 ``groups_authorizer``: a ``RefreshTokenAuthorizer`` whose
 ``on_refresh`` writes renewed tokens back, or for a confidential client a
@@ -11,7 +11,6 @@ safe to share between the threads that read groups concurrently.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 import typing as t
@@ -23,13 +22,14 @@ import globus_sdk.gare
 import requests
 from globus_sdk.transport import RequestsTransport, RetryCheck, RetryCheckResult, RetryConfig, RetryContext
 
-from syncer.client_secret import ClientSecret, load_client_secret
 from syncer.config import Config, is_groups_scope
 from syncer.errors import ConfigError, LoginRequired, SyncerError
-from syncer.ownership import CLIENT, IDENTITY, Credentials
-from syncer.token_store import GROUPS_RESOURCE_SERVER, TokenStore
+from syncer.globus.client_secret import ClientSecret, load_client_secret
+from syncer.globus.token_store import GROUPS_RESOURCE_SERVER, TokenStore
+from syncer.logs import module_logger
+from syncer.storage.ownership import CLIENT, IDENTITY, Credentials
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 
 # Bounded retries: with the SDK's exponential backoff (at most max_sleep each) one
@@ -181,7 +181,7 @@ class _SharedRenewal:
     fault.
     """
 
-    #: who the credentials act as, where known (see ``syncer.ownership``)
+    #: who the credentials act as, where known (see ``syncer.storage.ownership``)
     credentials: Credentials | None = None
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
@@ -312,7 +312,7 @@ def authorizer_from_store(config: Config, store: TokenStore) -> SharedRefreshTok
         on_rejected=write_back.rejected,
     )
     # a login made before owners were recorded stored no identity: then the run tells
-    # it from the listing (see syncer.sync)
+    # it from the listing (see syncer.operations.sync)
     if tokens.identity_id:
         authorizer.credentials = Credentials(IDENTITY, tokens.identity_id, None)
     return authorizer

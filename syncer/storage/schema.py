@@ -1,6 +1,6 @@
 """The output database's versioned tables, and its indexes and views.
 
-Opening the database (WAL, read-only readers, the errors) is ``syncer.database``'s.
+Opening the database (WAL, read-only readers, the errors) is ``syncer.storage.database``'s.
 
 Tables are created by numbered migrations (sqlite-utils ``Migrations``), so a later
 release upgrades an existing database in place. Indexes and views are declared as
@@ -263,7 +263,7 @@ def _group_policies(db: sqlite_utils.Database) -> None:
 @migrations(name="0007_database_owner")
 def _database_owner(db: sqlite_utils.Database) -> None:
     # Whose data this is: the identity (or confidential client) of the first
-    # successful run, one row at most (see syncer.ownership). An upgraded database
+    # successful run, one row at most (see syncer.storage.ownership). An upgraded database
     # gets its row at its next successful run.
     db.executescript(
         """
@@ -282,7 +282,7 @@ def _database_owner(db: sqlite_utils.Database) -> None:
 @migrations(name="0008_group_digests")
 def _group_digests(db: sqlite_utils.Database) -> None:
     # One row per group whose rows were made from a known answer: the digest of that
-    # answer (syncer.globus_groups.group_digest) and how many memberships it recorded.
+    # answer (syncer.globus.globus_groups.group_digest) and how many memberships it recorded.
     # A run that gets the same answer again skips the group's diff. Written in the same
     # transaction as the group's rows; created empty, so the first run after the
     # upgrade diffs every group.

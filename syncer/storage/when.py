@@ -15,7 +15,7 @@ import typing as t
 
 from syncer.config import parse_duration
 from syncer.errors import EXIT_USAGE, SyncerError
-from syncer.schema import format_time
+from syncer.storage.schema import format_time
 
 EXAMPLES = "2026-06-01, 2026-06-01T09:30:00Z, 2026-06-01T09:30+02:00, 90m, 12h, 7d, run:42"
 

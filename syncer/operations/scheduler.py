@@ -32,13 +32,14 @@ from apscheduler.events import EVENT_SCHEDULER_STARTED, JobExecutionEvent
 from apscheduler.schedulers.blocking import BlockingScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from syncer import notify
 from syncer.config import Config
 from syncer.errors import EXIT_OK, ConfigError, LockBusy, LoginRequired, SyncerError
-from syncer.run_effects import sync_with_effects
-from syncer.sync import Cancelled
+from syncer.logs import module_logger
+from syncer.operations import notify
+from syncer.operations.run_effects import sync_with_effects
+from syncer.operations.sync import Cancelled
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 #: the loggers of APScheduler's scheduler and of the executor the daemon uses
 _APSCHEDULER_LOGGERS = ("apscheduler.scheduler", "apscheduler.executors.default")
@@ -46,7 +47,7 @@ _APSCHEDULER_LOGGERS = ("apscheduler.scheduler", "apscheduler.executors.default"
 
 class SchedulerNoise(logging.Filter):
     """APScheduler's warnings about what ``max_instances=1`` and ``coalesce`` are there
-    to do, as debug lines of ``syncer.scheduler`` (shown with ``-v``); others pass."""
+    to do, as debug lines of ``syncer.operations.scheduler`` (shown with ``-v``); others pass."""
 
     #: a fragment of APScheduler's message, and what it means for this daemon
     MEANINGS = (

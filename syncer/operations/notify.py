@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
-log = logging.getLogger(__name__)
+from syncer.logs import module_logger
+
+log = module_logger(__name__)
 
 
 def notify(**fields: str) -> bool:

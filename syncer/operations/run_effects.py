@@ -10,7 +10,6 @@ A run that finds another sync holding the lock (75) did nothing and does none of
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import threading
 import time
@@ -18,13 +17,14 @@ import typing as t
 
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, LockBusy, SyncerError
-from syncer.healthcheck import Healthcheck
-from syncer.sync import Progress, run_sync
+from syncer.logs import module_logger
+from syncer.operations.healthcheck import Healthcheck
+from syncer.operations.sync import Progress, run_sync
 
 if t.TYPE_CHECKING:
-    from syncer.history import SyncRun
+    from syncer.storage.history import SyncRun
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 
 def sync_with_effects(
@@ -43,7 +43,7 @@ def sync_with_effects(
         raise
     pings.finished(run.exit_code or 0)
     if config.hooks:
-        from syncer.hooks import deliver_after_run
+        from syncer.operations.hooks import deliver_after_run
 
         try:
             deliver_after_run(config, run.run_id, cancelled)
@@ -59,6 +59,6 @@ def _write_metrics(config: Config, exit_code: int) -> None:
     """The metrics file, with this run's exit code (whatever the database says or not)."""
     # imported only when configured: prometheus-client is not needed otherwise
     if config.metrics_file is not None:
-        from syncer.metrics import RunOutcome, write_metrics_file
+        from syncer.operations.metrics import RunOutcome, write_metrics_file
 
         write_metrics_file(config, RunOutcome(exit_code, time.time()))

@@ -17,14 +17,14 @@ while only it knows the file, and only then renames it into place.
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 from pathlib import Path
 from types import TracebackType
 
 from syncer.errors import LockBusy, StorageError, os_problem
+from syncer.logs import module_logger
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 
 #: what LockBusy says when the sync lock is held

@@ -20,7 +20,7 @@ import typing as t
 import sqlite_utils
 
 from syncer.errors import EXIT_FAILED, SyncerError
-from syncer.when import BadWhen, When
+from syncer.storage.when import BadWhen, When
 
 
 class NotFound(SyncerError):

@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import logging
 import os
 import secrets
 import sqlite3
@@ -44,11 +43,11 @@ import globus_sdk
 import globus_sdk.config
 from globus_sdk.token_storage import TokenStorage, TokenStorageData
 
-from syncer.client_secret import ClientSecret, secret_digest
 from syncer.errors import LoginRequired, StorageError, SyncerError, os_problem
-from syncer.logs import register_secret
+from syncer.globus.client_secret import ClientSecret, secret_digest
+from syncer.logs import module_logger, register_secret
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 
@@ -245,7 +244,7 @@ class TokenStore(TokenStorage):
 
         A refresh response that omits the refresh token keeps the stored one.
         ``identity_id``: whose tokens these are (a login says, from its ``id_token``;
-        see ``syncer.ownership``); a renewal leaves it out and keeps the stored one.
+        see ``syncer.storage.ownership``); a renewal leaves it out and keeps the stored one.
         Tokens another Globus Auth issued are dropped first: the response came from the
         Auth this process uses, which is recorded as the issuer.
         """

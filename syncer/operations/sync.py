@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 import sqlite3
 import threading
 import time
@@ -23,10 +22,10 @@ import typing as t
 
 import globus_sdk
 
-from syncer.auth import client_options, describe_api_error, describe_network_error, groups_authorizer
 from syncer.config import Config
 from syncer.errors import EXIT_FAILED, StorageError, SyncerError
-from syncer.globus_groups import (
+from syncer.globus.auth import client_options, describe_api_error, describe_network_error, groups_authorizer
+from syncer.globus.globus_groups import (
     AdaptiveLimit,
     GroupListing,
     GroupRead,
@@ -39,15 +38,16 @@ from syncer.globus_groups import (
     pin_environment_proxies,
     return_large_blocks,
 )
-from syncer.lock import LockFile
-from syncer.ownership import Credentials, check_owner, from_listing, record_owner, with_username
+from syncer.logs import module_logger
+from syncer.operations.lock import LockFile
+from syncer.storage.ownership import Credentials, check_owner, from_listing, record_owner, with_username
 
 if t.TYPE_CHECKING:
     import sqlite_utils
 
-    from syncer.history import SyncRun
+    from syncer.storage.history import SyncRun
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 Progress = t.Callable[[int, int], None]
 
@@ -66,9 +66,9 @@ class _RunDatabase:
     def __init__(self, opened: contextlib.ExitStack, config: Config, started_at: dt.datetime) -> None:
         # Imported here rather than at the top: importing sqlite-utils is then done
         # while the first group reads are in flight.
-        from syncer.database import open_for_writing
-        from syncer.history import start_run
-        from syncer.schema import format_time
+        from syncer.storage.database import open_for_writing
+        from syncer.storage.history import start_run
+        from syncer.storage.schema import format_time
 
         self.db: sqlite_utils.Database = opened.enter_context(open_for_writing(config.database, config.busy_timeout))
         self.run: SyncRun = start_run(self.db, format_time(started_at))
@@ -87,7 +87,7 @@ class _RunDatabase:
 
     def fail(self, err: BaseException) -> None:
         """Write the run's final row for a failure; what it had applied is rolled back."""
-        from syncer.history import finish_without_changes
+        from syncer.storage.history import finish_without_changes
 
         status = "aborted" if isinstance(err, (Cancelled, KeyboardInterrupt)) else "failed"
         message = str(err) if isinstance(err, SyncerError) else f"{type(err).__name__}: {err}"
@@ -238,7 +238,7 @@ def _record(
     progress: Progress | None,
     who: Credentials | None,
 ) -> None:
-    from syncer.history import Recorder
+    from syncer.storage.history import Recorder
 
     began = time.monotonic()
     run = run_db.run

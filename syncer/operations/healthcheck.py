@@ -11,15 +11,14 @@ logged: anyone who has it can report on the check.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import urllib.parse
 
 from syncer import __version__
-from syncer.logs import register_secret
+from syncer.logs import module_logger, register_secret
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 PING_TIMEOUT_S = 10.0
 #: how long the end ping waits for a start ping still under way, so that they arrive in order

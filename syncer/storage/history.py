@@ -42,8 +42,8 @@ import typing as t
 import sqlite_utils
 
 from syncer.errors import EXIT_OK, EXIT_PARTIAL
-from syncer.globus_groups import GroupListing, GroupRead, GroupReadError, GroupRow, MembershipRow, MyGroups
-from syncer.schema import utc_now
+from syncer.globus.globus_groups import GroupListing, GroupRead, GroupReadError, GroupRow, MembershipRow, MyGroups
+from syncer.storage.schema import utc_now
 
 # Staged memberships per applied batch: large enough that a batch's fixed cost is
 # small, small enough that the last batch (the one left once all reads are done) is

@@ -23,7 +23,6 @@ import datetime as dt
 import enum
 import hashlib
 import json
-import logging
 import queue
 import re
 import threading
@@ -38,10 +37,11 @@ import requests
 from globus_sdk.transport import RequestCallerInfo, RetryCheckResult, RetryContext
 
 from syncer import __version__
-from syncer.auth import MAX_RETRY_SLEEP, describe_api_error, describe_network_error, session_requirement
 from syncer.errors import LoginRequired
+from syncer.globus.auth import MAX_RETRY_SLEEP, describe_api_error, describe_network_error, session_requirement
+from syncer.logs import module_logger
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 MANAGER_ROLES = ("admin", "manager")
 
@@ -59,7 +59,7 @@ class MembersView(enum.StrEnum):
 
 class MembershipRow(t.NamedTuple):
     """One membership as read from Globus, ready to stage: the staging table's columns
-    are these fields, in this order (see ``syncer.history``)."""
+    are these fields, in this order (see ``syncer.storage.history``)."""
 
     group_id: str
     identity_id: str

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import subprocess
@@ -33,18 +32,18 @@ from pathlib import Path
 
 from syncer import __version__
 from syncer.config import Config, HookConfig
-from syncer.database import open_for_reading, open_for_writing
 from syncer.errors import LockBusy
-from syncer.healthcheck import describe_request_error, register_url_secret
-from syncer.lock import LockFile
-from syncer.logs import redact
-from syncer.schema import utc_now
-from syncer.when import When
+from syncer.logs import module_logger, redact
+from syncer.operations.healthcheck import describe_request_error, register_url_secret
+from syncer.operations.lock import LockFile
+from syncer.storage.database import open_for_reading, open_for_writing
+from syncer.storage.schema import utc_now
+from syncer.storage.when import When
 
 if t.TYPE_CHECKING:
     import sqlite_utils
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 #: characters of a hook's output (or an HTTP answer) put in the log
 OUTPUT_LOGGED = 1000
@@ -356,7 +355,7 @@ def _run_command(
 ) -> tuple[bool, str]:
     """Run the hook's command with the changes on stdin; True if it exits 0 within its timeout.
 
-    It runs under a keeper (``syncer/hook_supervisor.py``) that ends every process of
+    It runs under a keeper (``syncer/operations/hook_supervisor.py``) that ends every process of
     the command, its children and their children included, when the command exits,
     at the timeout, or when this process goes, however (kill -9 too): a call is over
     only when all of it is gone, so calls of one hook never overlap.

@@ -14,7 +14,6 @@ confidential client acts as itself (its identity id is its client id).
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import typing as t
 
@@ -22,13 +21,14 @@ import jwt
 import sqlite_utils
 
 from syncer.errors import ConfigError
+from syncer.logs import module_logger
 
 if t.TYPE_CHECKING:
     import globus_sdk
 
-    from syncer.globus_groups import MyGroups
+    from syncer.globus.globus_groups import MyGroups
 
-log = logging.getLogger(__name__)
+log = module_logger(__name__)
 
 IDENTITY = "identity"
 CLIENT = "client"
