@@ -26,6 +26,7 @@ import io
 import logging
 import os
 import signal
+import sys
 import traceback
 import typing as t
 import warnings
@@ -61,8 +62,6 @@ class _LoginUser(io.RawIOBase):
         if len(buffer) == 0:
             return 0
         if self.answer is None:
-            import sys
-
             sys.stdout.flush()
             printed = sys.stdout.buffer.getvalue().decode()
             url = next((line for line in printed.splitlines() if line.startswith("http")), None)
@@ -109,7 +108,7 @@ def _as_a_process(variables: dict[str, str], cwd: Path) -> t.Iterator[None]:
         os.chdir(saved_cwd)
         for sig, handler in saved_signals.items():
             signal.signal(sig, handler)
-        for name in _logger_levels():  # the demo quietens syncer.operations.sync, -v raises others
+        for name in _logger_levels():  # the demo quietens syncer.sync, -v raises others
             logging.getLogger(name or None).setLevel(saved_levels.get(name, logging.NOTSET))
         logging.getLogger().handlers[:] = saved_handlers
         logs._SECRETS.clear()
