@@ -199,7 +199,7 @@ def test_a_hung_hook_is_killed_at_its_timeout_and_the_run_is_unaffected(logged_i
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, before the open or between it and the read
         return False
     return state != "Z"  # a zombie has ended; only its parent's wait is missing
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 import signal
 import threading
 import time
@@ -101,6 +102,8 @@ class Daemon:
 
     def run(self) -> int:
         """Schedule, block until stopped, return the exit code."""
+        signals_read, self._signals = os.pipe()
+        threading.Thread(target=self._stop_on_signal, args=(signals_read,), name="signals", daemon=True).start()
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self.scheduler.add_job(
@@ -125,6 +128,7 @@ class Daemon:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            os.close(self._signals)  # the signals thread reads the end of the pipe and ends
         # a stop for a reason (login required) keeps that STATUS= line in `systemctl status`
         notify.notify(stopping="1", **({"status": "stopping"} if self.state.exit_code == EXIT_OK else {}))
         if not self.idle.wait(STOP_GRACE_S):
@@ -140,8 +144,17 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
-        log.debug("received %s: stopping", signal.Signals(signum).name)
-        self.stop()
+        # Python runs the handler in the main thread, between any two of its bytecodes:
+        # inside the scheduler's loop it may hold the very locks stop() takes (the
+        # wake-up event's, the executor's), and would wait on itself for ever. So the
+        # handler only writes the signal's number to a pipe; a thread of its own stops.
+        os.write(self._signals, bytes([signum]))
+
+    def _stop_on_signal(self, signals: int) -> None:
+        with os.fdopen(signals, "rb", buffering=0) as pipe:
+            while received := pipe.read(1):
+                log.debug("received %s: stopping", signal.Signals(received[0]).name)
+                self.stop()
 
     def _on_started(self, event: JobExecutionEvent) -> None:
         notify.notify(ready="1", status="scheduling; first snapshot starting")
